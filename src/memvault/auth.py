@@ -1,0 +1,78 @@
+"""Principals and their bearer tokens. Tokens are shown once and stored only as SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from memvault.clock import Clock
+from memvault.errors import Conflict, InvalidArgument, Unauthenticated
+from memvault.ids import new_id
+from memvault.metadata import Database
+from memvault.metadata.schema import principals, tokens
+
+TOKEN_PREFIX = "mvt_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    name: str
+    is_admin: bool
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthService:
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+
+    async def create_principal(self, name: str, *, is_admin: bool = False) -> tuple[Principal, str]:
+        """Make a principal and its first token; the token is returned once, never stored."""
+        name = name.strip()
+        if not name or len(name) > 200:
+            raise InvalidArgument("principal name must be 1-200 characters")
+        principal = Principal(new_id("prn"), name, is_admin)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock.now()
+        async with self.db.unit() as uow:
+            taken = await uow.execute(sa.select(principals.c.id).where(principals.c.name == name))
+            if taken.first() is not None:
+                raise Conflict(f"a principal named {name!r} already exists")
+            await uow.execute(
+                sa.insert(principals).values(
+                    id=principal.id, name=name, is_admin=is_admin, created_at=now
+                )
+            )
+            await uow.execute(
+                sa.insert(tokens).values(
+                    token_hash=hash_token(token), principal_id=principal.id, created_at=now
+                )
+            )
+            await uow.commit()
+        return principal, token
+
+    async def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise Unauthenticated("send 'Authorization: Bearer <token>'")
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(principals.c.id, principals.c.name, principals.c.is_admin)
+                    .join(tokens, tokens.c.principal_id == principals.c.id)
+                    .where(tokens.c.token_hash == hash_token(token))
+                )
+            ).first()
+        if row is None:
+            raise Unauthenticated("the bearer token is not valid")
+        return Principal(row.id, row.name, bool(row.is_admin))
+
+    async def has_principals(self) -> bool:
+        async with self.db.read() as conn:
+            return (await conn.execute(sa.select(principals.c.id).limit(1))).first() is not None

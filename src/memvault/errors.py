@@ -1,0 +1,160 @@
+"""Every error memvault reports, each with a stable ``code`` and an HTTP status.
+
+The hierarchy is flat on purpose: one base class, one subclass per code::
+
+    MemvaultError
+     ├── Unauthenticated        401 unauthenticated
+     ├── NotFound               404 not_found
+     ├── InvalidArgument        400 invalid_argument
+     ├── Conflict               409 conflict
+     ├── Incomplete             409 incomplete          (carries the missing chunk indices)
+     ├── Expired                410 expired
+     ├── PayloadTooLarge        413 payload_too_large
+     ├── ChecksumMismatch       422 checksum_mismatch
+     ├── LengthMismatch         422 length_mismatch
+     ├── ResourceExhausted      429 resource_exhausted  (carries Retry-After)
+     ├── Unavailable            503 unavailable         (carries Retry-After; transient)
+     ├── InsufficientStorage    507 insufficient_storage
+     └── Internal               500 internal
+
+Services raise these; the HTTP layer renders them as RFC 9457 problem documents and the SDK
+maps the same codes back to the same classes. Anything that is not a ``MemvaultError`` is a
+bug and is rendered as ``internal`` after being logged with its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MemvaultError(Exception):
+    """Base class: a failure a caller can act on, with a stable machine-readable code."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+        self.extra: dict[str, Any] = extra
+
+    def to_problem(self) -> dict[str, Any]:
+        """The RFC 9457 body: standard members first, then the numbers behind the error."""
+        body: dict[str, Any] = {
+            "type": f"https://memvault.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+        }
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        body.update(self.extra)
+        return body
+
+
+class Unauthenticated(MemvaultError):
+    code = "unauthenticated"
+    status = 401
+    title = "Missing or invalid credentials"
+
+
+class NotFound(MemvaultError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class InvalidArgument(MemvaultError):
+    code = "invalid_argument"
+    status = 400
+    title = "Invalid argument"
+
+
+class Conflict(MemvaultError):
+    code = "conflict"
+    status = 409
+    title = "Conflict with stored state"
+
+
+class Incomplete(MemvaultError):
+    code = "incomplete"
+    status = 409
+    title = "Upload incomplete"
+
+
+class Expired(MemvaultError):
+    code = "expired"
+    status = 410
+    title = "Upload session expired"
+
+
+class PayloadTooLarge(MemvaultError):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class ChecksumMismatch(MemvaultError):
+    code = "checksum_mismatch"
+    status = 422
+    title = "Checksum mismatch"
+
+
+class LengthMismatch(MemvaultError):
+    code = "length_mismatch"
+    status = 422
+    title = "Length mismatch"
+
+
+class ResourceExhausted(MemvaultError):
+    code = "resource_exhausted"
+    status = 429
+    title = "Limit reached"
+
+
+class Unavailable(MemvaultError):
+    code = "unavailable"
+    status = 503
+    title = "Temporarily unavailable"
+
+
+class InsufficientStorage(MemvaultError):
+    code = "insufficient_storage"
+    status = 507
+    title = "Insufficient storage"
+
+
+class Internal(MemvaultError):
+    code = "internal"
+    status = 500
+    title = "Internal error"
+
+
+ERRORS: dict[str, type[MemvaultError]] = {
+    cls.code: cls
+    for cls in (
+        Unauthenticated,
+        NotFound,
+        InvalidArgument,
+        Conflict,
+        Incomplete,
+        Expired,
+        PayloadTooLarge,
+        ChecksumMismatch,
+        LengthMismatch,
+        ResourceExhausted,
+        Unavailable,
+        InsufficientStorage,
+        Internal,
+    )
+}
+"""Code → class, the one table both the server and the SDK use."""

@@ -1,0 +1,120 @@
+"""The composition root: ``create_app(settings)`` builds everything; nothing exists at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from fastapi import FastAPI
+
+from memvault import __version__
+from memvault.auth import AuthService
+from memvault.capsules import CapsuleService
+from memvault.clock import Clock, SystemClock
+from memvault.errors import Conflict
+from memvault.http import asset_routes, library_routes, problems, upload_routes
+from memvault.http.deps import Services
+from memvault.metadata import Database
+from memvault.metadata.migrate import is_current, upgrade
+from memvault.settings import Settings
+from memvault.storage.local import LocalBlobStore
+from memvault.uploads import UploadService
+
+log = structlog.get_logger("memvault")
+
+
+class SchemaOutOfDate(RuntimeError):
+    pass
+
+
+async def open_services(settings: Settings, clock: Clock) -> tuple[Database, Services]:
+    """Open the metadata store (migrating or checking it) and build every service."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url
+    if settings.migrate_on_start:
+        await upgrade(url)
+    db = Database.open(url)
+    if not settings.migrate_on_start and not await is_current(db):
+        await db.dispose()
+        raise SchemaOutOfDate("the database schema is out of date: run `memvault db upgrade`")
+    store = LocalBlobStore(settings.data_dir)
+    capsules = CapsuleService(db, clock)
+    services = Services(
+        auth=AuthService(db, clock),
+        capsules=capsules,
+        uploads=UploadService(db, store, clock, settings, capsules),
+        store=store,
+    )
+    return db, services
+
+
+async def ensure_admin(settings: Settings, auth: AuthService) -> None:
+    """On first start, make the ``admin`` principal and leave its token in the data dir."""
+    if await auth.has_principals():
+        return
+    try:
+        _, token = await auth.create_principal("admin", is_admin=True)
+    except Conflict:
+        return  # another process got there first
+    path = Path(settings.data_dir) / "admin.token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.warning("admin.created", token_file=str(path.resolve()),
+                hint="use this token as 'Authorization: Bearer <token>'")
+
+
+async def _reaper(services: Services, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            expired = await services.uploads.sessions.expire_due()
+        except Exception:
+            # Logged with its traceback and retried next round; never silently swallowed.
+            log.exception("reaper.failed")
+            continue
+        if expired:
+            log.info("reaper.run", expired=expired)
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    settings = settings or Settings()
+    clock = clock or SystemClock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("memvault.start", version=__version__, settings=settings.effective())
+        db, services = await open_services(settings, clock)
+        app.state.services = services
+        app.state.db = db
+        await ensure_admin(settings, services.auth)
+        reaper = asyncio.create_task(_reaper(services, settings.reaper_interval))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await db.dispose()
+            log.info("memvault.stop")
+
+    app = FastAPI(
+        title="memvault",
+        version=__version__,
+        summary="Resumable, verified uploads of memories into capsules",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(library_routes.router)
+    app.include_router(upload_routes.router)
+    app.include_router(asset_routes.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

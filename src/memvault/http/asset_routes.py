@@ -1,0 +1,102 @@
+"""Reading an asset's bytes: ``Range`` → 206, ``ETag`` from the SHA-256, ``If-None-Match``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request, Response
+from starlette.responses import StreamingResponse
+
+from memvault.errors import Internal, MemvaultError
+from memvault.http.deps import Caller, Svc
+from memvault.storage.base import BlobMissing
+
+router = APIRouter(prefix="/v1", tags=["library"])
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class RangeNotSatisfiable(MemvaultError):
+    code = "range_not_satisfiable"
+    status = 416
+    title = "Range not satisfiable"
+
+
+@router.get("/memories/{memory_id}/assets/{role}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       206: {"description": "the requested range"}})
+async def read_asset(memory_id: str, role: str, request: Request, caller: Caller,
+                     svc: Svc) -> Response:
+    asset = await svc.capsules.get_asset(caller, memory_id, role)
+    etag = f'"{asset.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        # Content-addressed bytes never change; but they are private to their readers.
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if asset.filename:
+        headers["Content-Disposition"] = f"inline; filename*=UTF-8''{quote(asset.filename)}"
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    start, end, status = 0, asset.size, 200
+    wanted = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if wanted and (if_range is None or if_range == etag):
+        parsed = _parse_range(wanted, asset.size)
+        if parsed is not None:
+            start, end = parsed
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{asset.size}"
+    headers["Content-Length"] = str(end - start)
+    body = await _primed(svc.store.read(asset.storage_key, start, end))
+    return StreamingResponse(body, status_code=status, headers=headers,
+                             media_type=asset.content_type)
+
+
+def _matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return "*" in tags or etag in tags
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range as [start, end); None to ignore (e.g. several ranges) → 200."""
+    match = _RANGE.match(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0:
+            raise RangeNotSatisfiable("empty suffix range", size=size)
+        return max(0, size - suffix), size
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    if start >= size or (last and int(last) < start):
+        raise RangeNotSatisfiable(f"range starts past the end of {size} bytes", size=size)
+    return start, end
+
+
+async def _primed(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Read the first piece before answering, so a missing blob is a 500, not a cut body."""
+    try:
+        first = await anext(pieces)
+    except StopAsyncIteration:
+        first = b""
+    except BlobMissing as exc:
+        raise Internal("stored bytes for this asset are missing; the server log has details",
+                       ) from exc
+
+    async def rest() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for piece in pieces:
+            yield piece
+
+    return rest()

@@ -1,0 +1,138 @@
+"""JSON shapes of the v1 API (they are what ``/openapi.json`` documents)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from memvault.capsules import Asset, Memory
+from memvault.sessions import Session
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class CapsuleIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class CapsuleOut(BaseModel):
+    id: str
+    name: str
+    created_at: str | None
+
+
+class MemoryIn(BaseModel):
+    title: str | None = Field(default=None, max_length=500)
+    taken_at: str | None = Field(default=None, max_length=40)
+    metadata: dict[str, Any] | None = None
+
+
+class AssetOut(BaseModel):
+    role: str
+    size: int
+    sha256: str
+    content_type: str
+    filename: str | None
+    created_at: str | None
+    url: str
+
+
+class MemoryOut(BaseModel):
+    id: str
+    capsule_id: str
+    title: str | None
+    taken_at: str | None
+    metadata: dict[str, Any]
+    created_at: str | None
+    assets: dict[str, AssetOut]
+
+
+class MemoryPage(BaseModel):
+    items: list[MemoryOut]
+    next_cursor: str | None
+
+
+class BeginIn(BaseModel):
+    capsule_id: str
+    memory_id: str | None = None
+    role: str = "original"
+    filename: str = Field(min_length=1, max_length=500)
+    content_type: str = Field(default="application/octet-stream", min_length=1, max_length=200)
+    size: int = Field(ge=0)
+    sha256: str | None = Field(default=None, description="hex SHA-256 of the whole file")
+    idempotency_key: str = Field(min_length=1, max_length=200)
+
+
+class SessionOut(BaseModel):
+    id: str
+    state: str
+    capsule_id: str
+    memory_id: str
+    role: str
+    filename: str
+    content_type: str
+    size: int
+    chunk_size: int
+    chunk_count: int
+    received: list[int]
+    received_count: int
+    bytes_received: int
+    created_at: str | None
+    expires_at: str | None
+
+
+class ChunkOut(BaseModel):
+    index: int
+    duplicate: bool
+    received_count: int
+    bytes_received: int
+
+
+class FinishIn(BaseModel):
+    size: int = Field(ge=0)
+    sha256: str
+
+
+class FinishOut(BaseModel):
+    session_id: str
+    memory_id: str
+    role: str
+    asset: AssetOut
+
+
+class SessionList(BaseModel):
+    items: list[SessionOut]
+
+
+def asset_out(memory_id: str, asset: Asset) -> AssetOut:
+    return AssetOut(
+        role=asset.role, size=asset.size, sha256=asset.sha256,
+        content_type=asset.content_type, filename=asset.filename,
+        created_at=iso(asset.created_at), url=f"/v1/memories/{memory_id}/assets/{asset.role}",
+    )
+
+
+def memory_out(memory: Memory) -> MemoryOut:
+    return MemoryOut(
+        id=memory.id, capsule_id=memory.capsule_id, title=memory.title,
+        taken_at=memory.taken_at, metadata=memory.meta, created_at=iso(memory.created_at),
+        assets={role: asset_out(memory.id, a) for role, a in memory.assets.items()},
+    )
+
+
+def session_out(session: Session, received: list[int], total: int) -> SessionOut:
+    a = session.attrs
+    return SessionOut(
+        id=session.id, state=session.state, capsule_id=a["capsule_id"],
+        memory_id=a["memory_id"], role=a["role"], filename=a["filename"],
+        content_type=a["content_type"], size=session.size, chunk_size=session.chunk_size,
+        chunk_count=session.chunk_count, received=received, received_count=len(received),
+        bytes_received=total, created_at=iso(session.created_at),
+        expires_at=iso(session.expires_at),
+    )

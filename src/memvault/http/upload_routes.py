@@ -1,0 +1,135 @@
+"""Upload sessions: begin, chunks, status, finish, abort, list."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import http_sf
+from fastapi import APIRouter, Request, Response
+
+from memvault.errors import InvalidArgument
+from memvault.http.deps import Caller, Svc
+from memvault.http.schemas import (
+    BeginIn,
+    ChunkOut,
+    FinishIn,
+    FinishOut,
+    SessionList,
+    SessionOut,
+    asset_out,
+    session_out,
+)
+from memvault.sessions import ChunkChecksums
+from memvault.uploads import BeginRequest
+
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+
+
+@router.post("", status_code=201, response_model=SessionOut,
+             responses={200: {"description": "the pending session with this idempotency key"}})
+async def begin(body: BeginIn, caller: Caller, svc: Svc, response: Response) -> SessionOut:
+    session, created = await svc.uploads.begin(caller, BeginRequest(**body.model_dump()))
+    if not created:
+        response.status_code = 200
+        received, total = await svc.uploads.sessions.received(session)
+        return session_out(session, received, total)
+    return session_out(session, [], 0)
+
+
+@router.get("", response_model=SessionList)
+async def list_sessions(caller: Caller, svc: Svc) -> SessionList:
+    sessions = await svc.uploads.list_sessions(caller)
+    items = []
+    for s in sessions:
+        received, total = await svc.uploads.sessions.received(s)
+        items.append(session_out(s, received, total))
+    return SessionList(items=items)
+
+
+@router.get("/{session_id}", response_model=SessionOut)
+async def status(session_id: str, caller: Caller, svc: Svc) -> SessionOut:
+    return session_out(*await svc.uploads.status(caller, session_id))
+
+
+@router.put(
+    "/{session_id}/chunks/{index}",
+    response_model=ChunkOut,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                 "format": "binary"}}},
+            "description": "exactly the chunk's bytes; optional `Content-Digest` "
+            "(RFC 9530: `sha-256`, `crc32c`) is checked against them",
+        }
+    },
+)
+async def put_chunk(
+    session_id: str, index: int, request: Request, caller: Caller, svc: Svc
+) -> ChunkOut:
+    result = await svc.uploads.put_chunk(
+        caller,
+        session_id,
+        index,
+        _content_length(request),
+        _body(request),
+        parse_content_digest(request.headers.get("content-digest")),
+    )
+    return ChunkOut(index=result.index, duplicate=result.duplicate,
+                    received_count=result.received_count, bytes_received=result.bytes_received)
+
+
+@router.post("/{session_id}/finish", response_model=FinishOut)
+async def finish(session_id: str, body: FinishIn, caller: Caller, svc: Svc) -> FinishOut:
+    session, memory = await svc.uploads.finish(caller, session_id, body.size, body.sha256)
+    role = session.attrs["role"]
+    return FinishOut(session_id=session.id, memory_id=memory.id, role=role,
+                     asset=asset_out(memory.id, memory.assets[role]))
+
+
+@router.delete("/{session_id}", status_code=204)
+async def abort(session_id: str, caller: Caller, svc: Svc) -> Response:
+    await svc.uploads.abort(caller, session_id)
+    return Response(status_code=204)
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidArgument("Content-Length must be a non-negative integer")
+    return int(raw)
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for piece in request.stream():
+        yield piece
+
+
+def parse_content_digest(header: str | None) -> ChunkChecksums:
+    """RFC 9530 ``Content-Digest``: ``sha-256`` and ``crc32c`` are checked, others ignored."""
+    if not header:
+        return ChunkChecksums()
+    try:
+        parsed = http_sf.parse(header.encode(), tltype="dictionary")
+    except Exception as exc:  # http_sf raises plain ValueError-like errors for bad syntax
+        raise InvalidArgument(f"Content-Digest is not a structured field: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise InvalidArgument("Content-Digest must be a dictionary of digests")
+    fields: Mapping[str, object] = parsed
+    sha = _digest_bytes(fields, "sha-256", 32)
+    crc = _digest_bytes(fields, "crc32c", 4)
+    return ChunkChecksums(
+        crc32c=int.from_bytes(crc, "big") if crc is not None else None, sha256=sha
+    )
+
+
+def _digest_bytes(fields: Mapping[str, object], name: str, size: int) -> bytes | None:
+    if name not in fields:
+        return None
+    value = fields[name]
+    raw = value[0] if isinstance(value, tuple) else value
+    if not isinstance(raw, bytes) or len(raw) != size:
+        raise InvalidArgument(f"Content-Digest {name} must be a {size}-byte sequence")
+    return raw

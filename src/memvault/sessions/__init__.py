@@ -1,0 +1,14 @@
+"""Upload sessions: the generic resumable-transfer core (no HTTP, no capsules)."""
+
+from memvault.sessions.model import ChunkChecksums, PutResult, Session, SessionSpec
+from memvault.sessions.service import CommitHook, EndHook, SessionService
+
+__all__ = [
+    "ChunkChecksums",
+    "CommitHook",
+    "EndHook",
+    "PutResult",
+    "Session",
+    "SessionService",
+    "SessionSpec",
+]

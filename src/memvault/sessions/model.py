@@ -1,0 +1,70 @@
+"""Plain values the session core takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PENDING = "pending"
+COMMITTED = "committed"
+EXPIRED = "expired"
+ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a caller asks for at begin. ``owner`` and the scopes are opaque to the core."""
+
+    owner: str
+    idem_scope: str
+    idem_key: str
+    size: int
+    chunk_size: int
+    declared_sha256: str | None = None
+    exclusive_key: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    owner: str
+    state: str
+    size: int
+    chunk_size: int
+    declared_sha256: str | None
+    staging_key: str
+    hashed_offset: int
+    result_sha256: str | None
+    attrs: dict[str, Any]
+    created_at: float
+    last_seen: float
+    expires_at: float
+    ended_at: float | None
+
+    @property
+    def chunk_count(self) -> int:
+        # ceil(size / chunk_size); a zero-byte upload has no chunks at all.
+        return -(-self.size // self.chunk_size)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index``; the last chunk holds the remainder."""
+        start = index * self.chunk_size
+        return start, min(self.chunk_size, self.size - start)
+
+
+@dataclass(frozen=True)
+class ChunkChecksums:
+    """Digests a client may send with a chunk, checked against the bytes as they stream."""
+
+    crc32c: int | None = None
+    sha256: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PutResult:
+    session: Session
+    index: int
+    duplicate: bool
+    received_count: int
+    bytes_received: int

@@ -1,0 +1,601 @@
+"""The session core: begin, put chunks, finish, abort, expire.
+
+All state lives in the metadata store, so any server process can serve any request; each state
+change is one short transaction (never held across network or disk I/O) whose conditional
+updates make concurrent requests come out in a defined way:
+
+* a chunk's byte range is *claimed* (a row in ``upload_parts``) before a byte is written, so two
+  requests never write the same range at once; a second request for a claimed or received range
+  only digests its body and compares (duplicate → success, different bytes → ``conflict``);
+* ``finish`` moves the session from ``pending`` to ``committed`` with a compare-and-set in the
+  same transaction that adds the blob and lets the caller's hook add its rows; a concurrent
+  or repeated finish finds it committed and returns the same result;
+* abort and expiry act on one session, by id, and only when its state allows (DESIGN §3.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from memvault.clock import Clock
+from memvault.errors import (
+    ChecksumMismatch,
+    Conflict,
+    Expired,
+    Incomplete,
+    InvalidArgument,
+    LengthMismatch,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from memvault.hashing import new_sha256
+from memvault.metadata import Database, UnitOfWork
+from memvault.metadata.schema import blobs, upload_parts, upload_sessions
+from memvault.sessions import frontier
+from memvault.sessions.model import (
+    ABORTED,
+    COMMITTED,
+    EXPIRED,
+    PENDING,
+    ChunkChecksums,
+    PutResult,
+    Session,
+    SessionSpec,
+)
+from memvault.sessions.streaming import ChunkDigests, stream_chunk
+from memvault.storage.base import BlobStore, StagingGone
+
+log = structlog.get_logger("memvault.sessions")
+
+CommitHook = Callable[[UnitOfWork, Session], Awaitable[None]]
+"""Runs inside finish's transaction, after the blob row exists: add the caller's rows."""
+EndHook = Callable[[UnitOfWork, Session], Awaitable[None]]
+"""Runs inside the abort/expiry transaction: drop what the caller made for the session."""
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    ttl: float
+    expired_grace: float
+    chunk_timeout: float
+    write_batch: int
+    fsync: bool
+    claim_poll: float = 0.05
+
+
+class SessionService:
+    def __init__(
+        self,
+        db: Database,
+        store: BlobStore,
+        clock: Clock,
+        policy: SessionPolicy,
+        *,
+        on_commit: CommitHook,
+        on_end: EndHook,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.clock = clock
+        self.policy = policy
+        self._on_commit = on_commit
+        self._on_end = on_end
+        self._frontier = frontier.Frontier(db, store)
+
+    # -- begin -----------------------------------------------------------------------------
+
+    async def begin(
+        self,
+        spec: SessionSpec,
+        prepare: Callable[[UnitOfWork], Awaitable[dict[str, Any]]] | None = None,
+    ) -> tuple[Session, bool]:
+        """Create a session, or return the pending one with the same idempotency key.
+
+        ``prepare`` runs in the same transaction only when a new session is made (e.g. to
+        create the memory it fills) and returns attributes stored with the session.
+        Returns ``(session, created)``.
+        """
+        now = self.clock.now()
+        async with self.db.unit() as uow:
+            existing = await self._find_pending(uow, spec)
+            if existing is not None:
+                return existing, False
+            attrs = dict(spec.attrs)
+            if prepare is not None:
+                attrs.update(await prepare(uow))
+            if spec.exclusive_key is not None:
+                holder = await uow.execute(
+                    sa.select(upload_sessions.c.id).where(
+                        upload_sessions.c.exclusive_key == spec.exclusive_key
+                    )
+                )
+                if holder.first() is not None:
+                    raise Conflict(
+                        "another upload for the same target is in progress",
+                        target=spec.exclusive_key,
+                    )
+            session_id = _new_session_id()
+            row = {
+                "id": session_id,
+                "owner": spec.owner,
+                "idem_scope": spec.idem_scope,
+                "idem_key": spec.idem_key,
+                "exclusive_key": spec.exclusive_key,
+                "state": PENDING,
+                "size": spec.size,
+                "chunk_size": spec.chunk_size,
+                "declared_sha256": spec.declared_sha256,
+                "staging_key": session_id,
+                "hashed_offset": 0,
+                "hash_state": new_sha256().to_bytes(),
+                "result_sha256": None,
+                "attrs": attrs,
+                "created_at": now,
+                "last_seen": now,
+                "expires_at": now + self.policy.ttl,
+                "ended_at": None,
+            }
+            await uow.execute(sa.insert(upload_sessions).values(**row))
+            await self.store.stage(session_id)
+            try:
+                await uow.commit()
+            except BaseException:
+                await asyncio.shield(self.store.discard(session_id))
+                raise
+        session = _session(row)
+        log.info("session.begin", session_id=session.id, owner=spec.owner, size=spec.size,
+                 chunk_size=spec.chunk_size)
+        return session, True
+
+    async def _find_pending(self, uow: UnitOfWork, spec: SessionSpec) -> Session | None:
+        result = await uow.execute(
+            sa.select(upload_sessions).where(
+                upload_sessions.c.owner == spec.owner,
+                upload_sessions.c.idem_scope == spec.idem_scope,
+                upload_sessions.c.idem_key == spec.idem_key,
+                upload_sessions.c.state == PENDING,
+            )
+        )
+        row = result.mappings().first()
+        if row is None:
+            return None
+        existing = _session(row)
+        if (existing.size, existing.declared_sha256) != (spec.size, spec.declared_sha256):
+            raise Conflict(
+                "idempotency key reused for a different upload",
+                session_id=existing.id,
+            )
+        return existing
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, session_id: str, owner: str) -> Session:
+        """The session, if ``owner`` owns it; expired-but-unreaped sessions expire here."""
+        return await self._check_live(await self._load(session_id, owner))
+
+    async def _check_live(self, session: Session) -> Session:
+        if session.state == PENDING and session.expires_at <= self.clock.now():
+            await self.expire(session.id)
+            raise Expired(f"upload session {session.id} expired", expired_at=session.expires_at)
+        if session.state == EXPIRED:
+            raise Expired(f"upload session {session.id} expired", expired_at=session.expires_at)
+        return session
+
+    async def received(self, session: Session) -> tuple[list[int], int]:
+        """Indices of received chunks, and the bytes they hold."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(upload_parts.c.offset, upload_parts.c.length)
+                    .where(
+                        upload_parts.c.session_id == session.id,
+                        upload_parts.c.state == "received",
+                    )
+                    .order_by(upload_parts.c.offset)
+                )
+            ).all()
+        return [r.offset // session.chunk_size for r in rows], sum(r.length for r in rows)
+
+    async def list_pending(self, owner: str) -> list[Session]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(upload_sessions)
+                    .where(upload_sessions.c.owner == owner, upload_sessions.c.state == PENDING)
+                    .order_by(upload_sessions.c.created_at)
+                )
+            ).mappings().all()
+        return [_session(r) for r in rows]
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    async def put_chunk(
+        self,
+        session_id: str,
+        owner: str,
+        index: int,
+        content_length: int | None,
+        body: AsyncIterable[bytes],
+        checksums: ChunkChecksums,
+    ) -> PutResult:
+        """Receive chunk ``index``. Nothing is counted as received unless every check passes."""
+        session = await self.get(session_id, owner)
+        if session.state != PENDING:
+            raise Conflict(f"upload session {session_id} is {session.state}", state=session.state)
+        if not 0 <= index < session.chunk_count:
+            raise InvalidArgument(
+                f"chunk index {index} is outside 0..{session.chunk_count - 1}",
+                chunk_count=session.chunk_count,
+            )
+        offset, length = session.chunk_range(index)
+        if content_length is None:
+            raise InvalidArgument("Content-Length is required for a chunk")
+        if content_length > length:
+            raise PayloadTooLarge(
+                f"chunk {index} is {length} bytes; the request declares {content_length}",
+                limit=length,
+            )
+        if content_length < length:
+            raise InvalidArgument(
+                f"chunk {index} must be exactly {length} bytes; the request declares "
+                f"{content_length}",
+                expected=length,
+            )
+        claim = secrets.token_hex(8)
+        holder = await self._claim(session, offset, length, claim)
+        if holder is not None:
+            duplicate = await self._compare(session, offset, length, body, checksums)
+            return await self._result(session, index, duplicate=duplicate)
+        try:
+            prefix = await self._frontier.speculative_start(session, offset)
+            digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
+            writer = await self.store.open_writer(session.staging_key, offset)
+            try:
+                async with asyncio.timeout(self.policy.chunk_timeout):
+                    await stream_chunk(body, length, digests, writer, self.policy.write_batch)
+            finally:
+                await asyncio.shield(writer.close(durable=self.policy.fsync))
+            digests.check(checksums)
+            await self._mark_received(session, offset, claim, digests.crc)
+        except StagingGone as exc:
+            await self._release_quietly(session, offset, claim)
+            raise NotFound(f"upload session {session_id} is gone") from exc
+        except BaseException:
+            await self._release_quietly(session, offset, claim)
+            raise
+        log.debug("session.chunk", session_id=session.id, index=index, length=length)
+        end = offset + length
+        await self._frontier.advance(
+            session.id, (offset, end, prefix) if prefix is not None else None
+        )
+        return await self._result(session, index, duplicate=False)
+
+    async def _claim(self, session: Session, offset: int, length: int, claim: str) -> str | None:
+        """Claim ``[offset, offset+length)`` for writing; returns None if ours, else its state."""
+        now = self.clock.now()
+        async with self.db.unit() as uow:
+            existing = (
+                await uow.execute(
+                    sa.select(upload_parts.c.state, upload_parts.c.claimed_at).where(
+                        upload_parts.c.session_id == session.id,
+                        upload_parts.c.offset == offset,
+                    )
+                )
+            ).first()
+            stale = now - self.policy.chunk_timeout - 5.0
+            if existing is None:
+                await uow.execute(
+                    sa.insert(upload_parts).values(
+                        session_id=session.id, offset=offset, length=length,
+                        state="writing", claim=claim, claimed_at=now,
+                    )
+                )
+            elif existing.state == "writing" and existing.claimed_at < stale:
+                # The writer died with the claim (a crashed process): take it over.
+                await uow.execute(
+                    sa.update(upload_parts)
+                    .where(upload_parts.c.session_id == session.id,
+                           upload_parts.c.offset == offset)
+                    .values(claim=claim, claimed_at=now)
+                )
+            else:
+                return str(existing.state)
+            await self._touch(uow, session.id, now)
+            await uow.commit()
+        return None
+
+    async def _compare(
+        self,
+        session: Session,
+        offset: int,
+        length: int,
+        body: AsyncIterable[bytes],
+        checksums: ChunkChecksums,
+    ) -> bool:
+        """Digest a body for a range someone else holds; True if it matches what is stored."""
+        digests = ChunkDigests(want_sha256=checksums.sha256 is not None)
+        async with asyncio.timeout(self.policy.chunk_timeout):
+            await stream_chunk(body, length, digests, None, self.policy.write_batch)
+        digests.check(checksums)
+        deadline = self.clock.now() + self.policy.chunk_timeout
+        while True:
+            async with self.db.read() as conn:
+                part = (
+                    await conn.execute(
+                        sa.select(upload_parts.c.state, upload_parts.c.crc32c).where(
+                            upload_parts.c.session_id == session.id,
+                            upload_parts.c.offset == offset,
+                        )
+                    )
+                ).first()
+            if part is None:
+                raise Unavailable(
+                    "a concurrent transfer of this chunk failed; send it again",
+                    retry_after=1,
+                )
+            if part.state == "received":
+                if part.crc32c == digests.crc:
+                    return True
+                raise Conflict(
+                    f"chunk at offset {offset} was already received with different bytes",
+                    offset=offset,
+                )
+            if self.clock.now() > deadline:
+                raise Unavailable("chunk is still being written by another request",
+                                  retry_after=5)
+            await asyncio.sleep(self.policy.claim_poll)
+
+    async def _mark_received(self, session: Session, offset: int, claim: str, crc: int) -> None:
+        now = self.clock.now()
+        async with self.db.unit() as uow:
+            done = await uow.execute(
+                sa.update(upload_parts)
+                .where(
+                    upload_parts.c.session_id == session.id,
+                    upload_parts.c.offset == offset,
+                    upload_parts.c.claim == claim,
+                    upload_parts.c.state == "writing",
+                )
+                .values(state="received", crc32c=crc, received_at=now, claim=None)
+            )
+            if done.rowcount != 1 or not await self._touch(uow, session.id, now):
+                raise NotFound(f"upload session {session.id} ended during the transfer")
+            await uow.commit()
+
+    async def _release_quietly(self, session: Session, offset: int, claim: str) -> None:
+        """Drop our claim; shielded so a cancelled request cannot leave it behind."""
+
+        async def release() -> None:
+            async with self.db.unit() as uow:
+                await uow.execute(
+                    sa.delete(upload_parts).where(
+                        upload_parts.c.session_id == session.id,
+                        upload_parts.c.offset == offset,
+                        upload_parts.c.claim == claim,
+                        upload_parts.c.state == "writing",
+                    )
+                )
+                await uow.commit()
+
+        await asyncio.shield(release())
+
+    async def _touch(self, uow: UnitOfWork, session_id: str, now: float) -> bool:
+        done = await uow.execute(
+            sa.update(upload_sessions)
+            .where(upload_sessions.c.id == session_id, upload_sessions.c.state == PENDING)
+            .values(last_seen=now, expires_at=now + self.policy.ttl)
+        )
+        return done.rowcount == 1
+
+    async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
+        indices, total = await self.received(session)
+        return PutResult(session, index, duplicate, len(indices), total)
+
+    # -- finish ----------------------------------------------------------------------------
+
+    async def finish(self, session_id: str, owner: str, size: int, sha256: str) -> Session:
+        """Verify and commit. Returns the committed session (the same one on a repeat)."""
+        sha256 = sha256.lower()
+        session = await self._load(session_id, owner)
+        if session.state == COMMITTED:
+            return self._replay(session, size, sha256)
+        session = await self._check_live(session)
+        if size != session.size:
+            raise LengthMismatch(
+                f"finish says {size} bytes; the session was begun for {session.size}",
+                declared=session.size, given=size,
+            )
+        if session.declared_sha256 is not None and session.declared_sha256 != sha256:
+            raise ChecksumMismatch(
+                "finish gives a different SHA-256 than begin declared",
+                declared=session.declared_sha256, given=sha256,
+            )
+        indices, total = await self.received(session)
+        if len(indices) != session.chunk_count:
+            have = set(indices)
+            missing = [i for i in range(session.chunk_count) if i not in have]
+            raise Incomplete(
+                f"{len(missing)} of {session.chunk_count} chunks not received",
+                missing=missing[:1000], missing_count=len(missing),
+            )
+        if total != session.size:
+            raise LengthMismatch(f"received {total} bytes, expected {session.size}",
+                                 received=total, expected=session.size)
+        computed = await self._frontier.digest(session.id, session.size)
+        if computed != sha256:
+            raise ChecksumMismatch(
+                "the uploaded bytes do not have the SHA-256 given to finish; "
+                "re-send the chunks that differ, or abort",
+                expected=sha256, computed=computed,
+            )
+        storage_key = await self.store.commit(session.staging_key, computed, session.size)
+        committed = await self._commit(session, computed, storage_key)
+        log.info("session.finish", session_id=session.id, owner=owner, size=session.size,
+                 sha256=computed)
+        return committed
+
+    def _replay(self, session: Session, size: int, sha256: str) -> Session:
+        if session.result_sha256 != sha256 or session.size != size:
+            raise Conflict(
+                "upload session was already committed with a different digest",
+                sha256=session.result_sha256, size=session.size,
+            )
+        return session
+
+    async def _commit(self, session: Session, sha256: str, storage_key: str) -> Session:
+        now = self.clock.now()
+        async with self.db.unit() as uow:
+            won = await uow.execute(
+                sa.update(upload_sessions)
+                .where(upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING)
+                .values(state=COMMITTED, result_sha256=sha256, ended_at=now,
+                        exclusive_key=None, hash_state=b"")
+            )
+            if won.rowcount != 1:
+                await uow.conn.rollback()
+                current = await self._load(session.id, session.owner)
+                if current.state == COMMITTED:
+                    return self._replay(current, session.size, sha256)
+                raise Expired(f"upload session {session.id} ended before finish completed")
+            bumped = await uow.execute(
+                sa.update(blobs).where(blobs.c.sha256 == sha256)
+                .values(refcount=blobs.c.refcount + 1)
+            )
+            if bumped.rowcount == 0:
+                await uow.execute(
+                    sa.insert(blobs).values(sha256=sha256, size=session.size,
+                                            storage_key=storage_key, refcount=1, created_at=now)
+                )
+            await uow.execute(
+                sa.delete(upload_parts).where(upload_parts.c.session_id == session.id)
+            )
+            committed = dataclasses.replace(
+                session, state=COMMITTED, result_sha256=sha256, ended_at=now
+            )
+            await self._on_commit(uow, committed)
+            await uow.commit()
+        return committed
+
+    # -- abort and expiry ------------------------------------------------------------------
+
+    async def abort(self, session_id: str, owner: str) -> None:
+        session = await self._load(session_id, owner)
+        if session.state == COMMITTED:
+            raise Conflict(f"upload session {session_id} is already committed")
+        if session.state != PENDING:
+            raise NotFound(f"upload session {session_id} not found")
+        if await self._end(session, ABORTED):
+            log.info("session.abort", session_id=session.id, owner=owner)
+
+    async def expire(self, session_id: str) -> bool:
+        """Expire one session if, and only if, it is pending past its ``expires_at``."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
+                )
+            ).mappings().first()
+        if row is None:
+            return False
+        session = _session(row)
+        if session.state != PENDING or session.expires_at > self.clock.now():
+            return False
+        ended = await self._end(session, EXPIRED)
+        if ended:
+            log.info("session.expire", session_id=session.id, owner=session.owner,
+                     last_seen=session.last_seen)
+        return ended
+
+    async def expire_due(self, limit: int = 100) -> int:
+        """Expire sessions past their TTL, one by id at a time; returns how many."""
+        now = self.clock.now()
+        async with self.db.read() as conn:
+            ids = (
+                await conn.execute(
+                    sa.select(upload_sessions.c.id)
+                    .where(upload_sessions.c.state == PENDING,
+                           upload_sessions.c.expires_at <= now)
+                    .limit(limit)
+                )
+            ).scalars().all()
+        count = 0
+        for session_id in ids:
+            count += await self.expire(session_id)
+        await self._purge_ended(now)
+        return count
+
+    async def _end(self, session: Session, state: str) -> bool:
+        now = self.clock.now()
+        async with self.db.unit() as uow:
+            condition = [upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING]
+            if state == EXPIRED:
+                # Re-checked inside the transaction: activity since we looked saves it.
+                condition.append(upload_sessions.c.expires_at <= now)
+                busy = await uow.execute(
+                    sa.select(upload_parts.c.offset).where(
+                        upload_parts.c.session_id == session.id,
+                        upload_parts.c.state == "writing",
+                        upload_parts.c.claimed_at > now - self.policy.chunk_timeout - 5.0,
+                    ).limit(1)
+                )
+                if busy.first() is not None:
+                    return False  # mid-chunk: never expired under a transfer
+            done = await uow.execute(
+                sa.update(upload_sessions).where(*condition)
+                .values(state=state, ended_at=now, exclusive_key=None, hash_state=b"")
+            )
+            if done.rowcount != 1:
+                return False
+            await uow.execute(
+                sa.delete(upload_parts).where(upload_parts.c.session_id == session.id)
+            )
+            if state == ABORTED:
+                await uow.execute(
+                    sa.delete(upload_sessions).where(upload_sessions.c.id == session.id)
+                )
+            await self._on_end(uow, dataclasses.replace(session, state=state, ended_at=now))
+            await uow.commit()
+        await self.store.discard(session.staging_key)
+        return True
+
+    async def _purge_ended(self, now: float) -> None:
+        """Forget expired sessions after the grace period (they answer 404 from then on)."""
+        async with self.db.unit() as uow:
+            await uow.execute(
+                sa.delete(upload_sessions).where(
+                    upload_sessions.c.state == EXPIRED,
+                    upload_sessions.c.ended_at < now - self.policy.expired_grace,
+                )
+            )
+            await uow.commit()
+
+    async def _load(self, session_id: str, owner: str) -> Session:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
+                )
+            ).mappings().first()
+        if row is None or row["owner"] != owner:
+            raise NotFound(f"upload session {session_id} not found")
+        return _session(row)
+
+
+def _new_session_id() -> str:
+    return f"ses_{secrets.token_hex(16)}"
+
+
+_FIELDS = tuple(Session.__dataclass_fields__)
+
+
+def _session(row: Any) -> Session:
+    return Session(**{name: row[name] for name in _FIELDS})

@@ -1,0 +1,131 @@
+"""Moving one chunk's bytes from the request to storage, digesting them on the way.
+
+Bytes are gathered from the socket into batches of ``write_batch`` bytes (a list of the
+pieces the server handed us, not a copy). Each batch is written and digested in worker
+threads while the event loop already gathers the next one, so at most two batches per
+chunk are in memory, whatever the chunk or file size (DESIGN §3.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+
+import crc32c
+
+from memvault.errors import ChecksumMismatch, InvalidArgument, PayloadTooLarge
+from memvault.hashing import Sha256State
+from memvault.sessions.model import ChunkChecksums
+from memvault.storage.base import PartWriter
+
+
+@dataclass
+class ChunkDigests:
+    """Digests of one chunk, advanced batch by batch in a worker thread."""
+
+    want_sha256: bool
+    prefix: Sha256State | None = None
+    crc: int = 0
+    length: int = 0
+    _sha: hashlib._Hash | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.want_sha256:
+            self._sha = hashlib.sha256()
+
+    def update(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.crc = crc32c.crc32c(piece, self.crc)
+            if self._sha is not None:
+                self._sha.update(piece)
+            if self.prefix is not None:
+                self.prefix.update(piece)
+            self.length += len(piece)
+
+    def check(self, expected: ChunkChecksums) -> None:
+        if expected.crc32c is not None and expected.crc32c != self.crc:
+            raise ChecksumMismatch(
+                "chunk CRC32C does not match the Content-Digest the client sent",
+                expected=f"{expected.crc32c:08x}",
+                computed=f"{self.crc:08x}",
+            )
+        if expected.sha256 is not None:
+            assert self._sha is not None
+            if self._sha.digest() != expected.sha256:
+                raise ChecksumMismatch(
+                    "chunk SHA-256 does not match the Content-Digest the client sent",
+                    expected=expected.sha256.hex(),
+                    computed=self._sha.hexdigest(),
+                )
+
+
+async def stream_chunk(
+    body: AsyncIterable[bytes],
+    length: int,
+    digests: ChunkDigests,
+    writer: PartWriter | None,
+    batch_bytes: int,
+) -> None:
+    """Consume exactly ``length`` bytes of ``body`` into ``writer`` (or nowhere, to compare).
+
+    Raises ``PayloadTooLarge`` as soon as the body runs past ``length`` and
+    ``InvalidArgument`` when it ends short; either way the caller treats the chunk as not
+    received.
+    """
+    pending: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    batch_size = 0
+    seen = 0
+
+    async def flush(pieces: list[bytes]) -> None:
+        jobs = [asyncio.to_thread(digests.update, pieces)]
+        if writer is not None:
+            jobs.append(writer.write(pieces))
+        await asyncio.gather(*jobs)
+
+    try:
+        async for piece in body:
+            if not piece:
+                continue
+            seen += len(piece)
+            if seen > length:
+                raise PayloadTooLarge(
+                    f"chunk body is longer than its {length} bytes", limit=length
+                )
+            batch.append(piece)
+            batch_size += len(piece)
+            if batch_size >= batch_bytes:
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(flush(batch))
+                batch, batch_size = [], 0
+        if pending is not None:
+            await pending
+            pending = None
+        if batch:
+            await flush(batch)
+    finally:
+        if pending is not None:
+            # Never leave a write running behind a failed request: a thread cannot be
+            # cancelled, and a late write would land on top of a retry of the same chunk.
+            await _settle(pending)
+    if seen != length:
+        raise InvalidArgument(
+            f"chunk body ended after {seen} of its {length} bytes", received=seen, expected=length
+        )
+
+
+async def _settle(future: asyncio.Future[None]) -> None:
+    """Wait until ``future`` is done, even through cancellation; re-raise that afterwards."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not future.cancelled():
+        future.exception()  # mark retrieved; the caller is already raising its own error
+    if cancelled:
+        raise asyncio.CancelledError

@@ -1,0 +1,267 @@
+"""Uploads into capsules: the session core plus who may upload what, where, and how much.
+
+This is where a session meets the library: begin checks the capsule and creates (or checks)
+the memory in the same transaction as the session; finish's transaction attaches the blob to
+the memory as an asset; abort and expiry drop a memory the session created and never filled.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from memvault.auth import Principal
+from memvault.capsules import ROLES, CapsuleService, Memory, add_asset, check_role_free
+from memvault.clock import Clock
+from memvault.errors import (
+    InsufficientStorage,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    ResourceExhausted,
+)
+from memvault.metadata import Database, UnitOfWork
+from memvault.metadata.schema import assets, capsules, memories, upload_sessions
+from memvault.sessions import (
+    ChunkChecksums,
+    PutResult,
+    Session,
+    SessionService,
+    SessionSpec,
+)
+from memvault.sessions.model import PENDING
+from memvault.sessions.service import SessionPolicy
+from memvault.settings import Settings
+from memvault.storage.base import BlobStore
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class BeginRequest:
+    capsule_id: str
+    filename: str
+    content_type: str
+    size: int
+    idempotency_key: str
+    memory_id: str | None = None
+    role: str = "original"
+    sha256: str | None = None
+
+
+class UploadService:
+    def __init__(
+        self,
+        db: Database,
+        store: BlobStore,
+        clock: Clock,
+        settings: Settings,
+        capsules: CapsuleService,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.capsules = capsules
+        self.sessions = SessionService(
+            db,
+            store,
+            clock,
+            SessionPolicy(
+                ttl=settings.session_ttl,
+                expired_grace=settings.expired_grace,
+                chunk_timeout=settings.chunk_timeout,
+                write_batch=settings.write_batch,
+                fsync=settings.fsync,
+            ),
+            on_commit=self._on_commit,
+            on_end=self._on_end,
+        )
+
+    # -- begin -----------------------------------------------------------------------------
+
+    async def begin(self, caller: Principal, req: BeginRequest) -> tuple[Session, bool]:
+        self._validate(req)
+        chunk_size = self._chunk_size(req.size)
+        await self._check_headroom(req.size)
+
+        async def prepare(uow: UnitOfWork) -> dict[str, Any]:
+            await self.capsules.writable_capsule(uow, caller, req.capsule_id)
+            await self._check_pending_cap(uow, caller, req.capsule_id)
+            created = req.memory_id is None
+            if req.memory_id is None:
+                memory_id = await self.capsules.create_memory(uow, caller, req.capsule_id)
+            else:
+                memory_id = req.memory_id
+                capsule_id = await self.capsules.memory_capsule(uow, caller, memory_id)
+                if capsule_id != req.capsule_id:
+                    raise NotFound(f"memory {memory_id} not found in capsule {req.capsule_id}")
+                await check_role_free(uow, memory_id, req.role)
+            return {
+                "capsule_id": req.capsule_id,
+                "memory_id": memory_id,
+                "role": req.role,
+                "filename": req.filename,
+                "content_type": req.content_type,
+                "created_memory": created,
+            }
+
+        spec = SessionSpec(
+            owner=caller.id,
+            idem_scope=req.capsule_id,
+            idem_key=req.idempotency_key,
+            size=req.size,
+            chunk_size=chunk_size,
+            declared_sha256=req.sha256.lower() if req.sha256 else None,
+            exclusive_key=f"{req.memory_id}/{req.role}" if req.memory_id else None,
+        )
+        return await self.sessions.begin(spec, prepare)
+
+    def _validate(self, req: BeginRequest) -> None:
+        if req.role not in ROLES:
+            raise InvalidArgument(f"role must be one of {', '.join(ROLES)}", role=req.role)
+        if req.size < 0:
+            raise InvalidArgument("size must be zero or more")
+        if req.size > self.settings.max_upload_size:
+            raise PayloadTooLarge(
+                f"{req.size} bytes is more than this server accepts in one upload",
+                limit=self.settings.max_upload_size,
+            )
+        if req.sha256 is not None and not _SHA256.match(req.sha256):
+            raise InvalidArgument("sha256 must be 64 hex digits")
+        if not 1 <= len(req.idempotency_key) <= 200:
+            raise InvalidArgument("idempotency_key must be 1-200 characters")
+        if not req.filename or len(req.filename) > 500:
+            raise InvalidArgument("filename must be 1-500 characters")
+        if not req.content_type or len(req.content_type) > 200:
+            raise InvalidArgument("content_type must be 1-200 characters")
+
+    def _chunk_size(self, size: int) -> int:
+        """The configured size, grown (up to the maximum) so the chunk count stays bounded."""
+        s = self.settings
+        chunk = s.chunk_size
+        while -(-size // chunk) > s.max_chunk_count and chunk * 2 <= s.max_chunk_size:
+            chunk *= 2
+        if -(-size // chunk) > s.max_chunk_count:
+            raise PayloadTooLarge(
+                f"{size} bytes would need more than {s.max_chunk_count} chunks",
+                limit=s.max_chunk_count * s.max_chunk_size,
+            )
+        return chunk
+
+    async def _check_headroom(self, size: int) -> None:
+        free = await self.store.free_bytes()
+        if free is None:
+            return
+        async with self.db.read() as conn:
+            reserved = (
+                await conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
+                        upload_sessions.c.state == PENDING
+                    )
+                )
+            ).scalar_one()
+        available = free - int(reserved) - self.settings.storage_reserve
+        if size > available:
+            raise InsufficientStorage(
+                "not enough free storage for this upload",
+                needed=size, available=max(available, 0),
+            )
+
+    async def _check_pending_cap(self, uow: UnitOfWork, caller: Principal,
+                                 capsule_id: str) -> None:
+        limit = self.settings.max_pending_per_capsule
+        result = await uow.execute(
+            sa.select(sa.func.count(), sa.func.min(upload_sessions.c.expires_at)).where(
+                upload_sessions.c.owner == caller.id,
+                upload_sessions.c.idem_scope == capsule_id,
+                upload_sessions.c.state == PENDING,
+            )
+        )
+        row = result.one()
+        active, soonest = int(row[0]), row[1]  # type: ignore[misc]
+        if active >= limit:
+            wait = max(1.0, float(soonest) - self.clock.now()) if soonest else 1.0
+            raise ResourceExhausted(
+                f"{active} uploads are already pending in this capsule (limit {limit}); "
+                "finish or abort one, or wait for one to expire",
+                retry_after=round(wait),
+                limit_name="pending_sessions_per_capsule",
+                active=active, limit=limit, soonest_expires_at=soonest,
+            )
+
+    # -- transfer, finish, abort -----------------------------------------------------------
+
+    async def put_chunk(
+        self,
+        caller: Principal,
+        session_id: str,
+        index: int,
+        content_length: int | None,
+        body: AsyncIterable[bytes],
+        checksums: ChunkChecksums,
+    ) -> PutResult:
+        return await self.sessions.put_chunk(
+            session_id, caller.id, index, content_length, body, checksums
+        )
+
+    async def status(self, caller: Principal, session_id: str) -> tuple[Session, list[int], int]:
+        session = await self.sessions.get(session_id, caller.id)
+        received, total = await self.sessions.received(session)
+        return session, received, total
+
+    async def finish(
+        self, caller: Principal, session_id: str, size: int, sha256: str
+    ) -> tuple[Session, Memory]:
+        if not _SHA256.match(sha256):
+            raise InvalidArgument("sha256 must be 64 hex digits")
+        session = await self.sessions.finish(session_id, caller.id, size, sha256)
+        memory = await self.capsules.get_memory(caller, session.attrs["memory_id"])
+        return session, memory
+
+    async def abort(self, caller: Principal, session_id: str) -> None:
+        await self.sessions.abort(session_id, caller.id)
+
+    async def list_sessions(self, caller: Principal) -> list[Session]:
+        return await self.sessions.list_pending(caller.id)
+
+    # -- hooks inside the core's transactions ----------------------------------------------
+
+    async def _on_commit(self, uow: UnitOfWork, session: Session) -> None:
+        attrs = session.attrs
+        # Re-check, inside the commit, that the owner may still write to the capsule.
+        owner = (
+            await uow.execute(
+                sa.select(capsules.c.owner_id).where(capsules.c.id == attrs["capsule_id"])
+            )
+        ).scalar_one_or_none()
+        if owner != session.owner:
+            raise NotFound(f"capsule {attrs['capsule_id']} not found")
+        assert session.result_sha256 is not None
+        await add_asset(
+            uow, attrs["memory_id"], attrs["role"], session.size, session.result_sha256,
+            attrs["content_type"], attrs["filename"], self.clock.now(),
+        )
+
+    async def _on_end(self, uow: UnitOfWork, session: Session) -> None:
+        """Drop the memory this session created, if nothing else has filled or claimed it."""
+        attrs = session.attrs
+        if not attrs.get("created_memory"):
+            return
+        memory_id = attrs["memory_id"]
+        has_asset = (
+            await uow.execute(sa.select(assets.c.role).where(assets.c.memory_id == memory_id))
+        ).first()
+        other = (
+            await uow.execute(
+                sa.select(upload_sessions.c.id).where(
+                    upload_sessions.c.exclusive_key.like(f"{memory_id}/%")
+                )
+            )
+        ).first()
+        if has_asset is None and other is None:
+            await uow.execute(sa.delete(memories).where(memories.c.id == memory_id))

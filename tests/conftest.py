@@ -1,0 +1,114 @@
+"""Fixtures: a real ``memvault serve`` process on loopback, and an in-process app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import Api
+
+SMALL_CHUNKS = {"MEMVAULT_CHUNK_SIZE": str(256 * 1024), "MEMVAULT_STORAGE_RESERVE": "0"}
+"""Small chunks make multi-chunk scenarios cheap; behaviour does not depend on the size."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """A ``memvault serve`` subprocess. Restartable on the same data dir and port."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        env = {**os.environ, "MEMVAULT_LOG_FORMAT": "json", **self.env}
+        self.log_path = self.data_dir.parent / f"server-{self.port}.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "memvault", "serve", "--data", str(self.data_dir),
+                 "--port", str(self.port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start in 30 s")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def rss_kib(self, field_name: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field_name} not in /proc/{self.pid}/status")
+
+    def api(self, token: str | None = None) -> Api:
+        return Api(httpx.Client(base_url=self.url, timeout=120,
+                                headers={"Authorization": f"Bearer {token or self.token}"}))
+
+
+def _server(tmp: Path, env: dict[str, str] | None = None) -> Iterator[LiveServer]:
+    server = LiveServer(tmp / "data", env=env or {})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server shared by a test module (tests use their own capsules)."""
+    yield from _server(tmp_path_factory.mktemp("srv"), SMALL_CHUNKS)
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """A server of the test's own, for tests that restart or kill it."""
+    yield from _server(tmp_path)
+
+
+@pytest.fixture
+def api(server: LiveServer) -> Iterator[Api]:
+    client = server.api()
+    yield client
+    client.http.close()

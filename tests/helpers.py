@@ -1,0 +1,71 @@
+"""A thin test client over the v1 API (the real SDK is tested on its own)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Api:
+    http: httpx.Client
+
+    def capsule(self, name: str | None = None) -> str:
+        r = self.http.post("/v1/capsules", json={"name": name or secrets.token_hex(6)})
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def begin(self, capsule_id: str, size: int, **extra: Any) -> httpx.Response:
+        body = {"capsule_id": capsule_id, "filename": "f.bin", "size": size,
+                "content_type": "application/octet-stream",
+                "idempotency_key": secrets.token_hex(8), **extra}
+        return self.http.post("/v1/uploads", json=body)
+
+    def session(self, capsule_id: str, size: int, **extra: Any) -> dict[str, Any]:
+        r = self.begin(capsule_id, size, **extra)
+        assert r.status_code == 201, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    def put(self, session: dict[str, Any], index: int, data: bytes,
+            **headers: str) -> httpx.Response:
+        cs = session["chunk_size"]
+        return self.http.put(f"/v1/uploads/{session['id']}/chunks/{index}",
+                             content=data[index * cs:(index + 1) * cs], headers=headers)
+
+    def finish(self, session: dict[str, Any], data: bytes,
+               sha256: str | None = None) -> httpx.Response:
+        return self.http.post(
+            f"/v1/uploads/{session['id']}/finish",
+            json={"size": len(data), "sha256": sha256 or hashlib.sha256(data).hexdigest()},
+        )
+
+    def upload(self, capsule_id: str, data: bytes, order: list[int] | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """begin → put every chunk (in ``order``) → finish; returns finish's body."""
+        s = self.session(capsule_id, len(data), **extra)
+        for i in order if order is not None else range(s["chunk_count"]):
+            r = self.put(s, i, data)
+            assert r.status_code == 200, r.text
+        r = self.finish(s, data)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    def read(self, memory_id: str, role: str = "original", **headers: str) -> httpx.Response:
+        return self.http.get(f"/v1/memories/{memory_id}/assets/{role}", headers=headers)
+
+
+def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """Assert ``r`` is an RFC 9457 problem with this status and code; return its body."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body: dict[str, Any] = r.json()
+    assert body["code"] == code, body
+    assert body["status"] == status
+    assert body["detail"]
+    return body
