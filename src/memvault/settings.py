@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         default=600.0, description="longest a single chunk transfer may take, seconds"
     )
 
+    claim_lease: float = Field(
+        default=10.0,
+        description="seconds a chunk transfer's claim lives without renewal (a dead "
+        "process's claim is taken over after this)",
+    )
     write_batch: int = Field(
         default=1 * MiB, description="bytes gathered from the socket per storage write"
     )

@@ -75,6 +75,7 @@ class UploadService:
                 ttl=settings.session_ttl,
                 expired_grace=settings.expired_grace,
                 chunk_timeout=settings.chunk_timeout,
+                claim_lease=settings.claim_lease,
                 write_batch=settings.write_batch,
                 fsync=settings.fsync,
             ),

@@ -69,6 +69,7 @@ class SessionPolicy:
     chunk_timeout: float
     write_batch: int
     fsync: bool
+    claim_lease: float = 10.0
     claim_poll: float = 0.05
 
 
@@ -259,10 +260,13 @@ class SessionService:
             prefix = await self._frontier.speculative_start(session, offset)
             digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
             writer = await self.store.open_writer(session.staging_key, offset)
+            lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
                 async with asyncio.timeout(self.policy.chunk_timeout):
                     await stream_chunk(body, length, digests, writer, self.policy.write_batch)
             finally:
+                lease.cancel()
+                await asyncio.gather(lease, return_exceptions=True)
                 await asyncio.shield(writer.close(durable=self.policy.fsync))
             digests.check(checksums)
             await self._mark_received(session, offset, claim, digests.crc)
@@ -291,7 +295,7 @@ class SessionService:
                     )
                 )
             ).first()
-            stale = now - self.policy.chunk_timeout - 5.0
+            stale = now - self.policy.claim_lease
             if existing is None:
                 await uow.execute(
                     sa.insert(upload_parts).values(
@@ -300,7 +304,7 @@ class SessionService:
                     )
                 )
             elif existing.state == "writing" and existing.claimed_at < stale:
-                # The writer died with the claim (a crashed process): take it over.
+                # The writer stopped renewing its lease (its process died): take it over.
                 await uow.execute(
                     sa.update(upload_parts)
                     .where(upload_parts.c.session_id == session.id,
@@ -326,12 +330,12 @@ class SessionService:
         async with asyncio.timeout(self.policy.chunk_timeout):
             await stream_chunk(body, length, digests, None, self.policy.write_batch)
         digests.check(checksums)
-        deadline = self.clock.now() + self.policy.chunk_timeout
         while True:
             async with self.db.read() as conn:
                 part = (
                     await conn.execute(
-                        sa.select(upload_parts.c.state, upload_parts.c.crc32c).where(
+                        sa.select(upload_parts.c.state, upload_parts.c.crc32c,
+                                  upload_parts.c.claimed_at).where(
                             upload_parts.c.session_id == session.id,
                             upload_parts.c.offset == offset,
                         )
@@ -349,10 +353,25 @@ class SessionService:
                     f"chunk at offset {offset} was already received with different bytes",
                     offset=offset,
                 )
-            if self.clock.now() > deadline:
-                raise Unavailable("chunk is still being written by another request",
-                                  retry_after=5)
+            if part.claimed_at < self.clock.now() - self.policy.claim_lease:
+                raise Unavailable(
+                    "the transfer that held this chunk stopped; send it again",
+                    retry_after=1,
+                )
             await asyncio.sleep(self.policy.claim_poll)
+
+    async def _renew_claim(self, session_id: str, offset: int, claim: str) -> None:
+        """Keep a claim's lease fresh while its transfer runs (a dead writer stops renewing)."""
+        while True:
+            await asyncio.sleep(self.policy.claim_lease / 3)
+            async with self.db.unit() as uow:
+                await uow.execute(
+                    sa.update(upload_parts)
+                    .where(upload_parts.c.session_id == session_id,
+                           upload_parts.c.offset == offset, upload_parts.c.claim == claim)
+                    .values(claimed_at=self.clock.now())
+                )
+                await uow.commit()
 
     async def _mark_received(self, session: Session, offset: int, claim: str, crc: int) -> None:
         now = self.clock.now()
@@ -544,7 +563,7 @@ class SessionService:
                     sa.select(upload_parts.c.offset).where(
                         upload_parts.c.session_id == session.id,
                         upload_parts.c.state == "writing",
-                        upload_parts.c.claimed_at > now - self.policy.chunk_timeout - 5.0,
+                        upload_parts.c.claimed_at > now - self.policy.claim_lease,
                     ).limit(1)
                 )
                 if busy.first() is not None:
