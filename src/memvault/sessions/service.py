@@ -416,8 +416,17 @@ class SessionService:
         return done.rowcount == 1
 
     async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
-        indices, total = await self.received(session)
-        return PutResult(session, index, duplicate, len(indices), total)
+        async with self.db.read() as conn:
+            count, total = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0)
+                    )
+                    .where(upload_parts.c.session_id == session.id,
+                           upload_parts.c.state == "received")
+                )
+            ).one()
+        return PutResult(session, index, duplicate, int(count), int(total))
 
     # -- finish ----------------------------------------------------------------------------
 
