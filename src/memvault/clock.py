@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as an RFC 3339 UTC timestamp, the form every API response uses."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 class Clock(Protocol):

@@ -6,10 +6,13 @@ The hierarchy is flat on purpose: one base class, one subclass per code::
      ├── Unauthenticated        401 unauthenticated
      ├── NotFound               404 not_found
      ├── InvalidArgument        400 invalid_argument
+     ├── MethodNotAllowed       405 method_not_allowed
+     ├── RequestTimeout         408 timeout             (a transfer ran past its time limit)
      ├── Conflict               409 conflict
      ├── Incomplete             409 incomplete          (carries the missing chunk indices)
      ├── Expired                410 expired
      ├── PayloadTooLarge        413 payload_too_large
+     ├── RangeNotSatisfiable    416 range_not_satisfiable
      ├── ChecksumMismatch       422 checksum_mismatch
      ├── LengthMismatch         422 length_mismatch
      ├── ResourceExhausted      429 resource_exhausted  (carries Retry-After)
@@ -24,6 +27,7 @@ bug and is rendered as ``internal`` after being logged with its traceback.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -46,6 +50,12 @@ class MemvaultError(Exception):
         self.retry_after = retry_after
         self.extra: dict[str, Any] = extra
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that belong with this error (``Retry-After`` and the like)."""
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
     def to_problem(self) -> dict[str, Any]:
         """The RFC 9457 body: standard members first, then the numbers behind the error."""
         body: dict[str, Any] = {
@@ -66,6 +76,9 @@ class Unauthenticated(MemvaultError):
     status = 401
     title = "Missing or invalid credentials"
 
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="memvault"'}
+
 
 class NotFound(MemvaultError):
     code = "not_found"
@@ -77,6 +90,22 @@ class InvalidArgument(MemvaultError):
     code = "invalid_argument"
     status = 400
     title = "Invalid argument"
+
+
+class MethodNotAllowed(MemvaultError):
+    code = "method_not_allowed"
+    status = 405
+    title = "Method not allowed"
+
+    def headers(self) -> dict[str, str]:
+        allow = self.extra.get("allow")
+        return {**super().headers(), **({"Allow": ", ".join(allow)} if allow else {})}
+
+
+class RequestTimeout(MemvaultError):
+    code = "timeout"
+    status = 408
+    title = "Transfer took too long"
 
 
 class Conflict(MemvaultError):
@@ -101,6 +130,15 @@ class PayloadTooLarge(MemvaultError):
     code = "payload_too_large"
     status = 413
     title = "Payload too large"
+
+
+class RangeNotSatisfiable(MemvaultError):
+    code = "range_not_satisfiable"
+    status = 416
+    title = "Range not satisfiable"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Content-Range": f"bytes */{self.extra['size']}"}
 
 
 class ChecksumMismatch(MemvaultError):
@@ -145,10 +183,13 @@ ERRORS: dict[str, type[MemvaultError]] = {
         Unauthenticated,
         NotFound,
         InvalidArgument,
+        MethodNotAllowed,
+        RequestTimeout,
         Conflict,
         Incomplete,
         Expired,
         PayloadTooLarge,
+        RangeNotSatisfiable,
         ChecksumMismatch,
         LengthMismatch,
         ResourceExhausted,

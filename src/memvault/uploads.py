@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from memvault.auth import Principal
 from memvault.capsules import ROLES, CapsuleService, Memory, add_asset, check_role_free
-from memvault.clock import Clock
+from memvault.clock import Clock, iso
 from memvault.errors import (
     InsufficientStorage,
     InvalidArgument,
@@ -38,7 +38,7 @@ from memvault.sessions.service import SessionPolicy
 from memvault.settings import Settings
 from memvault.storage.base import BlobStore
 
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,13 @@ class UploadService:
     async def begin(self, caller: Principal, req: BeginRequest) -> tuple[Session, bool]:
         self._validate(req)
         chunk_size = self._chunk_size(req.size)
-        await self._check_headroom(req.size)
 
         async def prepare(uow: UnitOfWork) -> dict[str, Any]:
+            # Only a new session is checked against limits: a retried begin that finds its
+            # pending session already holds its place.
             await self.capsules.writable_capsule(uow, caller, req.capsule_id)
             await self._check_pending_cap(uow, caller, req.capsule_id)
+            await self._check_headroom(uow, req.size)
             created = req.memory_id is None
             if req.memory_id is None:
                 memory_id = await self.capsules.create_memory(uow, caller, req.capsule_id)
@@ -132,7 +134,7 @@ class UploadService:
                 f"{req.size} bytes is more than this server accepts in one upload",
                 limit=self.settings.max_upload_size,
             )
-        if req.sha256 is not None and not _SHA256.match(req.sha256):
+        if req.sha256 is not None and not _SHA256.fullmatch(req.sha256):
             raise InvalidArgument("sha256 must be 64 hex digits")
         if not 1 <= len(req.idempotency_key) <= 200:
             raise InvalidArgument("idempotency_key must be 1-200 characters")
@@ -154,18 +156,17 @@ class UploadService:
             )
         return chunk
 
-    async def _check_headroom(self, size: int) -> None:
+    async def _check_headroom(self, uow: UnitOfWork, size: int) -> None:
         free = await self.store.free_bytes()
         if free is None:
             return
-        async with self.db.read() as conn:
-            reserved = (
-                await conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
-                        upload_sessions.c.state == PENDING
-                    )
+        reserved = (
+            await uow.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
+                    upload_sessions.c.state == PENDING
                 )
-            ).scalar_one()
+            )
+        ).scalar_one()
         available = free - int(reserved) - self.settings.storage_reserve
         if size > available:
             raise InsufficientStorage(
@@ -192,7 +193,7 @@ class UploadService:
                 "finish or abort one, or wait for one to expire",
                 retry_after=round(wait),
                 limit_name="pending_sessions_per_capsule",
-                active=active, limit=limit, soonest_expires_at=soonest,
+                active=active, limit=limit, soonest_expires_at=iso(soonest),
             )
 
     # -- transfer, finish, abort -----------------------------------------------------------
@@ -218,7 +219,7 @@ class UploadService:
     async def finish(
         self, caller: Principal, session_id: str, size: int, sha256: str
     ) -> tuple[Session, Memory]:
-        if not _SHA256.match(sha256):
+        if not _SHA256.fullmatch(sha256):
             raise InvalidArgument("sha256 must be 64 hex digits")
         session = await self.sessions.finish(session_id, caller.id, size, sha256)
         memory = await self.capsules.get_memory(caller, session.attrs["memory_id"])

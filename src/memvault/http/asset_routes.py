@@ -9,19 +9,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 from starlette.responses import StreamingResponse
 
-from memvault.errors import Internal, MemvaultError
+from memvault.errors import Internal, RangeNotSatisfiable
 from memvault.http.deps import Caller, Svc
 from memvault.storage.base import BlobMissing
 
 router = APIRouter(prefix="/v1", tags=["library"])
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-class RangeNotSatisfiable(MemvaultError):
-    code = "range_not_satisfiable"
-    status = 416
-    title = "Range not satisfiable"
 
 
 @router.get("/memories/{memory_id}/assets/{role}", response_class=Response,
@@ -73,8 +67,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None
     if not first:
         suffix = int(last)
-        if suffix == 0:
-            raise RangeNotSatisfiable("empty suffix range", size=size)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable("a suffix range of an empty asset selects nothing"
+                                      if size == 0 else "empty suffix range", size=size)
         return max(0, size - suffix), size
     start = int(first)
     end = min(int(last) + 1, size) if last else size

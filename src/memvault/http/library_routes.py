@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
+from memvault.clock import iso
 from memvault.http.deps import Caller, Svc
 from memvault.http.schemas import (
     CapsuleIn,
@@ -11,7 +12,6 @@ from memvault.http.schemas import (
     MemoryIn,
     MemoryOut,
     MemoryPage,
-    iso,
     memory_out,
 )
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
-from memvault.errors import ERRORS, Internal, InvalidArgument, MemvaultError
+from memvault.errors import Internal, InvalidArgument, MemvaultError, MethodNotAllowed, NotFound
 
 log = structlog.get_logger("memvault.http")
 
@@ -19,11 +18,9 @@ PROBLEM = "application/problem+json"
 
 
 def problem_response(error: MemvaultError) -> JSONResponse:
-    headers = {}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return JSONResponse(
-        error.to_problem(), status_code=error.status, headers=headers, media_type=PROBLEM
+        error.to_problem(), status_code=error.status, headers=error.headers(),
+        media_type=PROBLEM,
     )
 
 
@@ -49,11 +46,30 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     # Routing errors (unknown path, wrong method) in the same problem shape as everything else.
-    code = {404: "not_found", 405: "invalid_argument"}.get(exc.status_code, "invalid_argument")
-    error = ERRORS[code](str(exc.detail))
-    response = problem_response(error)
-    response.status_code = exc.status_code
-    return response
+    what = f"{request.method} {request.url.path}"
+    error: MemvaultError
+    if exc.status_code == 404:
+        error = NotFound(f"no such resource: {what}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{what} is not allowed", allow=_allowed_methods(request))
+    else:
+        error = InvalidArgument(f"{what}: {exc.detail}")
+    return problem_response(error)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

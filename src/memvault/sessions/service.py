@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from memvault.clock import Clock
+from memvault.clock import Clock, iso
 from memvault.errors import (
     ChecksumMismatch,
     Conflict,
@@ -35,6 +35,7 @@ from memvault.errors import (
     LengthMismatch,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     Unavailable,
 )
 from memvault.hashing import new_sha256
@@ -186,10 +187,9 @@ class SessionService:
     async def _check_live(self, session: Session) -> Session:
         if session.state == PENDING and session.expires_at <= self.clock.now():
             await self.expire(session.id)
-            raise Expired(f"upload session {session.id} expired", expired_at=session.expires_at)
-        if session.state == EXPIRED:
-            raise Expired(f"upload session {session.id} expired", expired_at=session.expires_at)
-        return session
+        elif session.state != EXPIRED:
+            return session
+        raise Expired(f"upload session {session.id} expired", expired_at=iso(session.expires_at))
 
     async def received(self, session: Session) -> tuple[list[int], int]:
         """Indices of received chunks, and the bytes they hold."""
@@ -273,6 +273,9 @@ class SessionService:
         except StagingGone as exc:
             await self._release_quietly(session, offset, claim)
             raise NotFound(f"upload session {session_id} is gone") from exc
+        except TimeoutError as exc:
+            await self._release_quietly(session, offset, claim)
+            raise _too_slow(index, self.policy.chunk_timeout) from exc
         except BaseException:
             await self._release_quietly(session, offset, claim)
             raise
@@ -327,8 +330,11 @@ class SessionService:
     ) -> bool:
         """Digest a body for a range someone else holds; True if it matches what is stored."""
         digests = ChunkDigests(want_sha256=checksums.sha256 is not None)
-        async with asyncio.timeout(self.policy.chunk_timeout):
-            await stream_chunk(body, length, digests, None, self.policy.write_batch)
+        try:
+            async with asyncio.timeout(self.policy.chunk_timeout):
+                await stream_chunk(body, length, digests, None, self.policy.write_batch)
+        except TimeoutError as exc:
+            raise _too_slow(offset // session.chunk_size, self.policy.chunk_timeout) from exc
         digests.check(checksums)
         while True:
             async with self.db.read() as conn:
@@ -519,8 +525,7 @@ class SessionService:
         session = await self._load(session_id, owner)
         if session.state == COMMITTED:
             raise Conflict(f"upload session {session_id} is already committed")
-        if session.state != PENDING:
-            raise NotFound(f"upload session {session_id} not found")
+        session = await self._check_live(session)
         if await self._end(session, ABORTED):
             log.info("session.abort", session_id=session.id, owner=owner)
 
@@ -616,6 +621,13 @@ class SessionService:
         if row is None or row["owner"] != owner:
             raise NotFound(f"upload session {session_id} not found")
         return _session(row)
+
+
+def _too_slow(index: int, limit: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"chunk {index} took longer than {limit:g} s to arrive; send it again",
+        limit_seconds=limit, retry_after=1,
+    )
 
 
 def _new_session_id() -> str:
