@@ -135,18 +135,24 @@ class Frontier:
             await uow.commit()
         return done.rowcount == 1
 
-    async def digest(self, session_id: str, size: int) -> str:
-        """Hex SHA-256 of a fully received upload, hashing only what the frontier lacks."""
+    async def digest(self, session_id: str, size: int) -> str | None:
+        """Hex SHA-256 of a fully received upload, hashing only what the frontier lacks.
+
+        None when the session stopped being pending meanwhile (a concurrent finish or abort).
+        """
         await self.advance(session_id, None)
         async with self._db.read() as conn:
             row = (
                 await conn.execute(
-                    sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
+                    sa.select(upload_sessions.c.state, upload_sessions.c.hashed_offset,
+                              upload_sessions.c.hash_state)
                     .where(upload_sessions.c.id == session_id)
                 )
             ).first()
-        state = _restore(row.hash_state) if row is not None else None
-        if row is None or row.hashed_offset != size or state is None:
+        if row is None or row.state != PENDING:
+            return None
+        state = _restore(row.hash_state)
+        if row.hashed_offset != size or state is None:
             raise Internal(f"upload session {session_id}: hash frontier did not reach {size}")
         return state.hexdigest()
 

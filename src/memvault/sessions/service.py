@@ -465,17 +465,29 @@ class SessionService:
             raise LengthMismatch(f"received {total} bytes, expected {session.size}",
                                  received=total, expected=session.size)
         computed = await self._frontier.digest(session.id, session.size)
+        if computed is None:
+            return await self._settled(session, sha256)
         if computed != sha256:
             raise ChecksumMismatch(
                 "the uploaded bytes do not have the SHA-256 given to finish; "
                 "re-send the chunks that differ, or abort",
                 expected=sha256, computed=computed,
             )
-        storage_key = await self.store.commit(session.staging_key, computed, session.size)
+        try:
+            storage_key = await self.store.commit(session.staging_key, computed, session.size)
+        except StagingGone:
+            return await self._settled(session, sha256)  # aborted or expired under us
         committed = await self._commit(session, computed, storage_key)
         log.info("session.finish", session_id=session.id, owner=owner, size=session.size,
                  sha256=computed)
         return committed
+
+    async def _settled(self, session: Session, sha256: str) -> Session:
+        """The outcome of a session another request ended while this finish was running."""
+        current = await self._load(session.id, session.owner)
+        if current.state == COMMITTED:
+            return self._replay(current, session.size, sha256)
+        raise Expired(f"upload session {session.id} ended before finish completed")
 
     def _replay(self, session: Session, size: int, sha256: str) -> Session:
         if session.result_sha256 != sha256 or session.size != size:
@@ -496,10 +508,7 @@ class SessionService:
             )
             if won.rowcount != 1:
                 await uow.conn.rollback()
-                current = await self._load(session.id, session.owner)
-                if current.state == COMMITTED:
-                    return self._replay(current, session.size, sha256)
-                raise Expired(f"upload session {session.id} ended before finish completed")
+                return await self._settled(session, sha256)
             bumped = await uow.execute(
                 sa.update(blobs).where(blobs.c.sha256 == sha256)
                 .values(refcount=blobs.c.refcount + 1)
