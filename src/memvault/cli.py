@@ -40,11 +40,9 @@ def serve(
     """Run the HTTP server (embedded default: SQLite + files under the data folder)."""
     import uvicorn
 
-    from memvault import logs
     from memvault.http.app import create_app
 
     settings = _settings(data, host=host, port=port)
-    logs.configure(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
-from memvault import __version__
+from memvault import __version__, logs
 from memvault.auth import AuthService
 from memvault.capsules import CapsuleService
 from memvault.clock import Clock, SystemClock
@@ -82,8 +82,10 @@ async def _reaper(services: Services, interval: float) -> None:
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    """The ASGI app; with no arguments it reads ``MEMVAULT_*`` (e.g. as a granian factory)."""
     settings = settings or Settings()
     clock = clock or SystemClock()
+    logs.configure(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +101,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            await services.uploads.sessions.close()
             await db.dispose()
             log.info("memvault.stop")
 

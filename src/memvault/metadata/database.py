@@ -41,6 +41,7 @@ class Database:
         self.reader = reader
         self.writer = writer
         self.url = url
+        self._sqlite = writer.dialect.name == "sqlite"
 
     @property
     def dialect(self) -> str:
@@ -49,8 +50,12 @@ class Database:
     @classmethod
     def open(cls, url: str) -> Database:
         if url.startswith("sqlite"):
-            reader = create_async_engine(url, pool_size=8, max_overflow=8)
-            writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=120)
+            # No reset on return: every unit ends in an explicit commit or rollback already,
+            # and the extra rollback costs a driver round trip per checkout.
+            reader = create_async_engine(url, pool_size=8, max_overflow=8,
+                                         pool_reset_on_return=None)
+            writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=120,
+                                         pool_reset_on_return=None)
             for engine in (reader, writer):
                 _tune_sqlite(engine, immediate=engine is writer)
             return cls(reader, writer, url)
@@ -69,9 +74,16 @@ class Database:
             yield conn
 
     @asynccontextmanager
-    async def unit(self) -> AsyncIterator[UnitOfWork]:
-        """A write transaction; commit explicitly, anything else rolls back."""
+    async def unit(self, *, durable: bool = True) -> AsyncIterator[UnitOfWork]:
+        """A write transaction; commit explicitly, anything else rolls back.
+
+        ``durable=False`` is for bookkeeping that may be lost to a power failure without harm
+        (the client repeats the request): on SQLite its commit skips the WAL fsync. Any later
+        durable commit makes it durable too, since the WAL is synced in order.
+        """
         async with self.writer.connect() as conn:
+            if self._sqlite:
+                await _set_synchronous(conn, "FULL" if durable else "NORMAL")
             await conn.begin()
             uow = UnitOfWork(conn)
             try:
@@ -79,6 +91,17 @@ class Database:
             finally:
                 if not uow._committed:
                     await conn.rollback()
+
+
+async def _set_synchronous(conn: AsyncConnection, level: str) -> None:
+    """Per-transaction durability on SQLite, set outside the transaction (as SQLite requires)."""
+    if conn.info.get("synchronous") == level:
+        return
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    await driver.execute(f"PRAGMA synchronous={level}")
+    conn.info["synchronous"] = level
 
 
 def _tune_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:

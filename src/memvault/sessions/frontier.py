@@ -12,6 +12,10 @@ upload reads nothing back in the common case. Each byte is hashed once:
 The stored frontier only moves by compare-and-set on ``hashed_offset``; concurrent advancers in
 different processes may both hash, but only one result is kept and the loser starts over from
 the new frontier. Within one process a per-session lock keeps them from duplicating work.
+
+Catching up over early chunks is done off the request path: ``kick`` starts (or re-arms) one
+background advancer per session, so a chunk request never waits while another chunk is hashed.
+``digest`` (finish) joins it, and advances itself over anything still missing.
 """
 
 from __future__ import annotations
@@ -20,16 +24,16 @@ import asyncio
 import weakref
 
 import sqlalchemy as sa
+import structlog
 
 from memvault.errors import Internal
 from memvault.hashing import Sha256State, new_sha256
-from memvault.metadata import Database
+from memvault.metadata import Database, UnitOfWork
 from memvault.metadata.schema import upload_parts, upload_sessions
-from memvault.sessions.model import PENDING, Session
+from memvault.sessions.model import PENDING
 from memvault.storage.base import BlobStore
 
-Speculative = tuple[int, int, Sha256State]
-"""(start, end, state after hashing [0, end)) from a chunk hashed as it streamed."""
+log = structlog.get_logger("memvault.sessions")
 
 
 class Frontier:
@@ -39,6 +43,45 @@ class Frontier:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._rearmed: set[str] = set()
+
+    def kick(self, session_id: str) -> None:
+        """Advance in the background; one runner per session, re-armed if already running."""
+        runner = self._runners.get(session_id)
+        if runner is not None and not runner.done():
+            self._rearmed.add(session_id)
+            return
+        self._runners[session_id] = asyncio.create_task(self._run(session_id))
+
+    async def _run(self, session_id: str) -> None:
+        try:
+            while True:
+                self._rearmed.discard(session_id)
+                try:
+                    await self.advance(session_id)
+                except Exception:
+                    # Logged, not lost: finish advances over whatever is still missing.
+                    log.exception("frontier.advance_failed", session_id=session_id)
+                    return
+                if session_id not in self._rearmed:
+                    return
+        finally:
+            if self._runners.get(session_id) is asyncio.current_task():
+                del self._runners[session_id]
+
+    async def join(self, session_id: str) -> None:
+        """Wait for the session's background advancer, if one is running."""
+        runner = self._runners.get(session_id)
+        if runner is not None:
+            await asyncio.wait({runner})
+
+    async def close(self) -> None:
+        """Stop every background advancer (shutdown); stored progress is kept."""
+        runners = list(self._runners.values())
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         lock = self._locks.get(session_id)
@@ -47,25 +90,7 @@ class Frontier:
             self._locks[session_id] = lock
         return lock
 
-    async def speculative_start(self, session: Session, offset: int) -> Sha256State | None:
-        """The stored state, if a chunk at ``offset`` would extend the frontier directly."""
-        if session.hashed_offset != offset:
-            return None
-        async with self._db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
-                    .where(upload_sessions.c.id == session.id)
-                )
-            ).first()
-        if row is None or row.hashed_offset != offset:
-            return None
-        try:
-            return Sha256State.from_bytes(row.hash_state)
-        except ValueError:
-            return None
-
-    async def advance(self, session_id: str, speculative: Speculative | None) -> int:
+    async def advance(self, session_id: str) -> int:
         """Move the frontier as far as received chunks allow; returns the new offset."""
         async with self._lock(session_id):
             while True:
@@ -102,18 +127,13 @@ class Frontier:
                 for part in parts:
                     if part.offset != position:
                         break
-                    end = part.offset + part.length
-                    if speculative is not None and speculative[:2] == (part.offset, end):
-                        state = speculative[2]
-                    else:
-                        await self._hash_staged(row.staging_key, part.offset, part.length, state)
-                    position = end
+                    await self._hash_staged(row.staging_key, part.offset, part.length, state)
+                    position = part.offset + part.length
                 if position == row.hashed_offset:
                     return int(position)
-                saved = await self._save(session_id, row.hashed_offset, position, state)
-                if saved:
+                if await self._save(session_id, row.hashed_offset, position, state):
                     return int(position)
-                speculative = None  # someone else moved the frontier: start from theirs
+                # Someone else moved the frontier meanwhile: start over from theirs.
 
     async def _hash_staged(
         self, staging_key: str, offset: int, length: int, state: Sha256State
@@ -122,17 +142,24 @@ class Frontier:
             await asyncio.to_thread(state.update, piece)
 
     async def _save(self, session_id: str, old: int, new: int, state: Sha256State) -> bool:
-        async with self._db.unit() as uow:
-            done = await uow.execute(
-                sa.update(upload_sessions)
-                .where(
-                    upload_sessions.c.id == session_id,
-                    upload_sessions.c.hashed_offset == old,
-                    upload_sessions.c.state == PENDING,
-                )
-                .values(hashed_offset=new, hash_state=state.to_bytes())
-            )
+        async with self._db.unit(durable=False) as uow:
+            saved = await self.save(uow, session_id, old, new, state)
             await uow.commit()
+        return saved
+
+    async def save(
+        self, uow: UnitOfWork, session_id: str, old: int, new: int, state: Sha256State
+    ) -> bool:
+        """Move the stored frontier from ``old`` to ``new`` (compare-and-set) in ``uow``."""
+        done = await uow.execute(
+            sa.update(upload_sessions)
+            .where(
+                upload_sessions.c.id == session_id,
+                upload_sessions.c.hashed_offset == old,
+                upload_sessions.c.state == PENDING,
+            )
+            .values(hashed_offset=new, hash_state=state.to_bytes())
+        )
         return done.rowcount == 1
 
     async def digest(self, session_id: str, size: int) -> str | None:
@@ -140,7 +167,8 @@ class Frontier:
 
         None when the session stopped being pending meanwhile (a concurrent finish or abort).
         """
-        await self.advance(session_id, None)
+        await self.join(session_id)
+        await self.advance(session_id)
         async with self._db.read() as conn:
             row = (
                 await conn.execute(

@@ -24,6 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memvault.clock import Clock, iso
 from memvault.errors import (
@@ -38,7 +39,7 @@ from memvault.errors import (
     RequestTimeout,
     Unavailable,
 )
-from memvault.hashing import new_sha256
+from memvault.hashing import Sha256State, new_sha256
 from memvault.metadata import Database, UnitOfWork
 from memvault.metadata.schema import blobs, upload_parts, upload_sessions
 from memvault.sessions import frontier
@@ -106,9 +107,13 @@ class SessionService:
         create the memory it fills) and returns attributes stored with the session.
         Returns ``(session, created)``.
         """
+        existing = await self._find_pending(spec)
+        if existing is not None:
+            return existing, False
         now = self.clock.now()
         async with self.db.unit() as uow:
-            existing = await self._find_pending(uow, spec)
+            # Again inside the transaction: a concurrent begin may have made it meanwhile.
+            existing = await self._pending_with_key(uow, spec)
             if existing is not None:
                 return existing, False
             attrs = dict(spec.attrs)
@@ -158,8 +163,23 @@ class SessionService:
                  chunk_size=spec.chunk_size)
         return session, True
 
-    async def _find_pending(self, uow: UnitOfWork, spec: SessionSpec) -> Session | None:
-        result = await uow.execute(
+    async def _find_pending(self, spec: SessionSpec) -> Session | None:
+        """The live pending session with this idempotency key, if any.
+
+        One past its TTL but not yet reaped is expired here (by id) so that the begin makes a
+        new session instead of handing back one that would answer 410 to the next request.
+        """
+        async with self.db.read() as conn:
+            existing = await self._pending_with_key(conn, spec)
+        if existing is not None and existing.expires_at <= self.clock.now():
+            await self.expire(existing.id)
+            return None
+        return existing
+
+    async def _pending_with_key(
+        self, conn: AsyncConnection | UnitOfWork, spec: SessionSpec
+    ) -> Session | None:
+        result = await conn.execute(
             sa.select(upload_sessions).where(
                 upload_sessions.c.owner == spec.owner,
                 upload_sessions.c.idem_scope == spec.idem_scope,
@@ -252,12 +272,11 @@ class SessionService:
                 expected=length,
             )
         claim = secrets.token_hex(8)
-        holder = await self._claim(session, offset, length, claim)
-        if holder is not None:
+        held, prefix = await self._claim(session, offset, length, claim)
+        if held:
             duplicate = await self._compare(session, offset, length, body, checksums)
             return await self._result(session, index, duplicate=duplicate)
         try:
-            prefix = await self._frontier.speculative_start(session, offset)
             digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
             writer = await self.store.open_writer(session.staging_key, offset)
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
@@ -269,7 +288,9 @@ class SessionService:
                 await asyncio.gather(lease, return_exceptions=True)
                 await asyncio.shield(writer.close(durable=self.policy.fsync))
             digests.check(checksums)
-            await self._mark_received(session, offset, claim, digests.crc)
+            count, total = await self._mark_received(
+                session, offset, length, claim, digests.crc, prefix
+            )
         except StagingGone as exc:
             await self._release_quietly(session, offset, claim)
             raise NotFound(f"upload session {session_id} is gone") from exc
@@ -280,16 +301,22 @@ class SessionService:
             await self._release_quietly(session, offset, claim)
             raise
         log.debug("session.chunk", session_id=session.id, index=index, length=length)
-        end = offset + length
-        await self._frontier.advance(
-            session.id, (offset, end, prefix) if prefix is not None else None
-        )
-        return await self._result(session, index, duplicate=False)
+        # Hash whatever this chunk made contiguous (chunks that arrived early, past a gap),
+        # in the background: this request's bytes are safe and it need not wait.
+        self._frontier.kick(session.id)
+        return PutResult(session, index, False, count, total)
 
-    async def _claim(self, session: Session, offset: int, length: int, claim: str) -> str | None:
-        """Claim ``[offset, offset+length)`` for writing; returns None if ours, else its state."""
+    async def _claim(
+        self, session: Session, offset: int, length: int, claim: str
+    ) -> tuple[bool, Sha256State | None]:
+        """Claim ``[offset, offset+length)`` for writing.
+
+        Returns ``(held, prefix)``: ``held`` when another request holds or has received the
+        range; ``prefix`` is the stored hash state when the range starts at the frontier, so
+        the chunk can be hashed as it streams.
+        """
         now = self.clock.now()
-        async with self.db.unit() as uow:
+        async with self.db.unit(durable=False) as uow:
             existing = (
                 await uow.execute(
                     sa.select(upload_parts.c.state, upload_parts.c.claimed_at).where(
@@ -315,10 +342,21 @@ class SessionService:
                     .values(claim=claim, claimed_at=now)
                 )
             else:
-                return str(existing.state)
+                return True, None
             await self._touch(uow, session.id, now)
+            frontier = (
+                await uow.execute(
+                    sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
+                    .where(upload_sessions.c.id == session.id)
+                )
+            ).one()
             await uow.commit()
-        return None
+        if frontier.hashed_offset != offset:
+            return False, None
+        try:
+            return False, Sha256State.from_bytes(frontier.hash_state)
+        except ValueError:
+            return False, None
 
     async def _compare(
         self,
@@ -370,7 +408,7 @@ class SessionService:
         """Keep a claim's lease fresh while its transfer runs (a dead writer stops renewing)."""
         while True:
             await asyncio.sleep(self.policy.claim_lease / 3)
-            async with self.db.unit() as uow:
+            async with self.db.unit(durable=False) as uow:
                 await uow.execute(
                     sa.update(upload_parts)
                     .where(upload_parts.c.session_id == session_id,
@@ -379,9 +417,25 @@ class SessionService:
                 )
                 await uow.commit()
 
-    async def _mark_received(self, session: Session, offset: int, claim: str, crc: int) -> None:
+    async def _mark_received(
+        self,
+        session: Session,
+        offset: int,
+        length: int,
+        claim: str,
+        crc: int,
+        prefix: Sha256State | None,
+    ) -> tuple[int, int]:
+        """Count the chunk as received and, if it was hashed in flight, move the frontier.
+
+        Returns the session's received chunk count and bytes, read in the same transaction.
+
+        Not a durable commit: after a power loss the mark may be gone and the client sends the
+        chunk again (its bytes were fdatasynced already). Begin and finish commit durably, and a
+        durable commit makes every earlier one durable too.
+        """
         now = self.clock.now()
-        async with self.db.unit() as uow:
+        async with self.db.unit(durable=False) as uow:
             done = await uow.execute(
                 sa.update(upload_parts)
                 .where(
@@ -394,13 +448,17 @@ class SessionService:
             )
             if done.rowcount != 1 or not await self._touch(uow, session.id, now):
                 raise NotFound(f"upload session {session.id} ended during the transfer")
+            if prefix is not None:
+                await self._frontier.save(uow, session.id, offset, offset + length, prefix)
+            counts = await _received_counts(uow, session.id)
             await uow.commit()
+        return counts
 
     async def _release_quietly(self, session: Session, offset: int, claim: str) -> None:
         """Drop our claim; shielded so a cancelled request cannot leave it behind."""
 
         async def release() -> None:
-            async with self.db.unit() as uow:
+            async with self.db.unit(durable=False) as uow:
                 await uow.execute(
                     sa.delete(upload_parts).where(
                         upload_parts.c.session_id == session.id,
@@ -423,16 +481,8 @@ class SessionService:
 
     async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
         async with self.db.read() as conn:
-            count, total = (
-                await conn.execute(
-                    sa.select(
-                        sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0)
-                    )
-                    .where(upload_parts.c.session_id == session.id,
-                           upload_parts.c.state == "received")
-                )
-            ).one()
-        return PutResult(session, index, duplicate, int(count), int(total))
+            count, total = await _received_counts(conn, session.id)
+        return PutResult(session, index, duplicate, count, total)
 
     # -- finish ----------------------------------------------------------------------------
 
@@ -527,6 +577,14 @@ class SessionService:
             await self._on_commit(uow, committed)
             await uow.commit()
         return committed
+
+    async def join_hashing(self, session_id: str) -> None:
+        """Wait until background hashing of the session's received chunks has caught up."""
+        await self._frontier.join(session_id)
+
+    async def close(self) -> None:
+        """Stop background work (at shutdown); nothing stored is lost."""
+        await self._frontier.close()
 
     # -- abort and expiry ------------------------------------------------------------------
 
@@ -630,6 +688,16 @@ class SessionService:
         if row is None or row["owner"] != owner:
             raise NotFound(f"upload session {session_id} not found")
         return _session(row)
+
+
+async def _received_counts(conn: AsyncConnection | UnitOfWork, session_id: str) -> tuple[int, int]:
+    row = (
+        await conn.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0))
+            .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
+        )
+    ).one()
+    return int(row[0]), int(row[1])
 
 
 def _too_slow(index: int, limit: float) -> RequestTimeout:
