@@ -33,8 +33,7 @@ from memvault.sessions import (
     SessionService,
     SessionSpec,
 )
-from memvault.sessions.model import PENDING
-from memvault.sessions.service import SessionPolicy
+from memvault.sessions.model import PENDING, SessionPolicy
 from memvault.settings import Settings
 from memvault.storage.base import BlobStore
 

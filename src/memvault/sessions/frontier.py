@@ -31,7 +31,7 @@ from memvault.hashing import Sha256State, new_sha256
 from memvault.metadata import Database, UnitOfWork
 from memvault.metadata.schema import upload_parts, upload_sessions
 from memvault.sessions.model import PENDING
-from memvault.storage.base import BlobStore
+from memvault.storage.base import BlobStore, StagedHasher
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -44,6 +44,7 @@ class Frontier:
             weakref.WeakValueDictionary()
         )
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self._hasher = store if isinstance(store, StagedHasher) else None  # detected once
         self._rearmed: set[str] = set()
 
     def kick(self, session_id: str) -> None:
@@ -138,6 +139,9 @@ class Frontier:
     async def _hash_staged(
         self, staging_key: str, offset: int, length: int, state: Sha256State
     ) -> None:
+        if self._hasher is not None:
+            await self._hasher.hash_staged(staging_key, offset, length, state)
+            return
         async for piece in self._store.read_staged(staging_key, offset, length):
             await asyncio.to_thread(state.update, piece)
 

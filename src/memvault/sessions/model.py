@@ -68,3 +68,16 @@ class PutResult:
     duplicate: bool
     received_count: int
     bytes_received: int
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """Timing and I/O choices of the session core (from Settings)."""
+
+    ttl: float
+    expired_grace: float
+    chunk_timeout: float
+    write_batch: int
+    fsync: bool
+    claim_lease: float = 10.0
+    claim_poll: float = 0.05

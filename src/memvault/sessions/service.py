@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import secrets
 from collections.abc import AsyncIterable, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,14 +31,10 @@ from memvault.errors import (
     Conflict,
     Expired,
     Incomplete,
-    InvalidArgument,
     LengthMismatch,
     NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
-    Unavailable,
 )
-from memvault.hashing import Sha256State, new_sha256
+from memvault.hashing import new_sha256
 from memvault.metadata import Database, UnitOfWork
 from memvault.metadata.schema import blobs, upload_parts, upload_sessions
 from memvault.sessions import frontier
@@ -51,9 +46,10 @@ from memvault.sessions.model import (
     ChunkChecksums,
     PutResult,
     Session,
+    SessionPolicy,
     SessionSpec,
 )
-from memvault.sessions.streaming import ChunkDigests, stream_chunk
+from memvault.sessions.transfer import ChunkReceiver
 from memvault.storage.base import BlobStore, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
@@ -62,17 +58,6 @@ CommitHook = Callable[[UnitOfWork, Session], Awaitable[None]]
 """Runs inside finish's transaction, after the blob row exists: add the caller's rows."""
 EndHook = Callable[[UnitOfWork, Session], Awaitable[None]]
 """Runs inside the abort/expiry transaction: drop what the caller made for the session."""
-
-
-@dataclass(frozen=True)
-class SessionPolicy:
-    ttl: float
-    expired_grace: float
-    chunk_timeout: float
-    write_batch: int
-    fsync: bool
-    claim_lease: float = 10.0
-    claim_poll: float = 0.05
 
 
 class SessionService:
@@ -93,6 +78,7 @@ class SessionService:
         self._on_commit = on_commit
         self._on_end = on_end
         self._frontier = frontier.Frontier(db, store)
+        self._chunks = ChunkReceiver(db, store, clock, policy, self._frontier)
 
     # -- begin -----------------------------------------------------------------------------
 
@@ -250,239 +236,7 @@ class SessionService:
     ) -> PutResult:
         """Receive chunk ``index``. Nothing is counted as received unless every check passes."""
         session = await self.get(session_id, owner)
-        if session.state != PENDING:
-            raise Conflict(f"upload session {session_id} is {session.state}", state=session.state)
-        if not 0 <= index < session.chunk_count:
-            raise InvalidArgument(
-                f"chunk index {index} is outside 0..{session.chunk_count - 1}",
-                chunk_count=session.chunk_count,
-            )
-        offset, length = session.chunk_range(index)
-        if content_length is None:
-            raise InvalidArgument("Content-Length is required for a chunk")
-        if content_length > length:
-            raise PayloadTooLarge(
-                f"chunk {index} is {length} bytes; the request declares {content_length}",
-                limit=length,
-            )
-        if content_length < length:
-            raise InvalidArgument(
-                f"chunk {index} must be exactly {length} bytes; the request declares "
-                f"{content_length}",
-                expected=length,
-            )
-        claim = secrets.token_hex(8)
-        held, prefix = await self._claim(session, offset, length, claim)
-        if held:
-            duplicate = await self._compare(session, offset, length, body, checksums)
-            return await self._result(session, index, duplicate=duplicate)
-        try:
-            digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
-            writer = await self.store.open_writer(session.staging_key, offset)
-            lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
-            try:
-                async with asyncio.timeout(self.policy.chunk_timeout):
-                    await stream_chunk(body, length, digests, writer, self.policy.write_batch)
-            finally:
-                lease.cancel()
-                await asyncio.gather(lease, return_exceptions=True)
-                await asyncio.shield(writer.close(durable=self.policy.fsync))
-            digests.check(checksums)
-            count, total = await self._mark_received(
-                session, offset, length, claim, digests.crc, prefix
-            )
-        except StagingGone as exc:
-            await self._release_quietly(session, offset, claim)
-            raise NotFound(f"upload session {session_id} is gone") from exc
-        except TimeoutError as exc:
-            await self._release_quietly(session, offset, claim)
-            raise _too_slow(index, self.policy.chunk_timeout) from exc
-        except BaseException:
-            await self._release_quietly(session, offset, claim)
-            raise
-        log.debug("session.chunk", session_id=session.id, index=index, length=length)
-        # Hash whatever this chunk made contiguous (chunks that arrived early, past a gap),
-        # in the background: this request's bytes are safe and it need not wait.
-        self._frontier.kick(session.id)
-        return PutResult(session, index, False, count, total)
-
-    async def _claim(
-        self, session: Session, offset: int, length: int, claim: str
-    ) -> tuple[bool, Sha256State | None]:
-        """Claim ``[offset, offset+length)`` for writing.
-
-        Returns ``(held, prefix)``: ``held`` when another request holds or has received the
-        range; ``prefix`` is the stored hash state when the range starts at the frontier, so
-        the chunk can be hashed as it streams.
-        """
-        now = self.clock.now()
-        async with self.db.unit(durable=False) as uow:
-            existing = (
-                await uow.execute(
-                    sa.select(upload_parts.c.state, upload_parts.c.claimed_at).where(
-                        upload_parts.c.session_id == session.id,
-                        upload_parts.c.offset == offset,
-                    )
-                )
-            ).first()
-            stale = now - self.policy.claim_lease
-            if existing is None:
-                await uow.execute(
-                    sa.insert(upload_parts).values(
-                        session_id=session.id, offset=offset, length=length,
-                        state="writing", claim=claim, claimed_at=now,
-                    )
-                )
-            elif existing.state == "writing" and existing.claimed_at < stale:
-                # The writer stopped renewing its lease (its process died): take it over.
-                await uow.execute(
-                    sa.update(upload_parts)
-                    .where(upload_parts.c.session_id == session.id,
-                           upload_parts.c.offset == offset)
-                    .values(claim=claim, claimed_at=now)
-                )
-            else:
-                return True, None
-            await self._touch(uow, session.id, now)
-            frontier = (
-                await uow.execute(
-                    sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
-                    .where(upload_sessions.c.id == session.id)
-                )
-            ).one()
-            await uow.commit()
-        if frontier.hashed_offset != offset:
-            return False, None
-        try:
-            return False, Sha256State.from_bytes(frontier.hash_state)
-        except ValueError:
-            return False, None
-
-    async def _compare(
-        self,
-        session: Session,
-        offset: int,
-        length: int,
-        body: AsyncIterable[bytes],
-        checksums: ChunkChecksums,
-    ) -> bool:
-        """Digest a body for a range someone else holds; True if it matches what is stored."""
-        digests = ChunkDigests(want_sha256=checksums.sha256 is not None)
-        try:
-            async with asyncio.timeout(self.policy.chunk_timeout):
-                await stream_chunk(body, length, digests, None, self.policy.write_batch)
-        except TimeoutError as exc:
-            raise _too_slow(offset // session.chunk_size, self.policy.chunk_timeout) from exc
-        digests.check(checksums)
-        while True:
-            async with self.db.read() as conn:
-                part = (
-                    await conn.execute(
-                        sa.select(upload_parts.c.state, upload_parts.c.crc32c,
-                                  upload_parts.c.claimed_at).where(
-                            upload_parts.c.session_id == session.id,
-                            upload_parts.c.offset == offset,
-                        )
-                    )
-                ).first()
-            if part is None:
-                raise Unavailable(
-                    "a concurrent transfer of this chunk failed; send it again",
-                    retry_after=1,
-                )
-            if part.state == "received":
-                if part.crc32c == digests.crc:
-                    return True
-                raise Conflict(
-                    f"chunk at offset {offset} was already received with different bytes",
-                    offset=offset,
-                )
-            if part.claimed_at < self.clock.now() - self.policy.claim_lease:
-                raise Unavailable(
-                    "the transfer that held this chunk stopped; send it again",
-                    retry_after=1,
-                )
-            await asyncio.sleep(self.policy.claim_poll)
-
-    async def _renew_claim(self, session_id: str, offset: int, claim: str) -> None:
-        """Keep a claim's lease fresh while its transfer runs (a dead writer stops renewing)."""
-        while True:
-            await asyncio.sleep(self.policy.claim_lease / 3)
-            async with self.db.unit(durable=False) as uow:
-                await uow.execute(
-                    sa.update(upload_parts)
-                    .where(upload_parts.c.session_id == session_id,
-                           upload_parts.c.offset == offset, upload_parts.c.claim == claim)
-                    .values(claimed_at=self.clock.now())
-                )
-                await uow.commit()
-
-    async def _mark_received(
-        self,
-        session: Session,
-        offset: int,
-        length: int,
-        claim: str,
-        crc: int,
-        prefix: Sha256State | None,
-    ) -> tuple[int, int]:
-        """Count the chunk as received and, if it was hashed in flight, move the frontier.
-
-        Returns the session's received chunk count and bytes, read in the same transaction.
-
-        Not a durable commit: after a power loss the mark may be gone and the client sends the
-        chunk again (its bytes were fdatasynced already). Begin and finish commit durably, and a
-        durable commit makes every earlier one durable too.
-        """
-        now = self.clock.now()
-        async with self.db.unit(durable=False) as uow:
-            done = await uow.execute(
-                sa.update(upload_parts)
-                .where(
-                    upload_parts.c.session_id == session.id,
-                    upload_parts.c.offset == offset,
-                    upload_parts.c.claim == claim,
-                    upload_parts.c.state == "writing",
-                )
-                .values(state="received", crc32c=crc, received_at=now, claim=None)
-            )
-            if done.rowcount != 1 or not await self._touch(uow, session.id, now):
-                raise NotFound(f"upload session {session.id} ended during the transfer")
-            if prefix is not None:
-                await self._frontier.save(uow, session.id, offset, offset + length, prefix)
-            counts = await _received_counts(uow, session.id)
-            await uow.commit()
-        return counts
-
-    async def _release_quietly(self, session: Session, offset: int, claim: str) -> None:
-        """Drop our claim; shielded so a cancelled request cannot leave it behind."""
-
-        async def release() -> None:
-            async with self.db.unit(durable=False) as uow:
-                await uow.execute(
-                    sa.delete(upload_parts).where(
-                        upload_parts.c.session_id == session.id,
-                        upload_parts.c.offset == offset,
-                        upload_parts.c.claim == claim,
-                        upload_parts.c.state == "writing",
-                    )
-                )
-                await uow.commit()
-
-        await asyncio.shield(release())
-
-    async def _touch(self, uow: UnitOfWork, session_id: str, now: float) -> bool:
-        done = await uow.execute(
-            sa.update(upload_sessions)
-            .where(upload_sessions.c.id == session_id, upload_sessions.c.state == PENDING)
-            .values(last_seen=now, expires_at=now + self.policy.ttl)
-        )
-        return done.rowcount == 1
-
-    async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
-        async with self.db.read() as conn:
-            count, total = await _received_counts(conn, session.id)
-        return PutResult(session, index, duplicate, count, total)
+        return await self._chunks.put(session, index, content_length, body, checksums)
 
     # -- finish ----------------------------------------------------------------------------
 
@@ -688,23 +442,6 @@ class SessionService:
         if row is None or row["owner"] != owner:
             raise NotFound(f"upload session {session_id} not found")
         return _session(row)
-
-
-async def _received_counts(conn: AsyncConnection | UnitOfWork, session_id: str) -> tuple[int, int]:
-    row = (
-        await conn.execute(
-            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0))
-            .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
-        )
-    ).one()
-    return int(row[0]), int(row[1])
-
-
-def _too_slow(index: int, limit: float) -> RequestTimeout:
-    return RequestTimeout(
-        f"chunk {index} took longer than {limit:g} s to arrive; send it again",
-        limit_seconds=limit, retry_after=1,
-    )
 
 
 def _new_session_id() -> str:

@@ -9,7 +9,9 @@ SHA-256; ``discard`` throws the staging area away.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from memvault.hashing import Sha256State
 
 
 class StagingGone(Exception):
@@ -64,4 +66,17 @@ class BlobStore(Protocol):
 
     async def free_bytes(self) -> int | None:
         """Free space for new uploads, or None when the backend has no such limit."""
+        ...
+
+
+@runtime_checkable
+class StagedHasher(Protocol):
+    """Optional capability: hash a staged range next to the bytes, in one step.
+
+    The generic path streams the range through the event loop piece by piece; a store that can
+    read and hash in one worker thread saves those round trips (the hash frontier's catch-up).
+    """
+
+    async def hash_staged(self, key: str, offset: int, length: int, state: Sha256State) -> None:
+        """Update ``state`` with ``length`` staged bytes from ``offset``."""
         ...

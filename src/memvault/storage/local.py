@@ -20,6 +20,7 @@ import shutil
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, StagingGone
 
 _READ_PIECE = 1024 * 1024
@@ -112,6 +113,29 @@ class LocalBlobStore:
         try:
             async for piece in _pread_pieces(fd, offset, length):
                 yield piece
+        finally:
+            os.close(fd)
+
+    async def hash_staged(self, key: str, offset: int, length: int, state: Sha256State) -> None:
+        await asyncio.to_thread(self._hash_sync, self._staged(key), offset, length, state)
+
+    @staticmethod
+    def _hash_sync(path: Path, offset: int, length: int, state: Sha256State) -> None:
+        # One reused buffer; pread and OpenSSL both release the GIL.
+        buf = bytearray(min(_READ_PIECE, max(length, 1)))
+        view = memoryview(buf)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise StagingGone(path.name) from exc
+        try:
+            end = offset + length
+            while offset < end:
+                n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
+                if n == 0:
+                    raise OSError(errno.EIO, f"unexpected end of staged file at {offset}")
+                state.update(view[:n])
+                offset += n
         finally:
             os.close(fd)
 
