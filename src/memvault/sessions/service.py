@@ -4,9 +4,8 @@ All state lives in the metadata store, so any server process can serve any reque
 change is one short transaction (never held across network or disk I/O) whose conditional
 updates make concurrent requests come out in a defined way:
 
-* a chunk's byte range is *claimed* (a row in ``upload_parts``) before a byte is written, so two
-  requests never write the same range at once; a second request for a claimed or received range
-  only digests its body and compares (duplicate → success, different bytes → ``conflict``);
+* a chunk's byte range is *claimed* before a byte is written (``transfer.ChunkReceiver``), so
+  two requests never write the same range at once;
 * ``finish`` moves the session from ``pending`` to ``committed`` with a compare-and-set in the
   same transaction that adds the blob and lets the caller's hook add its rows; a concurrent
   or repeated finish finds it committed and returns the same result;
