@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         "process's claim is taken over after this)",
     )
     write_batch: int = Field(
-        default=1 * MiB, description="bytes gathered from the socket per storage write"
+        default=512 * 1024, description="bytes gathered from the socket per storage write"
     )
     fsync: bool = Field(default=True, description="fsync each chunk before acknowledging it")
 
