@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,8 @@ class LiveServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    preexec: Callable[[], None] | None = None
+    """Runs in the child before exec (e.g. to set resource limits)."""
 
     @property
     def url(self) -> str:
@@ -53,7 +57,7 @@ class LiveServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "memvault", "serve", "--data", str(self.data_dir),
                  "--port", str(self.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
+                env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -112,3 +116,40 @@ def api(server: LiveServer) -> Iterator[Api]:
     client = server.api()
     yield client
     client.http.close()
+
+
+POSTGRES = os.environ.get("MEMVAULT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+"""A PostgreSQL server the tests may create databases on (trust auth, like CI's)."""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Each test that takes this runs twice: on the embedded SQLite default (None) and on a
+    fresh PostgreSQL database, created for the test and dropped after it."""
+    if request.param == "sqlite":
+        yield None
+        return
+    import asyncpg
+
+    name = f"mvtest_{secrets.token_hex(6)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(POSTGRES, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(
+            f"PostgreSQL not reachable at {POSTGRES} ({exc}); start one (e.g. `docker run -p "
+            "5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or point "
+            "MEMVAULT_TEST_POSTGRES at one"
+        )
+    base = POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))

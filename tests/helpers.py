@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -69,3 +72,21 @@ def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert body["status"] == status
     assert body["detail"]
     return body
+
+
+def metric(server: Any, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def mint_token(server: Any, name: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "memvault", "token", "create", name, "--data",
+         str(server.data_dir)],
+        check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip().splitlines()[-1].strip()

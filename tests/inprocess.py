@@ -69,20 +69,16 @@ class InProcess:
                             idempotency_key=key, **extra)
 
     async def session_row(self, session_id: str) -> dict[str, Any] | None:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
-                )
-            ).mappings().first()
+        query = sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
+        row = await self.db.query(lambda conn: conn.execute(query).mappings().first())
         return dict(row) if row is not None else None
 
     async def part_rows(self, state: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(upload_parts)
         if state is not None:
             query = query.where(upload_parts.c.state == state)
-        async with self.db.read() as conn:
-            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
+        rows = await self.db.query(lambda conn: conn.execute(query).mappings().all())
+        return [dict(r) for r in rows]
 
     async def read_asset(self, storage_key: str, size: int) -> bytes:
         pieces = [piece async for piece in self.store.read(storage_key, 0, size)]

@@ -1,47 +1,125 @@
-"""The unit of work on SQLite: rollback unless committed; durability chosen per transaction."""
+"""Transactions on SQLite: all or nothing, durability per transaction, settled on cancel."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
+from memvault.errors import Conflict
 from memvault.metadata import Database
 from memvault.metadata.migrate import is_current, upgrade
 from memvault.metadata.schema import principals
 
 
-async def _open(tmp_path: Path) -> Database:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+async def _open(tmp_path: Path, driver: str = "sqlite") -> Database:
+    url = f"{driver}:///{tmp_path / 'm.db'}"
     await upgrade(url)
     return Database.open(url)
 
 
-async def test_unit_rolls_back_unless_committed(tmp_path: Path) -> None:
+def _principal(n: int) -> dict[str, object]:
+    return {"id": f"prn_{n}", "name": f"p{n}", "is_admin": False, "created_at": 0.0}
+
+
+def _count(conn: sa.Connection) -> int:
+    return len(conn.execute(sa.select(principals)).all())
+
+
+async def test_transaction_commits_on_return_and_rolls_back_on_error(tmp_path: Path) -> None:
     db = await _open(tmp_path)
     try:
         assert await is_current(db)
-        row = {"id": "prn_1", "name": "a", "is_admin": False, "created_at": 0.0}
-        async with db.unit() as uow:
-            await uow.execute(sa.insert(principals).values(**row))
-        async with db.read() as conn:
-            assert (await conn.execute(sa.select(principals))).all() == []
-        async with db.unit() as uow:
-            await uow.execute(sa.insert(principals).values(**row))
-            await uow.commit()
-        async with db.read() as conn:
-            assert len((await conn.execute(sa.select(principals))).all()) == 1
+
+        def insert_then_refuse(conn: sa.Connection) -> None:
+            conn.execute(sa.insert(principals).values(**_principal(1)))
+            raise Conflict("refused after writing")
+
+        with pytest.raises(Conflict):
+            await db.transact(insert_then_refuse)
+        assert await db.query(_count) == 0
+
+        await db.transact(lambda conn: conn.execute(sa.insert(principals).values(**_principal(2))))
+        assert await db.query(_count) == 1
     finally:
         await db.dispose()
 
 
-async def test_durable_units_fsync_the_wal_and_bookkeeping_units_do_not(tmp_path: Path) -> None:
+async def test_aiosqlite_urls_still_open(tmp_path: Path) -> None:
+    """Configurations written for the earlier async driver keep working."""
+    db = await _open(tmp_path, "sqlite+aiosqlite")
+    try:
+        assert await is_current(db)
+        assert await db.query(_count) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_durable_transactions_fsync_the_wal_and_bookkeeping_ones_do_not(
+    tmp_path: Path,
+) -> None:
     db = await _open(tmp_path)
+
+    def pragmas(conn: sa.Connection) -> tuple[int, str]:
+        level = conn.execute(sa.text("PRAGMA synchronous")).scalar_one()
+        mode = conn.execute(sa.text("PRAGMA journal_mode")).scalar_one()
+        return int(level), str(mode)
+
     try:
         for durable, level in [(False, 1), (True, 2), (False, 1)]:  # 1 = NORMAL, 2 = FULL
-            async with db.unit(durable=durable) as uow:
-                got = (await uow.execute(sa.text("PRAGMA synchronous"))).scalar_one()
-                assert got == level
-                assert (await uow.execute(sa.text("PRAGMA journal_mode"))).scalar_one() == "wal"
+            assert await db.transact(pragmas, durable=durable) == (level, "wal")
+    finally:
+        await db.dispose()
+
+
+async def test_cancelled_caller_waits_until_the_transaction_is_settled(tmp_path: Path) -> None:
+    """A transaction already running when its caller is cancelled ends before the caller does,
+    so cleanup that follows the cancellation sees its outcome."""
+    db = await _open(tmp_path)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_insert(conn: sa.Connection) -> None:
+        conn.execute(sa.insert(principals).values(**_principal(3)))
+        started.set()
+        release.wait(10)
+
+    try:
+        task = asyncio.create_task(db.transact(slow_insert))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done(), "the caller returned while its transaction was still open"
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await db.query(_count) == 1
+    finally:
+        release.set()
+        await db.dispose()
+
+
+async def test_migrations_build_exactly_the_schema_the_code_uses(
+    tmp_path: Path, database_url: str | None,
+) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from memvault.metadata.schema import metadata
+
+    if database_url is None:
+        db = await _open(tmp_path)
+    else:
+        await upgrade(database_url)
+        db = Database.open(database_url)
+
+    def diff(conn: sa.Connection) -> list[object]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, metadata))
+
+    try:
+        assert await db.query(diff) == []
     finally:
         await db.dispose()

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
-from tests.helpers import Api
+from tests.helpers import Api, metric
 
 MiB = 1024 * 1024
 
@@ -96,11 +96,14 @@ def test_client_disconnect_mid_chunk_leaves_it_unreceived(api: Api, server: Live
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + data[cs:cs + cs // 3])
         time.sleep(0.3)
-    # The claim is released at once: a retry is written, not told to wait.
+    # The server notices the disconnect and drops the chunk's claim, then its transfer slot
+    # (in that order, so a free slot means the claim is gone). Until then a retry would find
+    # the range still claimed and be told to wait (503): so wait for the slot, not longer.
     deadline = time.monotonic() + 10
-    while api.http.get(f"/v1/uploads/{s['id']}").json()["received"] != []:
+    while metric(server, "memvault_transfer_slots_in_use") != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert api.http.get(f"/v1/uploads/{s['id']}").json()["received"] == []
     r = api.put(s, 1, data)
     assert r.status_code == 200, r.text
     assert r.json()["duplicate"] is False

@@ -200,6 +200,13 @@ class UploadMachine(RuleBasedStateMachine):
     def expired_now(self, m: Model) -> None:
         m.state, m.ended_at = EXPIRED, self.now
 
+    def reclaim_overdue(self) -> None:
+        """Every begin first expires the caller's sessions in the capsule that are past
+        their TTL (and only those): model that before calling it."""
+        for m in self.sessions:
+            if m.state == PENDING and self.overdue(m):
+                self.expired_now(m)
+
     async def _put(self, m: Model, index: int, content_length: int | None,
                    body: AsyncIterator[bytes], checksums: ChunkChecksums) -> PutResult:
         async with contextlib.aclosing(body):
@@ -242,6 +249,7 @@ class UploadMachine(RuleBasedStateMachine):
     def _begin(self, data: bytes) -> None:
         self.keys += 1
         key = f"key-{self.keys}"
+        self.reclaim_overdue()
         session, created = self.run(
             self.env.uploads.begin(self.env.caller, self.env.begin_request(len(data), key))
         )
@@ -260,7 +268,9 @@ class UploadMachine(RuleBasedStateMachine):
     @rule(pick=PICK, other_size=st.booleans())
     def begin_again(self, pick: int, other_size: bool) -> None:
         m = self.pick(pick, PENDING)
-        if self.overdue(m):
+        was_overdue = self.overdue(m)
+        self.reclaim_overdue()
+        if was_overdue:
             # A key whose session is past its TTL: that session is expired on the spot and a
             # fresh one made (handing back the dead one would only earn a 410 next).
             session, created = self.run(
@@ -696,12 +706,13 @@ class UploadMachine(RuleBasedStateMachine):
             "a chunk claim was left behind")
         for session_id in pending:  # the hash frontier catches up in the background
             await env.uploads.sessions.join_hashing(session_id)
-        async with env.db.read() as conn:
-            rows = {
-                r["id"]: r for r in (await conn.execute(sa.select(upload_sessions)))
-                .mappings().all()
-            }
-            counts = dict((await conn.execute(sa.select(blobs.c.sha256, blobs.c.refcount))).all())
+        def read(conn: sa.Connection) -> tuple[dict[str, Any], dict[str, int]]:
+            rows = {r["id"]: r for r in conn.execute(sa.select(upload_sessions)).mappings()}
+            refcounts = {sha: int(n) for sha, n in
+                         conn.execute(sa.select(blobs.c.sha256, blobs.c.refcount))}
+            return rows, refcounts
+
+        rows, counts = await env.db.query(read)
 
         for m in self.sessions:
             row = rows.get(m.id)
@@ -843,6 +854,5 @@ async def test_hash_frontier_advances_over_out_of_order_chunks(order: list[int])
         assert done.result_sha256 == sha(data)
         asset = memory.assets["original"]
         assert await env.read_asset(asset.storage_key, len(data)) == data
-        async with env.db.read() as conn:
-            left = (await conn.execute(sa.select(upload_parts))).all()
+        left = await env.db.query(lambda conn: conn.execute(sa.select(upload_parts)).all())
         assert left == []

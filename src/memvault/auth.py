@@ -41,38 +41,38 @@ class AuthService:
         principal = Principal(new_id("prn"), name, is_admin)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = self.clock.now()
-        async with self.db.unit() as uow:
-            taken = await uow.execute(sa.select(principals.c.id).where(principals.c.name == name))
+
+        def create(conn: sa.Connection) -> None:
+            taken = conn.execute(sa.select(principals.c.id).where(principals.c.name == name))
             if taken.first() is not None:
                 raise Conflict(f"a principal named {name!r} already exists")
-            await uow.execute(
+            conn.execute(
                 sa.insert(principals).values(
                     id=principal.id, name=name, is_admin=is_admin, created_at=now
                 )
             )
-            await uow.execute(
+            conn.execute(
                 sa.insert(tokens).values(
                     token_hash=hash_token(token), principal_id=principal.id, created_at=now
                 )
             )
-            await uow.commit()
+
+        await self.db.transact(create)
         return principal, token
 
     async def authenticate(self, token: str | None) -> Principal:
         if not token:
             raise Unauthenticated("send 'Authorization: Bearer <token>'")
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(principals.c.id, principals.c.name, principals.c.is_admin)
-                    .join(tokens, tokens.c.principal_id == principals.c.id)
-                    .where(tokens.c.token_hash == hash_token(token))
-                )
-            ).first()
+        query = (
+            sa.select(principals.c.id, principals.c.name, principals.c.is_admin)
+            .join(tokens, tokens.c.principal_id == principals.c.id)
+            .where(tokens.c.token_hash == hash_token(token))
+        )
+        row = await self.db.query(lambda conn: conn.execute(query).first())
         if row is None:
             raise Unauthenticated("the bearer token is not valid")
         return Principal(row.id, row.name, bool(row.is_admin))
 
     async def has_principals(self) -> bool:
-        async with self.db.read() as conn:
-            return (await conn.execute(sa.select(principals.c.id).limit(1))).first() is not None
+        query = sa.select(principals.c.id).limit(1)
+        return await self.db.query(lambda conn: conn.execute(query).first()) is not None

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memvault.auth import Principal
 from memvault.clock import Clock
 from memvault.errors import Conflict, InvalidArgument, NotFound
 from memvault.ids import new_id
-from memvault.metadata import Database, UnitOfWork
-from memvault.metadata.schema import assets, blobs, capsules, memories
+from memvault.metadata import Database
+from memvault.metadata.schema import assets, blobs, capsules, derivative_jobs, memories
 
 ROLES = ("original", "display", "thumb", "placeholder")
+DERIVED_ROLES = ROLES[1:]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class Memory:
     meta: dict[str, Any]
     created_at: float
     assets: dict[str, Asset]
+    thumbhash: str | None = None
+    derivatives: dict[str, str] = field(default_factory=dict)
+    derivatives_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,42 +66,31 @@ class CapsuleService:
             raise InvalidArgument("capsule name must be 1-200 characters")
         row = {"id": new_id("cap"), "owner_id": caller.id, "name": name,
                "created_at": self.clock.now()}
-        async with self.db.unit() as uow:
-            taken = await uow.execute(
+
+        def create(conn: sa.Connection) -> None:
+            taken = conn.execute(
                 sa.select(capsules.c.id).where(
                     capsules.c.owner_id == caller.id, capsules.c.name == name
                 )
             )
             if taken.first() is not None:
                 raise Conflict(f"you already have a capsule named {name!r}")
-            await uow.execute(sa.insert(capsules).values(**row))
-            await uow.commit()
+            conn.execute(sa.insert(capsules).values(**row))
+
+        await self.db.transact(create)
         return row
 
     async def list_capsules(self, caller: Principal) -> list[dict[str, Any]]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(capsules).where(capsules.c.owner_id == caller.id)
-                    .order_by(capsules.c.created_at, capsules.c.id)
-                )
-            ).mappings().all()
+        query = (
+            sa.select(capsules).where(capsules.c.owner_id == caller.id)
+            .order_by(capsules.c.created_at, capsules.c.id)
+        )
+        rows = await self.db.query(lambda conn: conn.execute(query).mappings().all())
         return [dict(r) for r in rows]
 
-    async def writable_capsule(self, conn: AsyncConnection | UnitOfWork, caller: Principal,
-                               capsule_id: str) -> None:
-        """Raise ``not_found`` unless ``caller`` may write to the capsule."""
-        row = (
-            await conn.execute(
-                sa.select(capsules.c.owner_id).where(capsules.c.id == capsule_id)
-            )
-        ).first()
-        if row is None or row.owner_id != caller.id:
-            raise NotFound(f"capsule {capsule_id} not found")
-
-    async def create_memory(
+    def create_memory(
         self,
-        uow: UnitOfWork,
+        conn: sa.Connection,
         caller: Principal,
         capsule_id: str,
         *,
@@ -106,9 +98,10 @@ class CapsuleService:
         taken_at: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> str:
-        await self.writable_capsule(uow, caller, capsule_id)
+        """Insert a memory into a capsule ``caller`` may write to (inside a transaction)."""
+        check_writable(conn, caller, capsule_id)
         memory_id = new_id("mem")
-        await uow.execute(
+        conn.execute(
             sa.insert(memories).values(
                 id=memory_id, capsule_id=capsule_id, title=title, taken_at=taken_at,
                 meta=meta or {}, created_by=caller.id, created_at=self.clock.now(),
@@ -117,30 +110,17 @@ class CapsuleService:
         return memory_id
 
     async def new_memory(self, caller: Principal, capsule_id: str, **fields: Any) -> Memory:
-        async with self.db.unit() as uow:
-            memory_id = await self.create_memory(uow, caller, capsule_id, **fields)
-            await uow.commit()
+        memory_id = await self.db.transact(
+            lambda conn: self.create_memory(conn, caller, capsule_id, **fields)
+        )
         return await self.get_memory(caller, memory_id)
 
-    async def memory_capsule(self, conn: AsyncConnection | UnitOfWork, caller: Principal,
-                             memory_id: str) -> str:
-        """The capsule of a memory ``caller`` may write to, else ``not_found``."""
-        row = (
-            await conn.execute(
-                sa.select(memories.c.capsule_id, capsules.c.owner_id)
-                .join(capsules, capsules.c.id == memories.c.capsule_id)
-                .where(memories.c.id == memory_id)
-            )
-        ).first()
-        if row is None or row.owner_id != caller.id:
-            raise NotFound(f"memory {memory_id} not found")
-        return str(row.capsule_id)
-
     async def get_memory(self, caller: Principal, memory_id: str) -> Memory:
-        async with self.db.read() as conn:
-            await self.memory_capsule(conn, caller, memory_id)
-            found = await _memories(conn, sa.and_(memories.c.id == memory_id))
-        return found[0]
+        def read(conn: sa.Connection) -> Memory:
+            memory_capsule(conn, caller, memory_id)
+            return _memories(conn, memories.c.id == memory_id)[0]
+
+        return await self.db.query(read)
 
     async def get_asset(self, caller: Principal, memory_id: str, role: str) -> Asset:
         memory = await self.get_memory(caller, memory_id)
@@ -165,20 +145,47 @@ class CapsuleService:
                     sa.and_(memories.c.created_at == created_at, memories.c.id < last_id),
                 ),
             )
-        async with self.db.read() as conn:
-            await self.writable_capsule(conn, caller, capsule_id)
-            items = await _memories(conn, condition, limit=limit + 1)
+
+        def read(conn: sa.Connection) -> list[Memory]:
+            check_writable(conn, caller, capsule_id)
+            return _memories(conn, condition, limit=limit + 1)
+
+        items = await self.db.query(read)
         more = len(items) > limit
         items = items[:limit]
         next_cursor = _encode_cursor(items[-1]) if more else None
         return Page(items, next_cursor)
 
 
-async def add_asset(uow: UnitOfWork, memory_id: str, role: str, size: int, sha256: str,
-                    content_type: str, filename: str | None, now: float) -> None:
+# -- checks and writes that run inside a caller's transaction ------------------------------
+
+
+def check_writable(conn: sa.Connection, caller: Principal, capsule_id: str) -> None:
+    """Raise ``not_found`` unless ``caller`` may write to the capsule."""
+    row = conn.execute(
+        sa.select(capsules.c.owner_id).where(capsules.c.id == capsule_id)
+    ).first()
+    if row is None or row.owner_id != caller.id:
+        raise NotFound(f"capsule {capsule_id} not found")
+
+
+def memory_capsule(conn: sa.Connection, caller: Principal, memory_id: str) -> str:
+    """The capsule of a memory ``caller`` may write to, else ``not_found``."""
+    row = conn.execute(
+        sa.select(memories.c.capsule_id, capsules.c.owner_id)
+        .join(capsules, capsules.c.id == memories.c.capsule_id)
+        .where(memories.c.id == memory_id)
+    ).first()
+    if row is None or row.owner_id != caller.id:
+        raise NotFound(f"memory {memory_id} not found")
+    return str(row.capsule_id)
+
+
+def add_asset(conn: sa.Connection, memory_id: str, role: str, size: int, sha256: str,
+              content_type: str, filename: str | None, now: float) -> None:
     """Attach a committed blob to a memory (inside finish's transaction)."""
-    await check_role_free(uow, memory_id, role)
-    await uow.execute(
+    check_role_free(conn, memory_id, role)
+    conn.execute(
         sa.insert(assets).values(
             memory_id=memory_id, role=role, blob_sha256=sha256, size=size,
             content_type=content_type, filename=filename, created_at=now,
@@ -186,32 +193,33 @@ async def add_asset(uow: UnitOfWork, memory_id: str, role: str, size: int, sha25
     )
 
 
-async def check_role_free(uow: UnitOfWork, memory_id: str, role: str) -> None:
-    taken = await uow.execute(
+def check_role_free(conn: sa.Connection, memory_id: str, role: str) -> None:
+    taken = conn.execute(
         sa.select(assets.c.role).where(assets.c.memory_id == memory_id, assets.c.role == role)
     )
     if taken.first() is not None:
         raise Conflict(f"memory {memory_id} already has a {role!r} asset", role=role)
 
 
-async def _memories(conn: AsyncConnection, condition: sa.ColumnElement[bool],
-                    limit: int | None = None) -> list[Memory]:
+def _memories(conn: sa.Connection, condition: sa.ColumnElement[bool],
+              limit: int | None = None) -> list[Memory]:
     query = (
-        sa.select(memories).where(condition)
+        sa.select(memories, derivative_jobs.c.state.label("job_state"),
+                  derivative_jobs.c.reason.label("job_reason"))
+        .outerjoin(derivative_jobs, derivative_jobs.c.memory_id == memories.c.id)
+        .where(condition)
         .order_by(memories.c.created_at.desc(), memories.c.id.desc())
     )
     if limit is not None:
         query = query.limit(limit)
-    rows = (await conn.execute(query)).mappings().all()
+    rows = conn.execute(query).mappings().all()
     if not rows:
         return []
     ids = [r["id"] for r in rows]
-    asset_rows = (
-        await conn.execute(
-            sa.select(assets, blobs.c.storage_key)
-            .join(blobs, blobs.c.sha256 == assets.c.blob_sha256)
-            .where(assets.c.memory_id.in_(ids))
-        )
+    asset_rows = conn.execute(
+        sa.select(assets, blobs.c.storage_key)
+        .join(blobs, blobs.c.sha256 == assets.c.blob_sha256)
+        .where(assets.c.memory_id.in_(ids))
     ).mappings().all()
     by_memory: dict[str, dict[str, Asset]] = {i: {} for i in ids}
     for a in asset_rows:
@@ -224,9 +232,27 @@ async def _memories(conn: AsyncConnection, condition: sa.ColumnElement[bool],
         Memory(
             id=r["id"], capsule_id=r["capsule_id"], title=r["title"], taken_at=r["taken_at"],
             meta=r["meta"], created_at=r["created_at"], assets=by_memory[r["id"]],
+            thumbhash=r["thumbhash"],
+            derivatives=_derivative_status(by_memory[r["id"]], r["job_state"]),
+            derivatives_reason=r["job_reason"] if r["job_state"] in ("failed", "unsupported")
+            else None,
         )
         for r in rows
     ]
+
+
+def _derivative_status(present: dict[str, Asset], job_state: str | None) -> dict[str, str]:
+    """Per derived role: ``ready`` once the asset exists (whoever made it); otherwise what
+    the memory's job says, or ``absent`` when there is no job (no original yet)."""
+    if job_state in ("pending", "running"):
+        waiting = "pending"
+    elif job_state in ("failed", "unsupported"):
+        waiting = job_state
+    elif job_state == "done":
+        waiting = "failed"  # done without the asset cannot happen; never claim "ready"
+    else:
+        waiting = "absent"
+    return {role: "ready" if role in present else waiting for role in DERIVED_ROLES}
 
 
 def _encode_cursor(memory: Memory) -> str:

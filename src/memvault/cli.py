@@ -38,21 +38,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="listen port (MEMVAULT_PORT)")] = None,
 ) -> None:
     """Run the HTTP server (embedded default: SQLite + files under the data folder)."""
-    import uvicorn
-
+    from memvault.http import server
     from memvault.http.app import create_app
 
     settings = _settings(data, host=host, port=port)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        http="httptools",
-        loop="uvloop",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    server.run(create_app(settings), settings)
 
 
 @token_app.command("create")

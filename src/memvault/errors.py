@@ -4,6 +4,7 @@ The hierarchy is flat on purpose: one base class, one subclass per code::
 
     MemvaultError
      ├── Unauthenticated        401 unauthenticated
+     ├── Forbidden              403 forbidden           (authenticated, but not an admin)
      ├── NotFound               404 not_found
      ├── InvalidArgument        400 invalid_argument
      ├── MethodNotAllowed       405 method_not_allowed
@@ -78,6 +79,14 @@ class Unauthenticated(MemvaultError):
 
     def headers(self) -> dict[str, str]:
         return {**super().headers(), "WWW-Authenticate": 'Bearer realm="memvault"'}
+
+
+class Forbidden(MemvaultError):
+    """Only for operator endpoints: a capsule someone may not see is ``not_found`` instead."""
+
+    code = "forbidden"
+    status = 403
+    title = "Not allowed"
 
 
 class NotFound(MemvaultError):
@@ -181,6 +190,7 @@ ERRORS: dict[str, type[MemvaultError]] = {
     cls.code: cls
     for cls in (
         Unauthenticated,
+        Forbidden,
         NotFound,
         InvalidArgument,
         MethodNotAllowed,

@@ -7,6 +7,7 @@ they differ only in the values, and ``effective()`` is logged at start-up.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,51 @@ class Settings(BaseSettings):
         default=256 * MiB, description="free bytes begin keeps in hand on the data volume"
     )
 
+    transfer_slots: int = Field(
+        default_factory=lambda: _default_transfer_slots(),
+        description="chunk transfers in flight in this process (default from cores and memory)",
+    )
+    transfer_slots_per_principal: int | None = Field(
+        default=None,
+        description="chunk transfers in flight per caller in this process "
+        "(default: a quarter of transfer_slots, at least 4)",
+    )
+    daily_upload_quota: int | None = Field(
+        default=None,
+        description="bytes a principal may begin uploading per UTC day (none: no limit)",
+    )
+    storage_quota: int | None = Field(
+        default=None, description="bytes stored in one owner's capsules (none: no limit)"
+    )
+    header_timeout: float = Field(
+        default=30.0, description="seconds a request's headers may take to arrive (slowloris)"
+    )
+    max_json_bytes: int = Field(
+        default=64 * 1024, description="largest JSON request body (all requests but chunks)"
+    )
+    min_transfer_rate: int = Field(
+        default=16 * 1024,
+        description="slowest average bytes/s a chunk body may arrive at, after the grace period",
+    )
+    transfer_grace: float = Field(
+        default=10.0, description="seconds a chunk body may take before its rate is enforced"
+    )
+
+    derivative_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        description="decoder processes for server-side derivatives (0: this process makes none)",
+    )
+    derivative_timeout: float = Field(
+        default=60.0, description="longest one derivative job may decode, seconds"
+    )
+    derivative_memory_limit: int = Field(
+        default=2 * GiB, description="address space of each decoder process (0: no limit)"
+    )
+    derivative_attempts: int = Field(default=3, description="tries before a job is failed")
+    derivative_lease: float = Field(
+        default=60.0, description="seconds a job stays claimed without its worker renewing"
+    )
+
     session_ttl: float = Field(default=24 * 3600.0, description="idle seconds before expiry")
     expired_grace: float = Field(
         default=24 * 3600.0, description="seconds an expired session answers 410 before 404"
@@ -77,13 +123,21 @@ class Settings(BaseSettings):
             )
         if self.session_ttl <= 0 or self.chunk_timeout <= 0:
             raise ValueError("session_ttl and chunk_timeout must be positive")
+        if self.transfer_slots < 1:
+            raise ValueError("transfer_slots must be at least 1")
         return self
+
+    @property
+    def slots_per_principal(self) -> int:
+        if self.transfer_slots_per_principal is not None:
+            return min(self.transfer_slots_per_principal, self.transfer_slots)
+        return min(self.transfer_slots, max(4, self.transfer_slots // 4))
 
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'memvault.db').resolve()}"
+        return f"sqlite:///{(self.data_dir / 'memvault.db').resolve()}"
 
     @property
     def is_sqlite(self) -> bool:
@@ -97,7 +151,19 @@ class Settings(BaseSettings):
         """The values in force, for the start-up log (no secrets live in settings)."""
         values = self.model_dump(mode="json")
         values["database_url"] = _redact(self.resolved_database_url)
+        values["transfer_slots_per_principal"] = self.slots_per_principal
         return values
+
+
+def _default_transfer_slots() -> int:
+    """32 transfers per core, fewer on a small machine: each holds up to two write batches
+    (1 MiB by default) plus socket buffers, so 64 MiB of memory per 16 transfers is ample."""
+    cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 1024 * MiB
+    return max(4, min(32 * cores, 256, memory // (4 * MiB)))
 
 
 def _redact(url: str) -> str:

@@ -15,7 +15,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from memvault.auth import Principal
-from memvault.capsules import ROLES, CapsuleService, Memory, add_asset, check_role_free
+from memvault.capsules import (
+    ROLES,
+    CapsuleService,
+    Memory,
+    add_asset,
+    check_role_free,
+    check_writable,
+    memory_capsule,
+)
 from memvault.clock import Clock, iso
 from memvault.errors import (
     InsufficientStorage,
@@ -24,7 +32,8 @@ from memvault.errors import (
     PayloadTooLarge,
     ResourceExhausted,
 )
-from memvault.metadata import Database, UnitOfWork
+from memvault.jobs.queue import enqueue
+from memvault.metadata import Database
 from memvault.metadata.schema import assets, capsules, memories, upload_sessions
 from memvault.sessions import (
     ChunkChecksums,
@@ -33,7 +42,7 @@ from memvault.sessions import (
     SessionService,
     SessionSpec,
 )
-from memvault.sessions.model import PENDING, SessionPolicy
+from memvault.sessions.model import COMMITTED, PENDING, Pace, SessionPolicy
 from memvault.settings import Settings
 from memvault.storage.base import BlobStore
 
@@ -77,6 +86,7 @@ class UploadService:
                 claim_lease=settings.claim_lease,
                 write_batch=settings.write_batch,
                 fsync=settings.fsync,
+                pace=Pace(settings.min_transfer_rate, settings.transfer_grace),
             ),
             on_commit=self._on_commit,
             on_end=self._on_end,
@@ -87,22 +97,28 @@ class UploadService:
     async def begin(self, caller: Principal, req: BeginRequest) -> tuple[Session, bool]:
         self._validate(req)
         chunk_size = self._chunk_size(req.size)
+        # Sessions of this caller in this capsule that are past their TTL give their place
+        # back now rather than at the reaper's next pass (by TTL only, one by id).
+        await self.sessions.expire_overdue(caller.id, req.capsule_id)
+        free = await self.store.free_bytes()
+        now = self.clock.now()
 
-        async def prepare(uow: UnitOfWork) -> dict[str, Any]:
+        def prepare(conn: sa.Connection) -> dict[str, Any]:
             # Only a new session is checked against limits: a retried begin that finds its
             # pending session already holds its place.
-            await self.capsules.writable_capsule(uow, caller, req.capsule_id)
-            await self._check_pending_cap(uow, caller, req.capsule_id)
-            await self._check_headroom(uow, req.size)
+            check_writable(conn, caller, req.capsule_id)
+            self._check_pending_cap(conn, caller, req.capsule_id)
+            self._check_headroom(conn, free, req.size)
+            self._check_quotas(conn, caller.id, req.size, now)
             created = req.memory_id is None
             if req.memory_id is None:
-                memory_id = await self.capsules.create_memory(uow, caller, req.capsule_id)
+                memory_id = self.capsules.create_memory(conn, caller, req.capsule_id)
             else:
                 memory_id = req.memory_id
-                capsule_id = await self.capsules.memory_capsule(uow, caller, memory_id)
+                capsule_id = memory_capsule(conn, caller, memory_id)
                 if capsule_id != req.capsule_id:
                     raise NotFound(f"memory {memory_id} not found in capsule {req.capsule_id}")
-                await check_role_free(uow, memory_id, req.role)
+                check_role_free(conn, memory_id, req.role)
             return {
                 "capsule_id": req.capsule_id,
                 "memory_id": memory_id,
@@ -155,28 +171,79 @@ class UploadService:
             )
         return chunk
 
-    async def _check_headroom(self, uow: UnitOfWork, size: int) -> None:
-        free = await self.store.free_bytes()
+    def _check_headroom(self, conn: sa.Connection, free: int | None, size: int) -> None:
+        """``free`` was measured just before the transaction; pending sessions reserve space."""
         if free is None:
             return
-        reserved = (
-            await uow.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
-                    upload_sessions.c.state == PENDING
-                )
+        reserved = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
+                upload_sessions.c.state == PENDING
             )
         ).scalar_one()
         available = free - int(reserved) - self.settings.storage_reserve
         if size > available:
             raise InsufficientStorage(
                 "not enough free storage for this upload",
-                needed=size, available=max(available, 0),
+                limit_name="storage_headroom", needed=size, available=max(available, 0),
             )
 
-    async def _check_pending_cap(self, uow: UnitOfWork, caller: Principal,
-                                 capsule_id: str) -> None:
+    def _check_quotas(self, conn: sa.Connection, owner: str, size: int, now: float,
+                      session: Session | None = None) -> None:
+        """Daily upload and stored-bytes quotas, counting pending sessions as reservations.
+
+        Reservations are not counters kept beside the sessions but the pending sessions
+        themselves, so abort and expiry release them and finish turns them into usage without
+        a separate step that could be missed. ``session`` is the one being finished: it is
+        left out of the reservations and counted by its size instead.
+        """
+        s = self.settings
+        mine = [upload_sessions.c.owner == owner]
+        if session is not None:
+            mine.append(upload_sessions.c.id != session.id)
+        if s.daily_upload_quota is not None:
+            day_start = now - now % 86400
+            counts_today = session is None or session.created_at >= day_start
+            begun = int(conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
+                    *mine,
+                    upload_sessions.c.state.in_((PENDING, COMMITTED)),
+                    upload_sessions.c.created_at >= day_start,
+                )
+            ).scalar_one())
+            if counts_today and begun + size > s.daily_upload_quota:
+                resets = day_start + 86400
+                raise ResourceExhausted(
+                    f"today's upload quota is used: {begun} of {s.daily_upload_quota} bytes "
+                    f"begun, this upload needs {size} more; it resets at {iso(resets)}",
+                    retry_after=resets - now, limit_name="daily_upload_quota",
+                    used=begun, limit=s.daily_upload_quota, requested=size,
+                    resets_at=iso(resets),
+                )
+        if s.storage_quota is not None:
+            owned = sa.select(capsules.c.id).where(capsules.c.owner_id == owner)
+            stored = int(conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(assets.c.size), 0))
+                .join(memories, memories.c.id == assets.c.memory_id)
+                .where(memories.c.capsule_id.in_(owned))
+            ).scalar_one())
+            reserved = int(conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
+                    *mine[1:], upload_sessions.c.state == PENDING,
+                    upload_sessions.c.idem_scope.in_(owned),
+                )
+            ).scalar_one())
+            if stored + reserved + size > s.storage_quota:
+                raise InsufficientStorage(
+                    f"storage quota reached: {stored} bytes stored and {reserved} reserved by "
+                    f"pending uploads, of {s.storage_quota}; this upload needs {size} more",
+                    limit_name="storage_quota", used=stored, reserved=reserved,
+                    limit=s.storage_quota, requested=size,
+                )
+
+    def _check_pending_cap(self, conn: sa.Connection, caller: Principal,
+                           capsule_id: str) -> None:
         limit = self.settings.max_pending_per_capsule
-        result = await uow.execute(
+        result = conn.execute(
             sa.select(sa.func.count(), sa.func.min(upload_sessions.c.expires_at)).where(
                 upload_sessions.c.owner == caller.id,
                 upload_sessions.c.idem_scope == capsule_id,
@@ -184,7 +251,7 @@ class UploadService:
             )
         )
         row = result.one()
-        active, soonest = int(row[0]), row[1]  # type: ignore[misc]
+        active, soonest = int(row[0]), row[1]
         if active >= limit:
             wait = max(1.0, float(soonest) - self.clock.now()) if soonest else 1.0
             raise ResourceExhausted(
@@ -232,37 +299,36 @@ class UploadService:
 
     # -- hooks inside the core's transactions ----------------------------------------------
 
-    async def _on_commit(self, uow: UnitOfWork, session: Session) -> None:
+    def _on_commit(self, conn: sa.Connection, session: Session) -> None:
         attrs = session.attrs
         # Re-check, inside the commit, that the owner may still write to the capsule.
-        owner = (
-            await uow.execute(
-                sa.select(capsules.c.owner_id).where(capsules.c.id == attrs["capsule_id"])
-            )
+        owner = conn.execute(
+            sa.select(capsules.c.owner_id).where(capsules.c.id == attrs["capsule_id"])
         ).scalar_one_or_none()
         if owner != session.owner:
             raise NotFound(f"capsule {attrs['capsule_id']} not found")
+        self._check_quotas(conn, session.owner, session.size, self.clock.now(), session)
         assert session.result_sha256 is not None
-        await add_asset(
-            uow, attrs["memory_id"], attrs["role"], session.size, session.result_sha256,
+        if attrs["role"] == "original":
+            enqueue(conn, attrs["memory_id"], self.clock.now())
+        add_asset(
+            conn, attrs["memory_id"], attrs["role"], session.size, session.result_sha256,
             attrs["content_type"], attrs["filename"], self.clock.now(),
         )
 
-    async def _on_end(self, uow: UnitOfWork, session: Session) -> None:
+    def _on_end(self, conn: sa.Connection, session: Session) -> None:
         """Drop the memory this session created, if nothing else has filled or claimed it."""
         attrs = session.attrs
         if not attrs.get("created_memory"):
             return
         memory_id = attrs["memory_id"]
-        has_asset = (
-            await uow.execute(sa.select(assets.c.role).where(assets.c.memory_id == memory_id))
+        has_asset = conn.execute(
+            sa.select(assets.c.role).where(assets.c.memory_id == memory_id)
         ).first()
-        other = (
-            await uow.execute(
-                sa.select(upload_sessions.c.id).where(
-                    upload_sessions.c.exclusive_key.like(f"{memory_id}/%")
-                )
+        other = conn.execute(
+            sa.select(upload_sessions.c.id).where(
+                upload_sessions.c.exclusive_key.like(f"{memory_id}/%")
             )
         ).first()
         if has_asset is None and other is None:
-            await uow.execute(sa.delete(memories).where(memories.c.id == memory_id))
+            conn.execute(sa.delete(memories).where(memories.c.id == memory_id))

@@ -12,14 +12,19 @@ import structlog
 from fastapi import FastAPI
 
 from memvault import __version__, logs
+from memvault.admission import TransferSlots
 from memvault.auth import AuthService
 from memvault.capsules import CapsuleService
 from memvault.clock import Clock, SystemClock
 from memvault.errors import Conflict
-from memvault.http import asset_routes, library_routes, problems, upload_routes
+from memvault.http import asset_routes, library_routes, ops_routes, problems, upload_routes
 from memvault.http.deps import Services
+from memvault.http.limits import JsonBodyLimit
+from memvault.jobs.queue import JobQueue
+from memvault.jobs.runner import DerivativeRunner
 from memvault.metadata import Database
 from memvault.metadata.migrate import is_current, upgrade
+from memvault.metrics import Metrics
 from memvault.settings import Settings
 from memvault.storage.local import LocalBlobStore
 from memvault.uploads import UploadService
@@ -31,7 +36,9 @@ class SchemaOutOfDate(RuntimeError):
     pass
 
 
-async def open_services(settings: Settings, clock: Clock) -> tuple[Database, Services]:
+async def open_services(
+    settings: Settings, clock: Clock, metrics: Metrics | None = None
+) -> tuple[Database, Services]:
     """Open the metadata store (migrating or checking it) and build every service."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
@@ -48,8 +55,21 @@ async def open_services(settings: Settings, clock: Clock) -> tuple[Database, Ser
         capsules=capsules,
         uploads=UploadService(db, store, clock, settings, capsules),
         store=store,
+        slots=TransferSlots(settings.transfer_slots, settings.slots_per_principal),
+        metrics=metrics or Metrics(),
+        settings=settings,
+        db=db,
+        jobs=JobQueue(db, clock, lease=settings.derivative_lease,
+                      max_attempts=settings.derivative_attempts),
     )
     return db, services
+
+
+def derivative_runner(settings: Settings, services: Services) -> DerivativeRunner:
+    return DerivativeRunner(
+        services.jobs, services.store, workers=max(1, settings.derivative_workers),
+        timeout=settings.derivative_timeout, memory_limit=settings.derivative_memory_limit,
+    )
 
 
 async def ensure_admin(settings: Settings, auth: AuthService) -> None:
@@ -71,12 +91,18 @@ async def ensure_admin(settings: Settings, auth: AuthService) -> None:
 async def _reaper(services: Services, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
+        services.metrics.reaper_runs.inc()
         try:
             expired = await services.uploads.sessions.expire_due()
         except Exception:
             # Logged with its traceback and retried next round; never silently swallowed.
             log.exception("reaper.failed")
             continue
+        services.metrics.expired.inc(expired)
+        try:
+            await services.uploads.sessions.sweep_staging()
+        except Exception:
+            log.exception("reaper.sweep_failed")
         if expired:
             log.info("reaper.run", expired=expired)
 
@@ -90,17 +116,26 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("memvault.start", version=__version__, settings=settings.effective())
-        db, services = await open_services(settings, clock)
+        db, services = await open_services(settings, clock, metrics)
         app.state.services = services
         app.state.db = db
         await ensure_admin(settings, services.auth)
         reaper = asyncio.create_task(_reaper(services, settings.reaper_interval))
+        jobs: asyncio.Task[None] | None = None
+        if settings.derivative_workers > 0:
+            services.runner = derivative_runner(settings, services)
+            jobs = asyncio.create_task(services.runner.run())
         try:
             yield
         finally:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            if jobs is not None and services.runner is not None:
+                jobs.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await jobs
+                await services.runner.close()
             await services.uploads.sessions.close()
             await db.dispose()
             log.info("memvault.stop")
@@ -111,13 +146,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         summary="Resumable, verified uploads of memories into capsules",
         lifespan=lifespan,
     )
+    metrics = Metrics()
+    app.state.metrics = metrics
     problems.install(app)
+    app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
     app.include_router(library_routes.router)
     app.include_router(upload_routes.router)
     app.include_router(asset_routes.router)
-
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
+    app.include_router(ops_routes.router)
     return app

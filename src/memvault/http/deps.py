@@ -5,10 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
 
+from memvault.admission import TransferSlots
 from memvault.auth import AuthService, Principal
 from memvault.capsules import CapsuleService
+from memvault.errors import Forbidden
+from memvault.jobs.queue import JobQueue
+from memvault.jobs.runner import DerivativeRunner
+from memvault.metadata import Database
+from memvault.metrics import Metrics
+from memvault.settings import Settings
 from memvault.storage.base import BlobStore
 from memvault.uploads import UploadService
 
@@ -19,6 +27,12 @@ class Services:
     capsules: CapsuleService
     uploads: UploadService
     store: BlobStore
+    slots: TransferSlots
+    metrics: Metrics
+    settings: Settings
+    db: Database
+    jobs: JobQueue
+    runner: DerivativeRunner | None = None
 
 
 def services(request: Request) -> Services:
@@ -30,8 +44,19 @@ async def caller(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     svc = services(request)
-    return await svc.auth.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+    principal = await svc.auth.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+    # Every log line of this request names the caller (the request runs in its own task, so
+    # the binding ends with it).
+    structlog.contextvars.bind_contextvars(caller=principal.id)
+    return principal
+
+
+async def admin(principal: Annotated[Principal, Depends(caller)]) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this endpoint is for administrators")
+    return principal
 
 
 Caller = Annotated[Principal, Depends(caller)]
+Admin = Annotated[Principal, Depends(admin)]
 Svc = Annotated[Services, Depends(services)]

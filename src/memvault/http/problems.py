@@ -26,8 +26,12 @@ def problem_response(error: MemvaultError) -> JSONResponse:
 
 async def _memvault_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MemvaultError)
+    limit = exc.extra.get("limit_name")
     log.info("request.rejected", method=request.method, path=request.url.path,
-             code=exc.code, detail=exc.detail)
+             code=exc.code, limit=limit, detail=exc.detail)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected(exc.code, limit)
     return problem_response(exc)
 
 
@@ -45,6 +49,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, MemvaultError):
+        # FastAPI wraps errors raised while it reads a body (e.g. the JSON size limit).
+        return await _memvault_error(request, exc.__cause__)
     # Routing errors (unknown path, wrong method) in the same problem shape as everything else.
     what = f"{request.method} {request.url.path}"
     error: MemvaultError
@@ -54,7 +61,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         error = MethodNotAllowed(f"{what} is not allowed", allow=_allowed_methods(request))
     else:
         error = InvalidArgument(f"{what}: {exc.detail}")
-    return problem_response(error)
+    return await _memvault_error(request, error)
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -80,6 +87,9 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("request.failed", method=request.method, path=request.url.path)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected(Internal.code, None)
     return problem_response(Internal("internal error; the server log has the details"))
 
 

@@ -45,6 +45,14 @@ class MemoryOut(BaseModel):
     metadata: dict[str, Any]
     created_at: str | None
     assets: dict[str, AssetOut]
+    thumbhash: str | None = Field(
+        default=None, description="ThumbHash of the placeholder (base64), paintable at once")
+    derivatives: dict[str, str] = Field(
+        default_factory=dict,
+        description="per derived role: ready, pending, failed, unsupported or absent",
+    )
+    derivatives_reason: str | None = Field(
+        default=None, description="why derivatives failed or are unsupported")
 
 
 class MemoryPage(BaseModel):
@@ -65,6 +73,7 @@ class BeginIn(BaseModel):
 
 class SessionOut(BaseModel):
     id: str
+    owner: str
     state: str
     capsule_id: str
     memory_id: str
@@ -117,13 +126,15 @@ def memory_out(memory: Memory) -> MemoryOut:
         id=memory.id, capsule_id=memory.capsule_id, title=memory.title,
         taken_at=memory.taken_at, metadata=memory.meta, created_at=iso(memory.created_at),
         assets={role: asset_out(memory.id, a) for role, a in memory.assets.items()},
+        thumbhash=memory.thumbhash, derivatives=memory.derivatives,
+        derivatives_reason=memory.derivatives_reason,
     )
 
 
 def session_out(session: Session, received: list[int], total: int) -> SessionOut:
     a = session.attrs
     return SessionOut(
-        id=session.id, state=session.state, capsule_id=a["capsule_id"],
+        id=session.id, owner=session.owner, state=session.state, capsule_id=a["capsule_id"],
         memory_id=a["memory_id"], role=a["role"], filename=a["filename"],
         content_type=a["content_type"], size=session.size, chunk_size=session.chunk_size,
         chunk_count=session.chunk_count, received=received, received_count=len(received),

@@ -67,21 +67,23 @@ async def status(session_id: str, caller: Caller, svc: Svc) -> SessionOut:
 async def put_chunk(
     session_id: str, index: int, request: Request, caller: Caller, svc: Svc
 ) -> ChunkOut:
-    result = await svc.uploads.put_chunk(
-        caller,
-        session_id,
-        index,
-        _content_length(request),
-        _body(request),
-        parse_content_digest(request.headers.get("content-digest")),
-    )
+    checksums = parse_content_digest(request.headers.get("content-digest"))
+    with svc.slots.hold(caller.id), svc.metrics.chunk_seconds.time():
+        result = await svc.uploads.put_chunk(
+            caller, session_id, index, _content_length(request), _body(request), checksums
+        )
+    if not result.duplicate:
+        svc.metrics.bytes_received.inc(result.session.chunk_range(index)[1])
     return ChunkOut(index=result.index, duplicate=result.duplicate,
                     received_count=result.received_count, bytes_received=result.bytes_received)
 
 
 @router.post("/{session_id}/finish", response_model=FinishOut)
 async def finish(session_id: str, body: FinishIn, caller: Caller, svc: Svc) -> FinishOut:
-    session, memory = await svc.uploads.finish(caller, session_id, body.size, body.sha256)
+    with svc.metrics.finish_seconds.time():
+        session, memory = await svc.uploads.finish(caller, session_id, body.size, body.sha256)
+    if svc.runner is not None and session.attrs["role"] == "original":
+        svc.runner.wake()  # its derivative job was enqueued with the commit
     role = session.attrs["role"]
     return FinishOut(session_id=session.id, memory_id=memory.id, role=role,
                      asset=asset_out(memory.id, memory.assets[role]))

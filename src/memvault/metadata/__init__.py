@@ -1,5 +1,5 @@
 """Metadata: the one truth about principals, capsules, memories, blobs and upload sessions."""
 
-from memvault.metadata.database import Database, UnitOfWork
+from memvault.metadata.database import Database, Work
 
-__all__ = ["Database", "UnitOfWork"]
+__all__ = ["Database", "Work"]

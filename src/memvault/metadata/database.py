@@ -1,113 +1,173 @@
-"""Engines and the unit of work.
+"""Engines, and the two ways services use them: ``query`` (read) and ``transact`` (write).
 
-SQLite allows one writer at a time. Rather than let concurrent writers collide and retry on
-``SQLITE_BUSY``, write transactions go through a separate engine whose pool holds exactly one
-connection and which starts every transaction with ``BEGIN IMMEDIATE``: writers queue in the
-pool, in-process, fairly. Readers use their own pool and, under WAL, never wait for the writer.
-On PostgreSQL both roles use ordinary pools and the row locks and conditional updates in the
-services decide races.
+A service hands the database a plain function of one SQLAlchemy ``Connection``; the function
+runs whole, in one place, and its result comes back to the event loop::
+
+    def _claim(conn: sa.Connection) -> bool: ...
+    held = await db.transact(_claim, durable=False)
+
+``transact`` runs the function inside one transaction that commits when it returns and rolls
+back when it raises (a typed ``MemvaultError`` raised inside is how a service refuses a
+request without leaving anything behind).
+
+On SQLite (the embedded default) the function runs on a database thread with the standard
+``sqlite3`` driver: one thread for writes, so writers queue in order instead of colliding on
+SQLite's single write lock, and a small pool for reads, which under WAL never wait for the
+writer. That is what aiosqlite does per *statement*; doing it per *transaction* makes a write
+one hop between the event loop and a thread instead of one per statement, and keeps the
+statement-building work off the event loop, which serves every request (docs/decisions.md,
+"Metadata on SQLite": it more than halved the per-chunk metadata time).
+
+Elsewhere (PostgreSQL with asyncpg) the function runs through ``AsyncConnection.run_sync``
+on an ordinary async pool, where row locks and conditional updates decide races.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+T = TypeVar("T")
+
+Work = Callable[[sa.Connection], T]
+"""A unit of database work: a plain function of one connection."""
+
+_READ_THREADS = 4
 
 
-class UnitOfWork:
-    """One write transaction. Leaving the block without ``commit()`` rolls everything back."""
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self._committed = False
 
-    async def commit(self) -> None:
-        await self.conn.commit()
-        self._committed = True
-
-    async def execute(self, statement: sa.Executable, *args: Any) -> sa.CursorResult[Any]:
-        return await self.conn.execute(statement, *args)
+def sync_sqlite_url(url: str) -> str:
+    """The same SQLite database through the standard-library driver (aiosqlite URLs too)."""
+    return make_url(url).set(drivername="sqlite+pysqlite").render_as_string(hide_password=False)
 
 
 class Database:
-    """The metadata store's engines. Create with ``Database.open(url)``; close with ``dispose``."""
+    """The metadata store. Create with ``Database.open(url)``; close with ``dispose``."""
 
-    def __init__(self, reader: AsyncEngine, writer: AsyncEngine, url: str) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, url: str) -> None:
         self.url = url
-        self._sqlite = writer.dialect.name == "sqlite"
-
-    @property
-    def dialect(self) -> str:
-        return self.writer.dialect.name
+        self._sqlite = is_sqlite(url)
+        self._closed = False
+        if self._sqlite:
+            sync = sync_sqlite_url(url)
+            args = {"check_same_thread": False}
+            # No reset on return: every unit ends in an explicit commit or rollback already.
+            self._reader = sa.create_engine(sync, pool_size=_READ_THREADS, max_overflow=0,
+                                            pool_reset_on_return=None, connect_args=args)
+            self._writer = sa.create_engine(sync, pool_size=1, max_overflow=0,
+                                            pool_reset_on_return=None, connect_args=args)
+            _tune_sqlite(self._reader, immediate=False)
+            _tune_sqlite(self._writer, immediate=True)
+            self._read_threads = ThreadPoolExecutor(_READ_THREADS, "memvault-db-read")
+            self._write_thread = ThreadPoolExecutor(1, "memvault-db-write")
+        else:
+            self._async: AsyncEngine = create_async_engine(
+                url, pool_size=10, max_overflow=20, pool_pre_ping=True
+            )
 
     @classmethod
     def open(cls, url: str) -> Database:
-        if url.startswith("sqlite"):
-            # No reset on return: every unit ends in an explicit commit or rollback already,
-            # and the extra rollback costs a driver round trip per checkout.
-            reader = create_async_engine(url, pool_size=8, max_overflow=8,
-                                         pool_reset_on_return=None)
-            writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=120,
-                                         pool_reset_on_return=None)
-            for engine in (reader, writer):
-                _tune_sqlite(engine, immediate=engine is writer)
-            return cls(reader, writer, url)
-        engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-        return cls(engine, engine, url)
+        return cls(url)
+
+    @property
+    def dialect(self) -> str:
+        return make_url(self.url).get_backend_name()
 
     async def dispose(self) -> None:
-        await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        if self._closed:
+            return
+        self._closed = True
+        if self._sqlite:
+            self._write_thread.shutdown(wait=True)
+            self._read_threads.shutdown(wait=True)
+            self._writer.dispose()
+            self._reader.dispose()
+        else:
+            await self._async.dispose()
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only connection; each statement sees everything committed before it ran."""
-        async with self.reader.connect() as conn:
-            yield conn
+    async def query(self, work: Work[T]) -> T:
+        """Run ``work`` on a read connection; each statement sees what was committed before it."""
+        if self._sqlite:
+            return await _settle(self._read_threads, functools.partial(_read, self._reader, work))
+        async with self._async.connect() as conn:
+            return await conn.run_sync(work)
 
-    @asynccontextmanager
-    async def unit(self, *, durable: bool = True) -> AsyncIterator[UnitOfWork]:
-        """A write transaction; commit explicitly, anything else rolls back.
+    async def transact(self, work: Work[T], *, durable: bool = True) -> T:
+        """Run ``work`` in one write transaction: committed if it returns, rolled back if not.
 
         ``durable=False`` is for bookkeeping that may be lost to a power failure without harm
         (the client repeats the request): on SQLite its commit skips the WAL fsync. Any later
         durable commit makes it durable too, since the WAL is synced in order.
         """
-        async with self.writer.connect() as conn:
-            if self._sqlite:
-                await _set_synchronous(conn, "FULL" if durable else "NORMAL")
-            await conn.begin()
-            uow = UnitOfWork(conn)
-            try:
-                yield uow
-            finally:
-                if not uow._committed:
-                    await conn.rollback()
+        if self._sqlite:
+            job = functools.partial(_write, self._writer, work, durable)
+            return await _settle(self._write_thread, job)
+        async with self._async.begin() as conn:
+            return await conn.run_sync(work)
 
 
-async def _set_synchronous(conn: AsyncConnection, level: str) -> None:
+async def _settle(pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:
+    """Run ``job`` on ``pool``; if the caller is cancelled, still wait for it to end.
+
+    A thread cannot be interrupted, so a transaction that started will finish (commit or roll
+    back) whatever happens to the request; waiting for it means that when this returns or
+    raises, the outcome is settled and a cleanup that follows sees it.
+    """
+    future = asyncio.get_running_loop().run_in_executor(pool, job)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+            break
+        except asyncio.CancelledError:
+            if future.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+def _read(engine: sa.Engine, work: Work[T]) -> T:
+    with engine.connect() as conn:
+        try:
+            return work(conn)
+        finally:
+            conn.rollback()
+
+
+def _write(engine: sa.Engine, work: Work[T], durable: bool) -> T:
+    with engine.connect() as conn:
+        _set_synchronous(conn, "FULL" if durable else "NORMAL")
+        with conn.begin():
+            return work(conn)
+
+
+def _set_synchronous(conn: sa.Connection, level: str) -> None:
     """Per-transaction durability on SQLite, set outside the transaction (as SQLite requires)."""
     if conn.info.get("synchronous") == level:
         return
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
+    driver = conn.connection.driver_connection
     assert driver is not None
-    await driver.execute(f"PRAGMA synchronous={level}")
+    driver.execute(f"PRAGMA synchronous={level}")
     conn.info["synchronous"] = level
 
 
-def _tune_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _tune_sqlite(engine: sa.Engine, *, immediate: bool) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control from the driver so BEGIN is ours (see module docstring).
+        # Take transaction control from the driver so BEGIN is ours.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -117,6 +177,7 @@ def _tune_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        # Writers take the write lock up front, so a transaction never fails half-way on it.
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

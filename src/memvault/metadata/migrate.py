@@ -15,12 +15,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
-from memvault.metadata.database import Database
+from memvault.metadata.database import Database, is_sqlite, sync_sqlite_url
 
 _HERE = Path(__file__).parent / "migrations"
 
 
 def _config(url: str) -> Config:
+    if url and is_sqlite(url):
+        url = sync_sqlite_url(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(_HERE))
     cfg.set_main_option("sqlalchemy.url", url)
@@ -42,8 +44,7 @@ async def current_revision(db: Database) -> str | None:
     def _read(conn: Connection) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
-    async with db.read() as conn:
-        return await conn.run_sync(_read)
+    return await db.query(_read)
 
 
 async def is_current(db: Database) -> bool:

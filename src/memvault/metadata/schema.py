@@ -63,6 +63,8 @@ memories = sa.Table(
     sa.Column("meta", sa.JSON, nullable=False),
     sa.Column("created_by", sa.String(40), nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
+    # ThumbHash of the placeholder, so a page can paint it without a request.
+    sa.Column("thumbhash", sa.String(64), nullable=True),
     sa.Index("ix_memories_capsule_created", "capsule_id", "created_at", "id"),
 )
 
@@ -116,6 +118,7 @@ upload_sessions = sa.Table(
     sa.Column("expires_at", sa.Double, nullable=False),
     sa.Column("ended_at", sa.Double, nullable=True),
     sa.Index("ix_upload_sessions_owner_state", "owner", "state"),
+    sa.Index("ix_upload_sessions_owner_created", "owner", "created_at"),
     sa.Index("ix_upload_sessions_state_expires", "state", "expires_at"),
     sa.Index(
         "uq_upload_sessions_pending_idem", "owner", "idem_scope", "idem_key",
@@ -140,4 +143,25 @@ upload_parts = sa.Table(
     sa.Column("claimed_at", sa.Double, nullable=False),
     sa.Column("crc32c", sa.BigInteger, nullable=True),
     sa.Column("received_at", sa.Double, nullable=True),
+)
+
+derivative_jobs = sa.Table(
+    "derivative_jobs",
+    metadata,
+    # One job per memory: made in the transaction that commits its original.
+    sa.Column(
+        "memory_id", sa.String(40), sa.ForeignKey("memories.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # pending → running → done | failed | unsupported; running with a lapsed lease is
+    # claimable again (its worker died).
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", sa.Double, nullable=True),
+    sa.Column("run_after", sa.Double, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Index("ix_derivative_jobs_state_run_after", "state", "run_after"),
 )

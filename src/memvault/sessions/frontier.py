@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
 
 from memvault.errors import Internal
 from memvault.hashing import Sha256State, new_sha256
-from memvault.metadata import Database, UnitOfWork
+from memvault.metadata import Database
 from memvault.metadata.schema import upload_parts, upload_sessions
 from memvault.sessions.model import PENDING
 from memvault.storage.base import BlobStore, StagedHasher
@@ -95,35 +97,10 @@ class Frontier:
         """Move the frontier as far as received chunks allow; returns the new offset."""
         async with self._lock(session_id):
             while True:
-                async with self._db.read() as conn:
-                    row = (
-                        await conn.execute(
-                            sa.select(
-                                upload_sessions.c.state,
-                                upload_sessions.c.staging_key,
-                                upload_sessions.c.hashed_offset,
-                                upload_sessions.c.hash_state,
-                            ).where(upload_sessions.c.id == session_id)
-                        )
-                    ).first()
-                    if row is None or row.state != PENDING:
-                        return 0
-                    start = row.hashed_offset
-                    state = _restore(row.hash_state)
-                    if state is None:
-                        # Unreadable state (e.g. saved by another hashing backend): start over.
-                        start, state = 0, new_sha256()
-                    parts = (
-                        await conn.execute(
-                            sa.select(upload_parts.c.offset, upload_parts.c.length)
-                            .where(
-                                upload_parts.c.session_id == session_id,
-                                upload_parts.c.state == "received",
-                                upload_parts.c.offset >= start,
-                            )
-                            .order_by(upload_parts.c.offset)
-                        )
-                    ).all()
+                found = await self._db.query(lambda conn: _received_from(conn, session_id))
+                if found is None:
+                    return 0
+                row, start, state, parts = found
                 position = start
                 for part in parts:
                     if part.offset != position:
@@ -146,25 +123,9 @@ class Frontier:
             await asyncio.to_thread(state.update, piece)
 
     async def _save(self, session_id: str, old: int, new: int, state: Sha256State) -> bool:
-        async with self._db.unit(durable=False) as uow:
-            saved = await self.save(uow, session_id, old, new, state)
-            await uow.commit()
-        return saved
-
-    async def save(
-        self, uow: UnitOfWork, session_id: str, old: int, new: int, state: Sha256State
-    ) -> bool:
-        """Move the stored frontier from ``old`` to ``new`` (compare-and-set) in ``uow``."""
-        done = await uow.execute(
-            sa.update(upload_sessions)
-            .where(
-                upload_sessions.c.id == session_id,
-                upload_sessions.c.hashed_offset == old,
-                upload_sessions.c.state == PENDING,
-            )
-            .values(hashed_offset=new, hash_state=state.to_bytes())
+        return await self._db.transact(
+            lambda conn: save_frontier(conn, session_id, old, new, state), durable=False
         )
-        return done.rowcount == 1
 
     async def digest(self, session_id: str, size: int) -> str | None:
         """Hex SHA-256 of a fully received upload, hashing only what the frontier lacks.
@@ -173,14 +134,10 @@ class Frontier:
         """
         await self.join(session_id)
         await self.advance(session_id)
-        async with self._db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(upload_sessions.c.state, upload_sessions.c.hashed_offset,
-                              upload_sessions.c.hash_state)
-                    .where(upload_sessions.c.id == session_id)
-                )
-            ).first()
+        query = sa.select(
+            upload_sessions.c.state, upload_sessions.c.hashed_offset, upload_sessions.c.hash_state
+        ).where(upload_sessions.c.id == session_id)
+        row = await self._db.query(lambda conn: conn.execute(query).first())
         if row is None or row.state != PENDING:
             return None
         state = _restore(row.hash_state)
@@ -189,8 +146,57 @@ class Frontier:
         return state.hexdigest()
 
 
+def _received_from(
+    conn: sa.Connection, session_id: str
+) -> tuple[Any, int, Sha256State, Sequence[Any]] | None:
+    """A pending session's frontier row, where hashing starts, its state, and the received
+    parts from there on; None if the session is not pending."""
+    row = conn.execute(
+        sa.select(
+            upload_sessions.c.state,
+            upload_sessions.c.staging_key,
+            upload_sessions.c.hashed_offset,
+            upload_sessions.c.hash_state,
+        ).where(upload_sessions.c.id == session_id)
+    ).first()
+    if row is None or row.state != PENDING:
+        return None
+    start = row.hashed_offset
+    state = _restore(row.hash_state)
+    if state is None:
+        # Unreadable state (e.g. saved by another hashing backend): start over.
+        start, state = 0, new_sha256()
+    parts = conn.execute(
+        sa.select(upload_parts.c.offset, upload_parts.c.length)
+        .where(
+            upload_parts.c.session_id == session_id,
+            upload_parts.c.state == "received",
+            upload_parts.c.offset >= start,
+        )
+        .order_by(upload_parts.c.offset)
+    ).all()
+    return row, start, state, parts
+
+
 def _restore(blob: bytes) -> Sha256State | None:
     try:
         return Sha256State.from_bytes(blob)
     except ValueError:
         return None
+
+
+def save_frontier(
+    conn: sa.Connection, session_id: str, old: int, new: int, state: Sha256State
+) -> bool:
+    """Move the stored frontier from ``old`` to ``new`` (compare-and-set), inside ``conn``'s
+    transaction; False if someone else moved it first or the session ended."""
+    done = conn.execute(
+        sa.update(upload_sessions)
+        .where(
+            upload_sessions.c.id == session_id,
+            upload_sessions.c.hashed_offset == old,
+            upload_sessions.c.state == PENDING,
+        )
+        .values(hashed_offset=new, hash_state=state.to_bytes())
+    )
+    return done.rowcount == 1

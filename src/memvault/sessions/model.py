@@ -29,6 +29,8 @@ class SessionSpec:
 class Session:
     id: str
     owner: str
+    idem_scope: str
+    """Where the idempotency key is unique (uploads use the capsule); logged as ``scope``."""
     state: str
     size: int
     chunk_size: int
@@ -71,6 +73,21 @@ class PutResult:
 
 
 @dataclass(frozen=True)
+class Pace:
+    """The slowest a body may arrive: after ``grace`` seconds, at least ``min_rate`` bytes/s
+    on average since it began (a stalled or trickling client, slowloris, loses its slot)."""
+
+    min_rate: int
+    grace: float
+
+    def deadline(self, start: float, seen: int) -> float | None:
+        """When the next bytes must have arrived, given ``seen`` bytes since ``start``."""
+        if self.min_rate <= 0:
+            return None
+        return start + self.grace + seen / self.min_rate
+
+
+@dataclass(frozen=True)
 class SessionPolicy:
     """Timing and I/O choices of the session core (from Settings)."""
 
@@ -81,3 +98,4 @@ class SessionPolicy:
     fsync: bool
     claim_lease: float = 10.0
     claim_poll: float = 0.05
+    pace: Pace = Pace(min_rate=0, grace=0.0)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-from collections.abc import AsyncIterable, Awaitable, Callable
+import time
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memvault.clock import Clock, iso
 from memvault.errors import (
@@ -34,8 +34,9 @@ from memvault.errors import (
     NotFound,
 )
 from memvault.hashing import new_sha256
-from memvault.metadata import Database, UnitOfWork
-from memvault.metadata.schema import blobs, upload_parts, upload_sessions
+from memvault.metadata import Database
+from memvault.metadata.blobs import record_blob
+from memvault.metadata.schema import upload_parts, upload_sessions
 from memvault.sessions import frontier
 from memvault.sessions.model import (
     ABORTED,
@@ -53,9 +54,9 @@ from memvault.storage.base import BlobStore, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
 
-CommitHook = Callable[[UnitOfWork, Session], Awaitable[None]]
+CommitHook = Callable[[sa.Connection, Session], None]
 """Runs inside finish's transaction, after the blob row exists: add the caller's rows."""
-EndHook = Callable[[UnitOfWork, Session], Awaitable[None]]
+EndHook = Callable[[sa.Connection, Session], None]
 """Runs inside the abort/expiry transaction: drop what the caller made for the session."""
 
 
@@ -84,7 +85,7 @@ class SessionService:
     async def begin(
         self,
         spec: SessionSpec,
-        prepare: Callable[[UnitOfWork], Awaitable[dict[str, Any]]] | None = None,
+        prepare: Callable[[sa.Connection], dict[str, Any]] | None = None,
     ) -> tuple[Session, bool]:
         """Create a session, or return the pending one with the same idempotency key.
 
@@ -96,16 +97,37 @@ class SessionService:
         if existing is not None:
             return existing, False
         now = self.clock.now()
-        async with self.db.unit() as uow:
+        session_id = _new_session_id()
+        row = {
+            "id": session_id,
+            "owner": spec.owner,
+            "idem_scope": spec.idem_scope,
+            "idem_key": spec.idem_key,
+            "exclusive_key": spec.exclusive_key,
+            "state": PENDING,
+            "size": spec.size,
+            "chunk_size": spec.chunk_size,
+            "declared_sha256": spec.declared_sha256,
+            "staging_key": session_id,
+            "hashed_offset": 0,
+            "hash_state": new_sha256().to_bytes(),
+            "result_sha256": None,
+            "attrs": dict(spec.attrs),
+            "created_at": now,
+            "last_seen": now,
+            "expires_at": now + self.policy.ttl,
+            "ended_at": None,
+        }
+
+        def create(conn: sa.Connection) -> Session | None:
             # Again inside the transaction: a concurrent begin may have made it meanwhile.
-            existing = await self._pending_with_key(uow, spec)
-            if existing is not None:
-                return existing, False
-            attrs = dict(spec.attrs)
+            found = _pending_with_key(conn, spec)
+            if found is not None:
+                return found
             if prepare is not None:
-                attrs.update(await prepare(uow))
+                row["attrs"] = {**spec.attrs, **prepare(conn)}
             if spec.exclusive_key is not None:
-                holder = await uow.execute(
+                holder = conn.execute(
                     sa.select(upload_sessions.c.id).where(
                         upload_sessions.c.exclusive_key == spec.exclusive_key
                     )
@@ -115,36 +137,24 @@ class SessionService:
                         "another upload for the same target is in progress",
                         target=spec.exclusive_key,
                     )
-            session_id = _new_session_id()
-            row = {
-                "id": session_id,
-                "owner": spec.owner,
-                "idem_scope": spec.idem_scope,
-                "idem_key": spec.idem_key,
-                "exclusive_key": spec.exclusive_key,
-                "state": PENDING,
-                "size": spec.size,
-                "chunk_size": spec.chunk_size,
-                "declared_sha256": spec.declared_sha256,
-                "staging_key": session_id,
-                "hashed_offset": 0,
-                "hash_state": new_sha256().to_bytes(),
-                "result_sha256": None,
-                "attrs": attrs,
-                "created_at": now,
-                "last_seen": now,
-                "expires_at": now + self.policy.ttl,
-                "ended_at": None,
-            }
-            await uow.execute(sa.insert(upload_sessions).values(**row))
-            await self.store.stage(session_id)
-            try:
-                await uow.commit()
-            except BaseException:
+            conn.execute(sa.insert(upload_sessions).values(**row))
+            return None
+
+        # Staging exists before the row that names it, so a chunk never finds a session
+        # without its staging; it is removed again unless the row was committed.
+        await self.store.stage(session_id)
+        committed = False
+        try:
+            existing = await self.db.transact(create)
+            committed = existing is None
+        finally:
+            if not committed:
                 await asyncio.shield(self.store.discard(session_id))
-                raise
+        if existing is not None:
+            return existing, False
         session = _session(row)
-        log.info("session.begin", session_id=session.id, owner=spec.owner, size=spec.size,
+        log.info("session.begin", session_id=session.id, owner=spec.owner,
+                 scope=spec.idem_scope, size=spec.size,
                  chunk_size=spec.chunk_size)
         return session, True
 
@@ -154,33 +164,10 @@ class SessionService:
         One past its TTL but not yet reaped is expired here (by id) so that the begin makes a
         new session instead of handing back one that would answer 410 to the next request.
         """
-        async with self.db.read() as conn:
-            existing = await self._pending_with_key(conn, spec)
+        existing = await self.db.query(lambda conn: _pending_with_key(conn, spec))
         if existing is not None and existing.expires_at <= self.clock.now():
             await self.expire(existing.id)
             return None
-        return existing
-
-    async def _pending_with_key(
-        self, conn: AsyncConnection | UnitOfWork, spec: SessionSpec
-    ) -> Session | None:
-        result = await conn.execute(
-            sa.select(upload_sessions).where(
-                upload_sessions.c.owner == spec.owner,
-                upload_sessions.c.idem_scope == spec.idem_scope,
-                upload_sessions.c.idem_key == spec.idem_key,
-                upload_sessions.c.state == PENDING,
-            )
-        )
-        row = result.mappings().first()
-        if row is None:
-            return None
-        existing = _session(row)
-        if (existing.size, existing.declared_sha256) != (spec.size, spec.declared_sha256):
-            raise Conflict(
-                "idempotency key reused for a different upload",
-                session_id=existing.id,
-            )
         return existing
 
     # -- reads -----------------------------------------------------------------------------
@@ -191,35 +178,34 @@ class SessionService:
 
     async def _check_live(self, session: Session) -> Session:
         if session.state == PENDING and session.expires_at <= self.clock.now():
+            # Expire it now, unless a chunk is streaming into it or it was touched or ended
+            # meanwhile; either way, answer with what it is after that.
             await self.expire(session.id)
-        elif session.state != EXPIRED:
+            session = await self._load(session.id, session.owner)
+        if session.state != EXPIRED:
             return session
         raise Expired(f"upload session {session.id} expired", expired_at=iso(session.expires_at))
 
     async def received(self, session: Session) -> tuple[list[int], int]:
         """Indices of received chunks, and the bytes they hold."""
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(upload_parts.c.offset, upload_parts.c.length)
-                    .where(
-                        upload_parts.c.session_id == session.id,
-                        upload_parts.c.state == "received",
-                    )
-                    .order_by(upload_parts.c.offset)
-                )
-            ).all()
+        query = (
+            sa.select(upload_parts.c.offset, upload_parts.c.length)
+            .where(upload_parts.c.session_id == session.id, upload_parts.c.state == "received")
+            .order_by(upload_parts.c.offset)
+        )
+        rows = await self.db.query(lambda conn: conn.execute(query).all())
         return [r.offset // session.chunk_size for r in rows], sum(r.length for r in rows)
 
-    async def list_pending(self, owner: str) -> list[Session]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(upload_sessions)
-                    .where(upload_sessions.c.owner == owner, upload_sessions.c.state == PENDING)
-                    .order_by(upload_sessions.c.created_at)
-                )
-            ).mappings().all()
+    async def list_pending(self, owner: str | None) -> list[Session]:
+        """``owner``'s pending sessions, oldest first; everyone's when ``owner`` is None."""
+        query = (
+            sa.select(upload_sessions)
+            .where(upload_sessions.c.state == PENDING)
+            .order_by(upload_sessions.c.created_at)
+        )
+        if owner is not None:
+            query = query.where(upload_sessions.c.owner == owner)
+        rows = await self.db.query(lambda conn: conn.execute(query).mappings().all())
         return [_session(r) for r in rows]
 
     # -- chunks ----------------------------------------------------------------------------
@@ -257,6 +243,11 @@ class SessionService:
                 declared=session.declared_sha256, given=sha256,
             )
         indices, total = await self.received(session)
+        if len(indices) != session.chunk_count or total != session.size:
+            # A concurrent finish may have committed (and dropped the parts) since we loaded.
+            current = await self._load(session.id, session.owner)
+            if current.state == COMMITTED:
+                return self._replay(current, size, sha256)
         if len(indices) != session.chunk_count:
             have = set(indices)
             missing = [i for i in range(session.chunk_count) if i not in have]
@@ -281,7 +272,8 @@ class SessionService:
         except StagingGone:
             return await self._settled(session, sha256)  # aborted or expired under us
         committed = await self._commit(session, computed, storage_key)
-        log.info("session.finish", session_id=session.id, owner=owner, size=session.size,
+        log.info("session.finish", session_id=session.id, owner=owner,
+                 scope=session.idem_scope, size=session.size,
                  sha256=computed)
         return committed
 
@@ -302,33 +294,26 @@ class SessionService:
 
     async def _commit(self, session: Session, sha256: str, storage_key: str) -> Session:
         now = self.clock.now()
-        async with self.db.unit() as uow:
-            won = await uow.execute(
+        committed = dataclasses.replace(
+            session, state=COMMITTED, result_sha256=sha256, ended_at=now
+        )
+
+        def commit(conn: sa.Connection) -> bool:
+            won = conn.execute(
                 sa.update(upload_sessions)
                 .where(upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING)
                 .values(state=COMMITTED, result_sha256=sha256, ended_at=now,
                         exclusive_key=None, hash_state=b"")
             )
             if won.rowcount != 1:
-                await uow.conn.rollback()
-                return await self._settled(session, sha256)
-            bumped = await uow.execute(
-                sa.update(blobs).where(blobs.c.sha256 == sha256)
-                .values(refcount=blobs.c.refcount + 1)
-            )
-            if bumped.rowcount == 0:
-                await uow.execute(
-                    sa.insert(blobs).values(sha256=sha256, size=session.size,
-                                            storage_key=storage_key, refcount=1, created_at=now)
-                )
-            await uow.execute(
-                sa.delete(upload_parts).where(upload_parts.c.session_id == session.id)
-            )
-            committed = dataclasses.replace(
-                session, state=COMMITTED, result_sha256=sha256, ended_at=now
-            )
-            await self._on_commit(uow, committed)
-            await uow.commit()
+                return False  # a concurrent finish or an abort got there first
+            record_blob(conn, sha256, session.size, storage_key, now)
+            conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == session.id))
+            self._on_commit(conn, committed)
+            return True
+
+        if not await self.db.transact(commit):
+            return await self._settled(session, sha256)
         return committed
 
     async def join_hashing(self, session_id: str) -> None:
@@ -347,16 +332,12 @@ class SessionService:
             raise Conflict(f"upload session {session_id} is already committed")
         session = await self._check_live(session)
         if await self._end(session, ABORTED):
-            log.info("session.abort", session_id=session.id, owner=owner)
+            log.info("session.abort", session_id=session.id, owner=owner,
+                     scope=session.idem_scope)
 
     async def expire(self, session_id: str) -> bool:
         """Expire one session if, and only if, it is pending past its ``expires_at``."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
-                )
-            ).mappings().first()
+        row = await self.db.query(lambda conn: _session_row(conn, session_id))
         if row is None:
             return False
         session = _session(row)
@@ -365,35 +346,47 @@ class SessionService:
         ended = await self._end(session, EXPIRED)
         if ended:
             log.info("session.expire", session_id=session.id, owner=session.owner,
+                     scope=session.idem_scope,
                      last_seen=session.last_seen)
         return ended
 
     async def expire_due(self, limit: int = 100) -> int:
         """Expire sessions past their TTL, one by id at a time; returns how many."""
-        now = self.clock.now()
-        async with self.db.read() as conn:
-            ids = (
-                await conn.execute(
-                    sa.select(upload_sessions.c.id)
-                    .where(upload_sessions.c.state == PENDING,
-                           upload_sessions.c.expires_at <= now)
-                    .limit(limit)
-                )
-            ).scalars().all()
+        count = await self._expire_overdue(limit=limit)
+        await self._purge_ended(self.clock.now())
+        return count
+
+    async def expire_overdue(self, owner: str, idem_scope: str) -> int:
+        """Expire ``owner``'s sessions in one scope that are past their TTL."""
+        return await self._expire_overdue(
+            upload_sessions.c.owner == owner, upload_sessions.c.idem_scope == idem_scope
+        )
+
+    async def _expire_overdue(self, *where: sa.ColumnElement[bool], limit: int = 100) -> int:
+        """Expire pending sessions past their TTL that match ``where``, one by id, each
+        re-checked in its own transaction (so an active one is never touched)."""
+        query = (
+            sa.select(upload_sessions.c.id)
+            .where(*where, upload_sessions.c.state == PENDING,
+                   upload_sessions.c.expires_at <= self.clock.now())
+            .limit(limit)
+        )
+        ids = await self.db.query(lambda conn: conn.execute(query).scalars().all())
         count = 0
         for session_id in ids:
             count += await self.expire(session_id)
-        await self._purge_ended(now)
         return count
 
     async def _end(self, session: Session, state: str) -> bool:
         now = self.clock.now()
-        async with self.db.unit() as uow:
+        ended = dataclasses.replace(session, state=state, ended_at=now)
+
+        def end(conn: sa.Connection) -> bool:
             condition = [upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING]
             if state == EXPIRED:
                 # Re-checked inside the transaction: activity since we looked saves it.
                 condition.append(upload_sessions.c.expires_at <= now)
-                busy = await uow.execute(
+                busy = conn.execute(
                     sa.select(upload_parts.c.offset).where(
                         upload_parts.c.session_id == session.id,
                         upload_parts.c.state == "writing",
@@ -402,45 +395,87 @@ class SessionService:
                 )
                 if busy.first() is not None:
                     return False  # mid-chunk: never expired under a transfer
-            done = await uow.execute(
+            done = conn.execute(
                 sa.update(upload_sessions).where(*condition)
                 .values(state=state, ended_at=now, exclusive_key=None, hash_state=b"")
             )
             if done.rowcount != 1:
                 return False
-            await uow.execute(
-                sa.delete(upload_parts).where(upload_parts.c.session_id == session.id)
-            )
+            conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == session.id))
             if state == ABORTED:
-                await uow.execute(
-                    sa.delete(upload_sessions).where(upload_sessions.c.id == session.id)
-                )
-            await self._on_end(uow, dataclasses.replace(session, state=state, ended_at=now))
-            await uow.commit()
+                conn.execute(sa.delete(upload_sessions).where(upload_sessions.c.id == session.id))
+            self._on_end(conn, ended)
+            return True
+
+        if not await self.db.transact(end):
+            return False
         await self.store.discard(session.staging_key)
         return True
 
+    async def sweep_staging(self, grace: float = 3600.0) -> int:
+        """Remove staging areas that no pending session owns and nobody has written to for
+        ``grace`` seconds: left by a begin whose transaction never committed, or by a crash
+        between storing derivative bytes and recording them. Returns how many."""
+        # File ages are wall-clock time, whatever clock the sessions run on.
+        keys = await self.store.staged_keys(time.time() - grace)
+
+        def owned(conn: sa.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(keys), 500):
+                found.update(conn.execute(
+                    sa.select(upload_sessions.c.staging_key).where(
+                        upload_sessions.c.state == PENDING,
+                        upload_sessions.c.staging_key.in_(keys[start:start + 500]))
+                ).scalars())
+            return found
+
+        kept = await self.db.query(owned) if keys else set()
+        orphans = [k for k in keys if k not in kept]
+        for key in orphans:
+            await self.store.discard(key)
+            log.info("staging.swept", staging_key=key)
+        return len(orphans)
+
     async def _purge_ended(self, now: float) -> None:
         """Forget expired sessions after the grace period (they answer 404 from then on)."""
-        async with self.db.unit() as uow:
-            await uow.execute(
-                sa.delete(upload_sessions).where(
-                    upload_sessions.c.state == EXPIRED,
-                    upload_sessions.c.ended_at < now - self.policy.expired_grace,
-                )
-            )
-            await uow.commit()
+        purge = sa.delete(upload_sessions).where(
+            upload_sessions.c.state == EXPIRED,
+            upload_sessions.c.ended_at < now - self.policy.expired_grace,
+        )
+        await self.db.transact(lambda conn: conn.execute(purge))
 
     async def _load(self, session_id: str, owner: str) -> Session:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
-                )
-            ).mappings().first()
+        row = await self.db.query(lambda conn: _session_row(conn, session_id))
         if row is None or row["owner"] != owner:
             raise NotFound(f"upload session {session_id} not found")
         return _session(row)
+
+
+def _session_row(conn: sa.Connection, session_id: str) -> sa.RowMapping | None:
+    return conn.execute(
+        sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
+    ).mappings().first()
+
+
+def _pending_with_key(conn: sa.Connection, spec: SessionSpec) -> Session | None:
+    result = conn.execute(
+        sa.select(upload_sessions).where(
+            upload_sessions.c.owner == spec.owner,
+            upload_sessions.c.idem_scope == spec.idem_scope,
+            upload_sessions.c.idem_key == spec.idem_key,
+            upload_sessions.c.state == PENDING,
+        )
+    )
+    row = result.mappings().first()
+    if row is None:
+        return None
+    existing = _session(row)
+    if (existing.size, existing.declared_sha256) != (spec.size, spec.declared_sha256):
+        raise Conflict(
+            "idempotency key reused for a different upload",
+            session_id=existing.id,
+        )
+    return existing
 
 
 def _new_session_id() -> str:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 
 import crc32c
 
-from memvault.errors import ChecksumMismatch, InvalidArgument, PayloadTooLarge
+from memvault.errors import ChecksumMismatch, InvalidArgument, PayloadTooLarge, RequestTimeout
 from memvault.hashing import Sha256State
-from memvault.sessions.model import ChunkChecksums
+from memvault.sessions.model import ChunkChecksums, Pace
 from memvault.storage.base import PartWriter
 
 
@@ -67,13 +67,41 @@ async def stream_chunk(
     digests: ChunkDigests,
     writer: PartWriter | None,
     batch_bytes: int,
+    pace: Pace,
 ) -> None:
     """Consume exactly ``length`` bytes of ``body`` into ``writer`` (or nowhere, to compare).
 
-    Raises ``PayloadTooLarge`` as soon as the body runs past ``length`` and
-    ``InvalidArgument`` when it ends short; either way the caller treats the chunk as not
-    received.
+    Raises ``PayloadTooLarge`` as soon as the body runs past ``length``, ``InvalidArgument``
+    when it ends short and ``RequestTimeout`` when it arrives slower than ``pace``; either way
+    the caller treats the chunk as not received.
     """
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(pace.deadline(start, 0)) as watchdog:
+            seen = await _consume(body, length, digests, writer, batch_bytes,
+                                  lambda n: watchdog.reschedule(pace.deadline(start, n)))
+    except TimeoutError:
+        if not watchdog.expired():
+            raise
+        raise RequestTimeout(
+            f"chunk body arrived slower than {pace.min_rate} bytes/s; send it again",
+            min_rate=pace.min_rate, retry_after=1,
+        ) from None
+    if seen != length:
+        raise InvalidArgument(
+            f"chunk body ended after {seen} of its {length} bytes", received=seen, expected=length
+        )
+
+
+async def _consume(
+    body: AsyncIterable[bytes],
+    length: int,
+    digests: ChunkDigests,
+    writer: PartWriter | None,
+    batch_bytes: int,
+    progress: Callable[[int], None],
+) -> int:
+    """Write and digest ``body`` batch by batch; returns the bytes seen."""
     pending: asyncio.Future[None] | None = None
     batch: list[bytes] = []
     batch_size = 0
@@ -90,6 +118,7 @@ async def stream_chunk(
             if not piece:
                 continue
             seen += len(piece)
+            progress(seen)
             if seen > length:
                 raise PayloadTooLarge(
                     f"chunk body is longer than its {length} bytes", limit=length
@@ -111,10 +140,7 @@ async def stream_chunk(
             # Never leave a write running behind a failed request: a thread cannot be
             # cancelled, and a late write would land on top of a retry of the same chunk.
             await _settle(pending)
-    if seen != length:
-        raise InvalidArgument(
-            f"chunk body ended after {seen} of its {length} bytes", received=seen, expected=length
-        )
+    return seen
 
 
 async def _settle(future: asyncio.Future[None]) -> None:

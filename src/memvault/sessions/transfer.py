@@ -11,31 +11,45 @@ claim (shielded), so the chunk is simply not received and the session stays resu
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import AsyncIterable
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memvault.clock import Clock
 from memvault.errors import (
     Conflict,
+    Expired,
     InvalidArgument,
+    MemvaultError,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
     Unavailable,
 )
 from memvault.hashing import Sha256State
-from memvault.metadata import Database, UnitOfWork
+from memvault.metadata import Database
 from memvault.metadata.schema import upload_parts, upload_sessions
-from memvault.sessions.frontier import Frontier
-from memvault.sessions.model import PENDING, ChunkChecksums, PutResult, Session, SessionPolicy
+from memvault.sessions.frontier import Frontier, save_frontier
+from memvault.sessions.model import (
+    EXPIRED,
+    PENDING,
+    ChunkChecksums,
+    PutResult,
+    Session,
+    SessionPolicy,
+)
 from memvault.sessions.streaming import ChunkDigests, stream_chunk
 from memvault.storage.base import BlobStore, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
+
+
+class _Ended(Exception):
+    """The session stopped being pending while this chunk was on its way."""
 
 
 class ChunkReceiver:
@@ -85,7 +99,14 @@ class ChunkReceiver:
                 expected=length,
             )
         claim = secrets.token_hex(8)
-        held, prefix = await self._claim(session, offset, length, claim)
+        try:
+            held, prefix = await self._claim(session, offset, length, claim)
+        except _Ended as exc:
+            raise await self._ended(session) from exc
+        except BaseException:
+            # Cancelled while the claim was being written: it may have committed anyway.
+            await self._release_quietly(session, offset, claim)
+            raise
         if held:
             duplicate = await self._compare(session, offset, length, body, checksums)
             return await self._result(session, index, duplicate=duplicate)
@@ -95,7 +116,8 @@ class ChunkReceiver:
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
                 async with asyncio.timeout(self.policy.chunk_timeout):
-                    await stream_chunk(body, length, digests, writer, self.policy.write_batch)
+                    await stream_chunk(body, length, digests, writer, self.policy.write_batch,
+                                       self.policy.pace)
             finally:
                 lease.cancel()
                 await asyncio.gather(lease, return_exceptions=True)
@@ -104,16 +126,17 @@ class ChunkReceiver:
             count, total = await self._mark_received(
                 session, offset, length, claim, digests.crc, prefix
             )
-        except StagingGone as exc:
+        except (StagingGone, _Ended) as exc:
             await self._release_quietly(session, offset, claim)
-            raise NotFound(f"upload session {session_id} is gone") from exc
+            raise await self._ended(session) from exc
         except TimeoutError as exc:
             await self._release_quietly(session, offset, claim)
             raise _too_slow(index, self.policy.chunk_timeout) from exc
         except BaseException:
             await self._release_quietly(session, offset, claim)
             raise
-        log.debug("session.chunk", session_id=session.id, index=index, length=length)
+        log.debug("session.chunk", session_id=session.id, owner=session.owner,
+                  scope=session.idem_scope, index=index, length=length)
         # Hash whatever this chunk made contiguous (chunks that arrived early, past a gap),
         # in the background: this request's bytes are safe and it need not wait.
         self._frontier.kick(session.id)
@@ -129,18 +152,17 @@ class ChunkReceiver:
         the chunk can be hashed as it streams.
         """
         now = self.clock.now()
-        async with self.db.unit(durable=False) as uow:
-            existing = (
-                await uow.execute(
-                    sa.select(upload_parts.c.state, upload_parts.c.claimed_at).where(
-                        upload_parts.c.session_id == session.id,
-                        upload_parts.c.offset == offset,
-                    )
-                )
+        stale = now - self.policy.claim_lease
+        where_part = (upload_parts.c.session_id == session.id, upload_parts.c.offset == offset)
+
+        def claim_range(conn: sa.Connection) -> Any:
+            if not self._touch(conn, session.id, now):
+                raise _Ended(session.id)  # committed, aborted or expired since it was loaded
+            existing = conn.execute(
+                sa.select(upload_parts.c.state, upload_parts.c.claimed_at).where(*where_part)
             ).first()
-            stale = now - self.policy.claim_lease
             if existing is None:
-                await uow.execute(
+                conn.execute(
                     sa.insert(upload_parts).values(
                         session_id=session.id, offset=offset, length=length,
                         state="writing", claim=claim, claimed_at=now,
@@ -148,22 +170,19 @@ class ChunkReceiver:
                 )
             elif existing.state == "writing" and existing.claimed_at < stale:
                 # The writer stopped renewing its lease (its process died): take it over.
-                await uow.execute(
-                    sa.update(upload_parts)
-                    .where(upload_parts.c.session_id == session.id,
-                           upload_parts.c.offset == offset)
-                    .values(claim=claim, claimed_at=now)
+                conn.execute(
+                    sa.update(upload_parts).where(*where_part).values(claim=claim, claimed_at=now)
                 )
             else:
-                return True, None
-            await self._touch(uow, session.id, now)
-            frontier = (
-                await uow.execute(
-                    sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
-                    .where(upload_sessions.c.id == session.id)
-                )
+                return None
+            return conn.execute(
+                sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
+                .where(upload_sessions.c.id == session.id)
             ).one()
-            await uow.commit()
+
+        frontier = await self.db.transact(claim_range, durable=False)
+        if frontier is None:
+            return True, None
         if frontier.hashed_offset != offset:
             return False, None
         try:
@@ -183,22 +202,20 @@ class ChunkReceiver:
         digests = ChunkDigests(want_sha256=checksums.sha256 is not None)
         try:
             async with asyncio.timeout(self.policy.chunk_timeout):
-                await stream_chunk(body, length, digests, None, self.policy.write_batch)
+                await stream_chunk(body, length, digests, None, self.policy.write_batch,
+                                   self.policy.pace)
         except TimeoutError as exc:
             raise _too_slow(offset // session.chunk_size, self.policy.chunk_timeout) from exc
         digests.check(checksums)
+        query = sa.select(
+            upload_parts.c.state, upload_parts.c.crc32c, upload_parts.c.claimed_at
+        ).where(upload_parts.c.session_id == session.id, upload_parts.c.offset == offset)
         while True:
-            async with self.db.read() as conn:
-                part = (
-                    await conn.execute(
-                        sa.select(upload_parts.c.state, upload_parts.c.crc32c,
-                                  upload_parts.c.claimed_at).where(
-                            upload_parts.c.session_id == session.id,
-                            upload_parts.c.offset == offset,
-                        )
-                    )
-                ).first()
+            part = await self.db.query(lambda conn: conn.execute(query).first())
             if part is None:
+                ended = await self._ended(session)
+                if not isinstance(ended, Unavailable):
+                    raise ended
                 raise Unavailable(
                     "a concurrent transfer of this chunk failed; send it again",
                     retry_after=1,
@@ -221,14 +238,10 @@ class ChunkReceiver:
         """Keep a claim's lease fresh while its transfer runs (a dead writer stops renewing)."""
         while True:
             await asyncio.sleep(self.policy.claim_lease / 3)
-            async with self.db.unit(durable=False) as uow:
-                await uow.execute(
-                    sa.update(upload_parts)
-                    .where(upload_parts.c.session_id == session_id,
-                           upload_parts.c.offset == offset, upload_parts.c.claim == claim)
-                    .values(claimed_at=self.clock.now())
-                )
-                await uow.commit()
+            await self.db.transact(
+                functools.partial(_renew, session_id, offset, claim, self.clock.now()),
+                durable=False,
+            )
 
     async def _mark_received(
         self,
@@ -248,8 +261,9 @@ class ChunkReceiver:
         durable commit makes every earlier one durable too.
         """
         now = self.clock.now()
-        async with self.db.unit(durable=False) as uow:
-            done = await uow.execute(
+
+        def mark(conn: sa.Connection) -> tuple[int, int]:
+            done = conn.execute(
                 sa.update(upload_parts)
                 .where(
                     upload_parts.c.session_id == session.id,
@@ -259,51 +273,66 @@ class ChunkReceiver:
                 )
                 .values(state="received", crc32c=crc, received_at=now, claim=None)
             )
-            if done.rowcount != 1 or not await self._touch(uow, session.id, now):
-                raise NotFound(f"upload session {session.id} ended during the transfer")
+            if done.rowcount != 1 or not self._touch(conn, session.id, now):
+                raise _Ended(session.id)
             if prefix is not None:
-                await self._frontier.save(uow, session.id, offset, offset + length, prefix)
-            counts = await _received_counts(uow, session.id)
-            await uow.commit()
-        return counts
+                save_frontier(conn, session.id, offset, offset + length, prefix)
+            return _received_counts(conn, session.id)
+
+        return await self.db.transact(mark, durable=False)
 
     async def _release_quietly(self, session: Session, offset: int, claim: str) -> None:
-        """Drop our claim; shielded so a cancelled request cannot leave it behind."""
+        """Drop our claim; settled even if the request is cancelled meanwhile."""
+        release = sa.delete(upload_parts).where(
+            upload_parts.c.session_id == session.id,
+            upload_parts.c.offset == offset,
+            upload_parts.c.claim == claim,
+            upload_parts.c.state == "writing",
+        )
+        await self.db.transact(lambda conn: conn.execute(release), durable=False)
 
-        async def release() -> None:
-            async with self.db.unit(durable=False) as uow:
-                await uow.execute(
-                    sa.delete(upload_parts).where(
-                        upload_parts.c.session_id == session.id,
-                        upload_parts.c.offset == offset,
-                        upload_parts.c.claim == claim,
-                        upload_parts.c.state == "writing",
-                    )
-                )
-                await uow.commit()
-
-        await asyncio.shield(release())
-
-    async def _touch(self, uow: UnitOfWork, session_id: str, now: float) -> bool:
-        done = await uow.execute(
+    def _touch(self, conn: sa.Connection, session_id: str, now: float) -> bool:
+        done = conn.execute(
             sa.update(upload_sessions)
             .where(upload_sessions.c.id == session_id, upload_sessions.c.state == PENDING)
             .values(last_seen=now, expires_at=now + self.policy.ttl)
         )
         return done.rowcount == 1
 
+    async def _ended(self, session: Session) -> MemvaultError:
+        """The error for a chunk whose session or claim went away while it was sent.
+
+        A chunk racing a finish learns the session is committed (a client that retried a
+        chunk after finishing needs nothing more), racing an abort that it was aborted.
+        """
+        query = sa.select(upload_sessions.c.state).where(upload_sessions.c.id == session.id)
+        state = await self.db.query(lambda conn: conn.execute(query).scalar_one_or_none())
+        if state == EXPIRED:
+            return Expired(f"upload session {session.id} expired")
+        if state is None:
+            return NotFound(f"upload session {session.id} not found")
+        if state != PENDING:
+            return Conflict(f"upload session {session.id} is {state}", state=state)
+        return Unavailable("this chunk's transfer was taken over; send it again", retry_after=1)
+
     async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
-        async with self.db.read() as conn:
-            count, total = await _received_counts(conn, session.id)
+        count, total = await self.db.query(lambda conn: _received_counts(conn, session.id))
         return PutResult(session, index, duplicate, count, total)
 
 
-async def _received_counts(conn: AsyncConnection | UnitOfWork, session_id: str) -> tuple[int, int]:
-    row = (
-        await conn.execute(
-            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0))
-            .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
-        )
+def _renew(session_id: str, offset: int, claim: str, now: float, conn: sa.Connection) -> None:
+    conn.execute(
+        sa.update(upload_parts)
+        .where(upload_parts.c.session_id == session_id,
+               upload_parts.c.offset == offset, upload_parts.c.claim == claim)
+        .values(claimed_at=now)
+    )
+
+
+def _received_counts(conn: sa.Connection, session_id: str) -> tuple[int, int]:
+    row = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0))
+        .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
     ).one()
     return int(row[0]), int(row[1])
 

@@ -9,6 +9,7 @@ SHA-256; ``discard`` throws the staging area away.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from memvault.hashing import Sha256State
@@ -60,6 +61,11 @@ class BlobStore(Protocol):
         """Remove a staging area and everything in it (idempotent)."""
         ...
 
+    async def staged_keys(self, older_than: float) -> list[str]:
+        """Staging areas last written before ``older_than`` (epoch seconds), for the sweep
+        of those no session owns any more."""
+        ...
+
     def read(self, storage_key: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Stream bytes ``[start, end)`` of a committed blob; ``BlobMissing`` if it is gone."""
         ...
@@ -80,3 +86,11 @@ class StagedHasher(Protocol):
     async def hash_staged(self, key: str, offset: int, length: int, state: Sha256State) -> None:
         """Update ``state`` with ``length`` staged bytes from ``offset``."""
         ...
+
+
+@runtime_checkable
+class LocalPaths(Protocol):
+    """Optional capability: committed blobs are files on this machine (derivative jobs hand
+    the path to a decoder process instead of copying the bytes)."""
+
+    def blob_path(self, storage_key: str) -> Path: ...

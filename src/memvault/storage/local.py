@@ -13,20 +13,42 @@ blob that the metadata names survives a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
+from memvault.errors import InsufficientStorage
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, StagingGone
+from memvault.storage.writeback import start_writeback
 
 _READ_PIECE = 1024 * 1024
 _IOV_MAX = 1024
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _out_of_space_is_typed() -> Iterator[None]:
+    """A full volume (or quota, or file size limit) is the client's 507, not our 500: the
+    chunk is not received, the session stays resumable, and nothing received is touched."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise InsufficientStorage(
+            f"the storage volume refused the write ({os.strerror(exc.errno)}); "
+            "send the chunk again once space is freed",
+            limit_name="storage_space", retry_after=60,
+        ) from exc
 
 
 class LocalPartWriter:
@@ -36,7 +58,8 @@ class LocalPartWriter:
         self._closed = False
 
     async def write(self, pieces: Sequence[bytes]) -> None:
-        written = await asyncio.to_thread(self._pwritev_all, list(pieces), self._offset)
+        with _out_of_space_is_typed():
+            written = await asyncio.to_thread(self._pwritev_all, list(pieces), self._offset)
         self._offset += written
 
     def _pwritev_all(self, pieces: list[bytes], offset: int) -> int:
@@ -51,6 +74,7 @@ class LocalPartWriter:
                 views.pop(0)
             if n:
                 views[0] = views[0][n:]
+        start_writeback(self._fd, offset, total)
         return total
 
     async def close(self, *, durable: bool) -> None:
@@ -60,7 +84,8 @@ class LocalPartWriter:
         fd = self._fd
         try:
             if durable:
-                await asyncio.to_thread(os.fdatasync, fd)
+                with _out_of_space_is_typed():
+                    await asyncio.to_thread(os.fdatasync, fd)
         finally:
             os.close(fd)
 
@@ -148,25 +173,56 @@ class LocalBlobStore:
 
     def _commit_sync(self, staged: Path, target: Path, size: int) -> None:
         if target.exists():
-            # Same content already stored: keep that one and drop the staging copy.
+            # Same content already stored (or a concurrent finish of this very session just
+            # renamed it): keep that one, drop any staging copy, and make sure the rename
+            # is durable before the caller records the blob.
             staged.unlink(missing_ok=True)
+            _fsync_dir(target.parent)
             return
-        if not staged.exists():
-            raise StagingGone(staged.name)
-        if staged.stat().st_size != size:
-            # Sparse tail never written: the core checks coverage, so this is a bug if seen.
-            raise OSError(errno.EIO, f"staged size {staged.stat().st_size} != {size}")
-        fd = os.open(staged, os.O_RDONLY)
         try:
+            fd = os.open(staged, os.O_RDONLY)
+        except FileNotFoundError:
+            self._lost_race(staged, target)
+            return
+        try:
+            staged_size = os.fstat(fd).st_size
+            if staged_size != size:
+                # Sparse tail never written: the core checks coverage, so a bug if seen.
+                raise OSError(errno.EIO, f"staged size {staged_size} != {size}")
             os.fsync(fd)
         finally:
             os.close(fd)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)
+        try:
+            os.replace(staged, target)
+        except FileNotFoundError:
+            self._lost_race(staged, target)
+            return
+        _fsync_dir(target.parent)
+
+    @staticmethod
+    def _lost_race(staged: Path, target: Path) -> None:
+        """The staging file vanished under us: a concurrent commit, or an abort/expiry."""
+        if not target.exists():
+            raise StagingGone(staged.name)
         _fsync_dir(target.parent)
 
     async def discard(self, key: str) -> None:
         await asyncio.to_thread(self._staged(key).unlink, True)
+
+    async def staged_keys(self, older_than: float) -> list[str]:
+        def scan() -> list[str]:
+            keys = []
+            with os.scandir(self._staging) as entries:
+                for entry in entries:
+                    try:
+                        if entry.stat().st_mtime < older_than and _KEY.match(entry.name):
+                            keys.append(entry.name)
+                    except FileNotFoundError:
+                        continue  # discarded while we looked
+            return keys
+
+        return await asyncio.to_thread(scan)
 
     async def read(self, storage_key: str, start: int, end: int) -> AsyncIterator[bytes]:
         path = self._blob(storage_key)

@@ -1,0 +1,1 @@
+"""Background work that must survive crashes: derivative jobs (queue + runner)."""

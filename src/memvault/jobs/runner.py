@@ -1,0 +1,186 @@
+"""Runs derivative jobs: claims them, decodes in worker processes, stores what they made.
+
+The event loop only orchestrates; decoding runs in a pool of separate processes (pebble),
+one job per process at a time, each with a wall-clock limit (the process is killed and
+replaced when it runs over) and an address-space limit (a decoder that tries to allocate
+past it fails in that process alone). A bad image therefore costs one attempt of one job,
+never the queue or the server. ``memvault serve`` runs a runner in-process; ``memvault
+worker`` runs one alone, and any number may run against one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import resource
+import secrets
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from pebble import ProcessExpired, ProcessPool
+
+from memvault.jobs.queue import UNSUPPORTED, Job, JobQueue, StoredDerivative
+from memvault.storage.base import BlobStore, LocalPaths
+
+log = structlog.get_logger("memvault.jobs")
+
+
+class DerivativeRunner:
+    def __init__(self, queue: JobQueue, store: BlobStore, *, workers: int, timeout: float,
+                 memory_limit: int, poll: float = 1.0) -> None:
+        self.queue = queue
+        self.store = store
+        self.workers = workers
+        self.timeout = timeout
+        self.memory_limit = memory_limit
+        self.poll = poll
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._pool: ProcessPool | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look for work now (a job was just enqueued in this process)."""
+        self._wake.set()
+
+    def _processes(self) -> ProcessPool:
+        # Started on first use: a server that never receives an image starts no processes.
+        if self._pool is None:
+            self._pool = ProcessPool(
+                max_workers=self.workers, initializer=_limit_memory,
+                initargs=(self.memory_limit,), context=multiprocessing.get_context("spawn"),
+            )
+        return self._pool
+
+    async def run(self) -> None:
+        """Claim and process jobs until cancelled, ``workers`` at a time."""
+        slots = asyncio.Semaphore(self.workers)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                job = None
+                try:
+                    job = await self.queue.claim(self.worker_id)
+                except Exception:
+                    log.exception("jobs.claim_failed")  # tried again after the poll interval
+                if job is None:
+                    slots.release()
+                    await self._idle()
+                    continue
+                task = asyncio.create_task(self._process(job))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.poll):
+                await self._wake.wait()
+        self._wake.clear()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.stop()  # type: ignore[no-untyped-call]
+            await asyncio.to_thread(pool.join)
+
+    async def _process(self, job: Job) -> None:
+        renewing = asyncio.create_task(self._keep_lease(job))
+        try:
+            await self._derive(job)
+        except asyncio.CancelledError:
+            raise  # shutting down: the lease lapses and another worker takes the job
+        except Exception as exc:
+            log.exception("jobs.error", memory_id=job.memory_id)
+            await self.queue.fail(job, self.worker_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _keep_lease(self, job: Job) -> None:
+        while True:
+            await asyncio.sleep(self.queue.lease / 3)
+            if not await self.queue.renew(job, self.worker_id):
+                return
+
+    async def _derive(self, job: Job) -> None:
+        from memvault.derivatives import Unsupported, make_derivatives
+
+        if not job.missing:  # the client uploaded all three already
+            await self.queue.complete(job, self.worker_id, [], None)
+            return
+        async with self._source(job) as path:
+            future = self._processes().schedule(make_derivatives, args=(str(path),),
+                                                timeout=self.timeout)
+            try:
+                made = await asyncio.wrap_future(future)
+            except Unsupported as exc:
+                await self.queue.finish(job, self.worker_id, UNSUPPORTED,
+                                        f"{exc.code}: {exc.reason}")
+                log.info("jobs.unsupported", memory_id=job.memory_id, reason=exc.reason)
+                return
+            except TimeoutError:
+                state = await self.queue.fail(
+                    job, self.worker_id, f"took longer than {self.timeout:g} s")
+                log.warning("jobs.timeout", memory_id=job.memory_id, state=state)
+                return
+            except (ProcessExpired, MemoryError) as exc:
+                state = await self.queue.fail(
+                    job, self.worker_id, f"the decoder process failed: {exc}")
+                log.warning("jobs.crashed", memory_id=job.memory_id, state=state, error=str(exc))
+                return
+        stored = [
+            await self._store(d.role, d.data, d.content_type)
+            for d in (made.display, made.thumb, made.placeholder)
+            if d.role in job.missing
+        ]
+        if await self.queue.complete(job, self.worker_id, stored, made.thumbhash):
+            log.info("jobs.done", memory_id=job.memory_id, roles=[d.role for d in stored])
+
+    @contextlib.asynccontextmanager
+    async def _source(self, job: Job) -> AsyncIterator[Path]:
+        """A local file with the original: the blob itself, or a spooled copy of it."""
+        if isinstance(self.store, LocalPaths):
+            yield self.store.blob_path(job.storage_key)
+            return
+        fd, name = tempfile.mkstemp(prefix="memvault-original-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for piece in self.store.read(job.storage_key, 0, job.size):
+                    await asyncio.to_thread(f.write, piece)
+            yield Path(name)
+        finally:
+            os.unlink(name)
+
+    async def _store(self, role: str, data: bytes, content_type: str) -> StoredDerivative:
+        """Write one derivative as a content-addressed blob (no row yet: ``complete`` adds it)."""
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"drv_{secrets.token_hex(16)}"
+        await self.store.stage(key)
+        try:
+            writer = await self.store.open_writer(key, 0)
+            try:
+                await writer.write([data])
+            finally:
+                await writer.close(durable=True)
+            storage_key = await self.store.commit(key, sha, len(data))
+        except BaseException:
+            await asyncio.shield(self.store.discard(key))
+            raise
+        return StoredDerivative(role, sha, len(data), storage_key, content_type)
+
+
+def _limit_memory(limit: int) -> None:
+    """In each decoder process: cap its address space, so a runaway decode fails there."""
+    if limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

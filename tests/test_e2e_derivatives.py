@@ -1,0 +1,132 @@
+"""Server-side derivatives against a live server: the 4-asset memory, bad input, a crash.
+
+The server's job runner decodes in separate processes; these tests only look at what a user
+sees through the API: per-role status moving to ``ready`` (or ``unsupported`` with the
+reason), the four assets, the ThumbHash, and the original untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from memvault.clock import SystemClock
+from memvault.jobs.queue import JobQueue
+from memvault.metadata import Database
+from tests.conftest import SMALL_CHUNKS, LiveServer
+from tests.helpers import Api
+
+ROLES = ("display", "thumb", "placeholder")
+
+
+def jpeg(width: int, height: int) -> bytes:
+    image = Image.new("RGB", (width, height))
+    image.paste((200, 40, 40), (0, 0, width // 2, height // 2))  # a marked corner
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def upload(api: Api, capsule: str, data: bytes, content_type: str) -> dict[str, Any]:
+    s = api.session(capsule, len(data), content_type=content_type)
+    for i in range(s["chunk_count"]):
+        assert api.put(s, i, data).status_code == 200
+    r = api.finish(s, data)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def settled(api: Api, memory_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The memory once no derived role is pending any more (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        memory: dict[str, Any] = api.http.get(f"/v1/memories/{memory_id}").json()
+        if "pending" not in memory["derivatives"].values():
+            return memory
+        if time.monotonic() > deadline:
+            raise AssertionError(f"derivatives still pending: {memory}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def api(server: LiveServer) -> Iterator[Api]:
+    client = server.api()
+    yield client
+    client.http.close()
+
+
+def test_the_server_makes_display_thumb_and_placeholder(api: Api) -> None:
+    data = jpeg(1200, 800)
+    capsule = api.capsule()
+    done = upload(api, capsule, data, "image/jpeg")
+    memory = settled(api, done["memory_id"])
+    assert memory["derivatives"] == dict.fromkeys(ROLES, "ready")
+    assert memory["derivatives_reason"] is None
+    assert set(memory["assets"]) == {"original", *ROLES}
+    assert memory["thumbhash"]
+    sizes = {}
+    for role in ROLES:
+        body = api.http.get(f"/v1/memories/{memory['id']}/assets/{role}").content
+        with Image.open(io.BytesIO(body)) as image:
+            sizes[role] = image.size
+            assert "exif" not in image.info
+    assert sizes["display"] == (1200, 800)  # fits in 1920x1080 already: never upscaled
+    assert max(sizes["thumb"]) == 300
+    assert max(sizes["placeholder"]) <= 32
+    original = api.http.get(f"/v1/memories/{memory['id']}/assets/original").content
+    assert hashlib.sha256(original).digest() == hashlib.sha256(data).digest()
+    listed = api.http.get(f"/v1/capsules/{capsule}/memories").json()["items"]
+    assert listed[0]["derivatives"] == dict.fromkeys(ROLES, "ready")
+
+
+def test_not_an_image_is_unsupported_and_the_original_stays(api: Api) -> None:
+    data = b"%PDF-1.7\n" + os.urandom(5000)
+    done = upload(api, api.capsule(), data, "image/jpeg")  # it lies about its type
+    memory = settled(api, done["memory_id"])
+    assert memory["derivatives"] == dict.fromkeys(ROLES, "unsupported")
+    assert memory["derivatives_reason"]
+    assert set(memory["assets"]) == {"original"}
+    assert api.http.get(f"/v1/memories/{memory['id']}/assets/original").content == data
+
+
+async def _claim_and_vanish(server: LiveServer) -> str | None:
+    db = Database.open(f"sqlite:///{server.data_dir / 'memvault.db'}")
+    try:
+        job = await JobQueue(db, SystemClock(), lease=2).claim("a-worker-that-dies")
+        return job.memory_id if job is not None else None
+    finally:
+        await db.dispose()
+
+
+def test_a_job_left_by_a_killed_server_completes_after_restart(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path / "data",
+                        env={**SMALL_CHUNKS, "MEMVAULT_DERIVATIVE_WORKERS": "0"})
+    server.start()
+    api = server.api()
+    try:
+        done = upload(api, api.capsule(), jpeg(640, 480), "image/jpeg")
+        memory = api.http.get(f"/v1/memories/{done['memory_id']}").json()
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "pending")
+        server.kill(signal.SIGKILL)
+        # A worker took the job and died with it: the job is left "running" under a lease
+        # nobody renews.
+        assert asyncio.run(_claim_and_vanish(server)) == done["memory_id"]
+        server.env.update(MEMVAULT_DERIVATIVE_WORKERS="1", MEMVAULT_DERIVATIVE_LEASE="2")
+        server.start()
+        memory = settled(api, done["memory_id"])
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "ready")
+        assert set(memory["assets"]) == {"original", *ROLES}
+    finally:
+        api.http.close()
+        server.kill()

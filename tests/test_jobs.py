@@ -1,0 +1,169 @@
+"""Derivative jobs in-process on a manual clock: claim, lease, retry, fail, never twice.
+
+The job row is made by finish's commit transaction; these tests drive the queue the way
+workers do, including workers that die (their lease lapses) and workers that come back late
+(their result is refused, so nothing a user can see happens twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from random import Random
+
+import pytest
+
+from memvault.jobs.queue import FAILED, PENDING, UNSUPPORTED, JobQueue, StoredDerivative
+from memvault.sessions import ChunkChecksums
+from tests.inprocess import CHUNK, InProcess, inprocess, pieces
+
+
+async def _original(ip: InProcess, key: str) -> str:
+    data = os.urandom(CHUNK + 7)
+    session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), key))
+    for index in range(session.chunk_count):
+        offset, length = session.chunk_range(index)
+        await ip.uploads.put_chunk(ip.caller, session.id, index, length,
+                                   pieces(data[offset:offset + length], Random(index)),
+                                   ChunkChecksums())
+    _, memory = await ip.uploads.finish(ip.caller, session.id, len(data),
+                                        hashlib.sha256(data).hexdigest())
+    return memory.id
+
+
+def _queue(ip: InProcess) -> JobQueue:
+    return JobQueue(ip.db, ip.clock, lease=30, max_attempts=3, backoff=10)
+
+
+async def _derivative(ip: InProcess, role: str, data: bytes) -> StoredDerivative:
+    """Store bytes the way the runner does (content-addressed blob, no row yet)."""
+    key = f"drv_{role}_{hashlib.sha256(data).hexdigest()[:8]}"
+    await ip.store.stage(key)
+    writer = await ip.store.open_writer(key, 0)
+    await writer.write([data])
+    await writer.close(durable=True)
+    sha = hashlib.sha256(data).hexdigest()
+    return StoredDerivative(role, sha, len(data), await ip.store.commit(key, sha, len(data)),
+                            "image/webp")
+
+
+async def test_finishing_an_original_enqueues_one_job_that_one_worker_claims(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        memory_id = await _original(ip, "a")
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"),
+                                                   "pending")
+        queue = _queue(ip)
+        claims = await asyncio.gather(*(queue.claim(f"w{i}") for i in range(5)))
+        won = [c for c in claims if c is not None]
+        assert len(won) == 1, "two workers got the same job"
+        job = won[0]
+        assert (job.memory_id, job.attempts, job.missing) == (
+            memory_id, 1, ("display", "thumb", "placeholder"))
+        assert await queue.claim("w9") is None
+
+
+async def test_a_dead_workers_job_is_taken_over_and_its_late_result_refused(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        memory_id = await _original(ip, "b")
+        queue = _queue(ip)
+        first = await queue.claim("dies")
+        assert first is not None
+        ip.clock.advance(29)
+        assert await queue.claim("other") is None  # the lease still holds
+        ip.clock.advance(2)
+        second = await queue.claim("other")
+        assert second is not None
+        assert second.attempts == 2
+        made = [await _derivative(ip, role, role.encode() * 10)
+                for role in ("display", "thumb", "placeholder")]
+        assert not await queue.renew(first, "dies")
+        assert not await queue.complete(first, "dies", made, "late")  # changes nothing
+        assert (await ip.capsules.get_memory(ip.caller, memory_id)).assets.keys() == {
+            "original"}
+        assert await queue.complete(second, "other", made, "AAAA")
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert memory.assets.keys() == {"original", "display", "thumb", "placeholder"}
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+        assert memory.thumbhash == "AAAA"
+        assert await queue.counts() == {"done": 1}
+
+
+async def test_failures_back_off_then_fail_for_good_with_the_reason(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        memory_id = await _original(ip, "c")
+        queue = _queue(ip)
+        job = await queue.claim("w")
+        for attempt, wait in ((1, 10), (2, 20)):  # backoff doubles: 10 s, then 20 s
+            assert job is not None
+            assert job.attempts == attempt
+            assert await queue.fail(job, "w", f"boom {attempt}") == PENDING
+            ip.clock.advance(wait - 0.5)
+            assert await queue.claim("w") is None
+            ip.clock.advance(0.5)
+            job = await queue.claim("w")
+        assert job is not None
+        assert job.attempts == 3
+        assert await queue.fail(job, "w", "boom 3") == FAILED
+        ip.clock.advance(10_000)
+        assert await queue.claim("w") is None
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "failed")
+        assert memory.derivatives_reason == "boom 3"
+
+
+async def test_unsupported_is_final_and_client_uploads_are_never_overwritten(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        pdf = await _original(ip, "pdf")
+        queue = _queue(ip)
+        job = await queue.claim("w")
+        assert job is not None
+        assert await queue.finish(job, "w", UNSUPPORTED, "not_an_image: a PDF")
+        memory = await ip.capsules.get_memory(ip.caller, pdf)
+        assert set(memory.derivatives.values()) == {"unsupported"}
+        assert memory.derivatives_reason == "not_an_image: a PDF"
+
+        photo = await _original(ip, "photo")
+        job = await queue.claim("w")
+        assert job is not None
+        assert job.memory_id == photo
+        # The client's own display lands while the server works on the job.
+        client_display = os.urandom(300)
+        s, _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+            len(client_display), "display", memory_id=photo, role="display"))
+        await ip.uploads.put_chunk(ip.caller, s.id, 0, len(client_display),
+                                   pieces(client_display, Random(0)), ChunkChecksums())
+        await ip.uploads.finish(ip.caller, s.id, len(client_display),
+                                hashlib.sha256(client_display).hexdigest())
+        made = [await _derivative(ip, role, role.encode() * 10)
+                for role in ("display", "thumb", "placeholder")]
+        assert await queue.complete(job, "w", made, "BBBB")
+        memory = await ip.capsules.get_memory(ip.caller, photo)
+        assert memory.assets["display"].sha256 == hashlib.sha256(client_display).hexdigest()
+        assert memory.assets["thumb"].sha256 == hashlib.sha256(b"thumb" * 10).hexdigest()
+
+
+@pytest.mark.parametrize("role", ["display"])
+async def test_a_memory_without_an_original_has_no_job(role: str, database_url: str | None) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        memory = await ip.capsules.new_memory(ip.caller, ip.capsule_id)
+        assert set(memory.derivatives.values()) == {"absent"}
+        data = os.urandom(100)
+        s, _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+            len(data), "d", memory_id=memory.id, role=role))
+        await ip.uploads.put_chunk(ip.caller, s.id, 0, len(data), pieces(data, Random(0)),
+                                   ChunkChecksums())
+        await ip.uploads.finish(ip.caller, s.id, len(data), hashlib.sha256(data).hexdigest())
+        assert await _queue(ip).claim("w") is None
+        memory = await ip.capsules.get_memory(ip.caller, memory.id)
+        assert memory.derivatives == {"display": "ready", "thumb": "absent",
+                                      "placeholder": "absent"}
