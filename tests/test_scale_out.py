@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +30,43 @@ from tests.helpers import Api
 Pair = tuple[LiveServer, LiveServer]
 
 
-def start_pair(tmp_path: Path, postgres_url: str, **env: str) -> Pair:
-    common = {**SMALL_CHUNKS, "MEMVAULT_DATABASE_URL": postgres_url, **env}
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run([sys.executable, "-m", "memvault", "db", "upgrade", "--data", str(data)],
-                   env={**os.environ, **common}, check=True, capture_output=True, timeout=120)
-    first = LiveServer(data, env=common)
-    first.start()  # makes the admin principal and its token file
-    second = LiveServer(data, env=common)
-    second.start()
-    return first, second
+@dataclass
+class Cluster:
+    servers: Pair
+    a: Api
+    b: Api
+
+
+StartCluster = Callable[..., Cluster]
 
 
 @pytest.fixture
-def pair(tmp_path: Path, postgres_url: str) -> Iterator[Pair]:
-    servers = start_pair(tmp_path, postgres_url)
-    try:
-        yield servers
-    finally:
-        for server in servers:
+def cluster(tmp_path: Path, postgres_url: str) -> Iterator[StartCluster]:
+    """``cluster(**env)``: two servers on one fresh PostgreSQL database and one blob folder,
+    with a client for each; all stopped when the test ends."""
+    started: list[Cluster] = []
+
+    def start(**env: str) -> Cluster:
+        common = {**SMALL_CHUNKS, "MEMVAULT_DATABASE_URL": postgres_url, **env}
+        data = tmp_path / "data"
+        data.mkdir()
+        subprocess.run(
+            [sys.executable, "-m", "memvault", "db", "upgrade", "--data", str(data)],
+            env={**os.environ, **common}, check=True, capture_output=True, timeout=120,
+        )
+        first = LiveServer(data, env=common)
+        first.start()  # makes the admin principal and its token file
+        second = LiveServer(data, env=common)
+        second.start()
+        started.append(Cluster((first, second), first.api(), second.api()))
+        return started[-1]
+
+    yield start
+    for c in started:
+        c.a.http.close()
+        c.b.http.close()
+        for server in c.servers:
             server.kill()
-
-
-@pytest.fixture
-def clients(pair: Pair) -> Iterator[tuple[Api, Api]]:
-    a, b = pair[0].api(), pair[1].api()
-    try:
-        yield a, b
-    finally:
-        a.http.close()
-        b.http.close()
 
 
 def events(servers: Pair, name: str) -> list[dict[str, Any]]:
@@ -102,9 +109,10 @@ def race_one_upload(a: Api, b: Api, capsule: str) -> None:
 
 
 def test_a_session_is_driven_through_both_servers_and_finished_by_both_at_once(
-    clients: tuple[Api, Api],
+    cluster: StartCluster,
 ) -> None:
-    a, b = clients
+    c = cluster()
+    a, b = c.a, c.b
     capsule = a.capsule()
     for _ in range(5):
         race_one_upload(a, b, capsule)
@@ -114,48 +122,34 @@ def test_a_session_is_driven_through_both_servers_and_finished_by_both_at_once(
 
 
 def test_the_idempotent_begin_and_the_pending_cap_hold_across_servers(
-    tmp_path: Path, postgres_url: str,
+    cluster: StartCluster,
 ) -> None:
-    servers = start_pair(tmp_path, postgres_url, MEMVAULT_MAX_PENDING_PER_CAPSULE="4")
-    a, b = servers[0].api(), servers[1].api()
-    try:
-        capsule = a.capsule()
-        same = both([lambda api=api: api.begin(capsule, 1000, idempotency_key="one")
-                     for api in (a, b, a, b)])
-        assert sorted(r.status_code for r in same) == [200, 200, 200, 201]
-        assert len({r.json()["id"] for r in same}) == 1
-        many = both([lambda api=api, i=i: api.begin(capsule, 1000, idempotency_key=f"k{i}")
-                     for i, api in enumerate((a, b) * 4)])
-        codes = sorted(r.status_code for r in many)
-        assert codes == [201] * 3 + [429] * 5, codes  # 4 pending at most, "one" included
-    finally:
-        a.http.close()
-        b.http.close()
-        for server in servers:
-            server.kill()
+    c = cluster(MEMVAULT_MAX_PENDING_PER_CAPSULE="4")
+    a, b = c.a, c.b
+    capsule = a.capsule()
+    same = both([lambda api=api: api.begin(capsule, 1000, idempotency_key="one")
+                 for api in (a, b, a, b)])
+    assert sorted(r.status_code for r in same) == [200, 200, 200, 201]
+    assert len({r.json()["id"] for r in same}) == 1
+    many = both([lambda api=api, i=i: api.begin(capsule, 1000, idempotency_key=f"k{i}")
+                 for i, api in enumerate((a, b) * 4)])
+    codes = sorted(r.status_code for r in many)
+    assert codes == [201] * 3 + [429] * 5, codes  # 4 pending at most, "one" included
 
 
-def test_reapers_on_both_servers_expire_each_session_once(
-    tmp_path: Path, postgres_url: str,
-) -> None:
-    servers = start_pair(tmp_path, postgres_url, MEMVAULT_SESSION_TTL="1",
-                         MEMVAULT_REAPER_INTERVAL="0.2")
-    a = servers[0].api()
-    try:
-        capsule = a.capsule()
-        ids = [a.session(capsule, 1000)["id"] for _ in range(12)]
-        deadline = time.monotonic() + 60
-        while len(events(servers, "session.expire")) < len(ids):
-            assert time.monotonic() < deadline, "sessions not expired in time"
-            time.sleep(0.2)
-        time.sleep(1)  # several more reaper passes on both servers
-        expired = [e["session_id"] for e in events(servers, "session.expire")]
-        assert sorted(expired) == sorted(ids)  # each once, none twice
-        assert a.http.get(f"/v1/uploads/{ids[0]}").json()["code"] == "expired"
-    finally:
-        a.http.close()
-        for server in servers:
-            server.kill()
+def test_reapers_on_both_servers_expire_each_session_once(cluster: StartCluster) -> None:
+    c = cluster(MEMVAULT_SESSION_TTL="1", MEMVAULT_REAPER_INTERVAL="0.2")
+    a, servers = c.a, c.servers
+    capsule = a.capsule()
+    ids = [a.session(capsule, 1000)["id"] for _ in range(12)]
+    deadline = time.monotonic() + 60
+    while len(events(servers, "session.expire")) < len(ids):
+        assert time.monotonic() < deadline, "sessions not expired in time"
+        time.sleep(0.2)
+    time.sleep(1)  # several more reaper passes on both servers
+    expired = [e["session_id"] for e in events(servers, "session.expire")]
+    assert sorted(expired) == sorted(ids)  # each once, none twice
+    assert a.http.get(f"/v1/uploads/{ids[0]}").json()["code"] == "expired"
 
 
 def _jpeg(seed: int) -> bytes:
@@ -165,32 +159,24 @@ def _jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-def test_derivative_workers_on_both_servers_run_each_job_once(
-    tmp_path: Path, postgres_url: str,
-) -> None:
-    servers = start_pair(tmp_path, postgres_url, MEMVAULT_DERIVATIVE_WORKERS="1")
-    a, b = servers[0].api(), servers[1].api()
-    try:
-        capsule = a.capsule()
-        memory_ids = []
-        for seed in range(8):
-            data = _jpeg(seed)
-            api = a if seed % 2 else b
-            done = api.upload(capsule, data, content_type="image/jpeg")
-            memory_ids.append(done["memory_id"])
-        deadline = time.monotonic() + 120
-        for memory_id in memory_ids:
-            while True:
-                memory = a.http.get(f"/v1/memories/{memory_id}").json()
-                if set(memory["derivatives"].values()) == {"ready"}:
-                    break
-                assert "failed" not in memory["derivatives"].values(), memory
-                assert time.monotonic() < deadline, memory
-                time.sleep(0.1)
-        done_events = events(servers, "jobs.done")
-        assert sorted(e["memory_id"] for e in done_events) == sorted(memory_ids)
-    finally:
-        a.http.close()
-        b.http.close()
-        for server in servers:
-            server.kill()
+def test_derivative_workers_on_both_servers_run_each_job_once(cluster: StartCluster) -> None:
+    c = cluster(MEMVAULT_DERIVATIVE_WORKERS="1")
+    a, b, servers = c.a, c.b, c.servers
+    capsule = a.capsule()
+    memory_ids = []
+    for seed in range(8):
+        data = _jpeg(seed)
+        api = a if seed % 2 else b
+        done = api.upload(capsule, data, content_type="image/jpeg")
+        memory_ids.append(done["memory_id"])
+    deadline = time.monotonic() + 120
+    for memory_id in memory_ids:
+        while True:
+            memory = a.http.get(f"/v1/memories/{memory_id}").json()
+            if set(memory["derivatives"].values()) == {"ready"}:
+                break
+            assert "failed" not in memory["derivatives"].values(), memory
+            assert time.monotonic() < deadline, memory
+            time.sleep(0.1)
+    done_events = events(servers, "jobs.done")
+    assert sorted(e["memory_id"] for e in done_events) == sorted(memory_ids)
