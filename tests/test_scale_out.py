@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -180,3 +181,27 @@ def test_derivative_workers_on_both_servers_run_each_job_once(cluster: StartClus
             time.sleep(0.1)
     done_events = events(servers, "jobs.done")
     assert sorted(e["memory_id"] for e in done_events) == sorted(memory_ids)
+
+
+def test_a_server_refuses_an_out_of_date_schema_and_says_what_to_run(
+    tmp_path: Path, postgres_url: str,
+) -> None:
+    env = {**os.environ, "MEMVAULT_DATABASE_URL": postgres_url, "MEMVAULT_LOG_FORMAT": "json"}
+    serve = [sys.executable, "-m", "memvault", "serve", "--data", str(tmp_path / "data"),
+             "--port", "1"]  # never gets as far as listening
+    refused = subprocess.run(serve, env=env, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert refused.returncode != 0
+    assert "run `memvault db upgrade`" in refused.stdout + refused.stderr
+    upgrade = subprocess.run(
+        [sys.executable, "-m", "memvault", "db", "upgrade", "--data", str(tmp_path / "data")],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "schema is current" in upgrade.stdout
+    server = LiveServer(tmp_path / "data", env={"MEMVAULT_DATABASE_URL": postgres_url})
+    server.start()
+    try:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+    finally:
+        server.kill()
