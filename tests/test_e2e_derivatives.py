@@ -177,3 +177,39 @@ def test_a_worker_without_processes_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "at least one process" in r.stderr
+
+
+def big_png() -> bytes:
+    """81 megapixels of one colour: a 250 KB file whose decode needs ~243 MB and a while."""
+    out = io.BytesIO()
+    Image.new("RGB", (9000, 9000), (30, 120, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("limits", "reason"), [
+    ({"MEMVAULT_DERIVATIVE_TIMEOUT": "0.05"}, "took longer than 0.05 s"),
+    ({"MEMVAULT_DERIVATIVE_MEMORY_LIMIT": str(200 * 1024 * 1024)}, "decoder process failed"),
+])
+def test_an_image_over_the_job_limits_fails_alone_and_the_queue_moves_on(
+    tmp_path: Path, limits: dict[str, str], reason: str,
+) -> None:
+    server = LiveServer(tmp_path / "data", env={
+        **SMALL_CHUNKS, "MEMVAULT_DERIVATIVE_WORKERS": "1", "MEMVAULT_DERIVATIVE_ATTEMPTS": "1",
+        **limits,
+    })
+    server.start()
+    api = server.api()
+    try:
+        capsule = api.capsule()
+        data = big_png()
+        heavy = upload(api, capsule, data, "image/png")["memory_id"]
+        memory = settled(api, heavy)
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "failed"), memory
+        assert reason in memory["derivatives_reason"]
+        assert hashlib.sha256(api.read(heavy).content).hexdigest() == (
+            hashlib.sha256(data).hexdigest())  # the original is untouched
+        light = upload(api, capsule, jpeg(320, 240), "image/jpeg")["memory_id"]
+        assert settled(api, light)["derivatives"] == dict.fromkeys(ROLES, "ready")
+    finally:
+        api.http.close()
+        server.kill()
