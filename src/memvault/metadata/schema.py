@@ -143,6 +143,9 @@ upload_parts = sa.Table(
     sa.Column("claimed_at", sa.Double, nullable=False),
     sa.Column("crc32c", sa.BigInteger, nullable=True),
     sa.Column("received_at", sa.Double, nullable=True),
+    # What the blob store answered for the part (S3: part number, ETag, checksum), handed
+    # back to it when the upload is sealed; opaque to the core, NULL for the local store.
+    sa.Column("receipt", sa.String(500), nullable=True),
 )
 
 derivative_jobs = sa.Table(

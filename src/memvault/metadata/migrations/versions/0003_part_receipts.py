@@ -1,0 +1,25 @@
+"""upload_parts.receipt: the blob store's answer for each part (S3 ETag and checksum)
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("upload_parts") as batch:
+        batch.add_column(sa.Column("receipt", sa.String(length=500), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("upload_parts") as batch:
+        batch.drop_column("receipt")
