@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.helpers import Api
+from tests.s3server import CREDENTIALS, S3Server, run_moto
 
 SMALL_CHUNKS = {"MEMVAULT_CHUNK_SIZE": str(256 * 1024), "MEMVAULT_STORAGE_RESERVE": "0"}
 """Small chunks make multi-chunk scenarios cheap; behaviour does not depend on the size."""
@@ -153,3 +154,20 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
         yield f"{base}/{name}"
     finally:
         asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One moto S3 server for the whole run (tests use buckets of their own). The AWS
+    credential chain of this process and its servers reads the test credentials from the
+    environment, so it never looks further (instance metadata is off)."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        yield from run_moto(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
