@@ -39,7 +39,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     s3: S3Server = request.getfixturevalue("s3_server")
     store = S3BlobStore(S3Location(s3.new_bucket(), "contract/"),
                         S3Options(endpoint_url=s3.endpoint_url, region=REGION,
-                                  spool_dir=tmp_path / "spool"))
+                                  spool_dir=tmp_path / "spool", attempts=2))
     await store.open()
     try:
         yield Backend(store, "ses_0123456789abcdef")

@@ -123,3 +123,30 @@ def test_readiness_reports_the_bucket(s3_live: tuple[LiveServer, str], s3_server
         assert body["checks"]["metadata"] == "ok"
     finally:
         lost.kill(15)
+
+
+def test_64_mib_upload_to_s3_does_not_grow_server_memory(
+    s3_server: S3Server, tmp_path: Path,
+) -> None:
+    """With 32 MiB chunks (parts), holding even one part in memory on its way to S3 would
+    add 32 MiB to the peak: parts are spooled to disk and uploaded from the file."""
+    env = {**_env(s3_server, s3_server.new_bucket()), "MEMVAULT_CHUNK_SIZE": str(32 * MiB),
+           "MEMVAULT_S3_SPOOL_DIR": str(tmp_path / "spool")}
+    server = LiveServer(tmp_path / "data", env=env)
+    server.start()
+    try:
+        api = server.api()
+        cap = api.capsule()
+        api.upload(cap, os.urandom(6 * MiB))  # warm every code path (and a part upload) first
+        baseline = server.rss_kib("VmHWM")
+        data = os.urandom(64 * MiB)
+        s = api.session(cap, len(data))
+        assert s["chunk_size"] == 32 * MiB
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(lambda i: api.put(s, i, data).status_code, [1, 0])) == [200] * 2
+        assert api.finish(s, data).status_code == 200
+        grown_mib = (server.rss_kib("VmHWM") - baseline) / 1024
+        assert grown_mib < 12, f"server peak RSS grew by {grown_mib:.1f} MiB for a 64 MiB upload"
+        api.http.close()
+    finally:
+        server.kill(15)

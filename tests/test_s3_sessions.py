@@ -87,8 +87,15 @@ async def test_chunks_past_a_gap_are_hashed_from_the_spool_not_read_back(
         session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "spool"))
         assert session.chunk_size == PART
         reads = ranges_read(ip.store, monkeypatch)
-        for index in (2, 0, 1):  # 2 waits past the gap in the spool; 1 fills it in flight
-            await put(ip, ip.uploads, session.id, index, data)
+        assert isinstance(ip.store, S3BlobStore)
+        spool = ip.store.spool
+        await put(ip, ip.uploads, session.id, 2, data)  # past the gap: its file is kept
+        assert spool.kept_bytes == len(data) - 2 * PART
+        await put(ip, ip.uploads, session.id, 0, data)  # hashed in flight: not kept
+        assert spool.kept_bytes == len(data) - 2 * PART
+        await put(ip, ip.uploads, session.id, 1, data)  # fills the gap; 2 hashed from disk
+        assert spool.kept_bytes == 0
+        assert list(spool.folder.iterdir()) == []
         row = await ip.session_row(session.id)
         assert row is not None
         assert row["hashed_offset"] == len(data)

@@ -113,7 +113,7 @@ class ChunkReceiver:
         try:
             digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
             writer = await self.store.open_writer(session.staging_key, offset, length=length,
-                                                  part=index)
+                                                  part=index, hashed=prefix is not None)
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
                 try:

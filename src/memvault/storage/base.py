@@ -62,9 +62,12 @@ class BlobStore(Protocol):
         staging key to use for it from then on, which may carry the store's own reference."""
         ...
 
-    async def open_writer(self, key: str, offset: int, *, length: int, part: int) -> PartWriter:
+    async def open_writer(self, key: str, offset: int, *, length: int, part: int,
+                          hashed: bool = False) -> PartWriter:
         """A writer for part ``part`` (0-based, ``length`` bytes) at ``offset`` of the staging
-        area. ``StagingGone`` if the area is gone, here or when the part is closed."""
+        area. ``StagingGone`` if the area is gone, here or when the part is closed.
+        ``hashed``: the core digests these bytes as they stream (the part starts at the hash
+        frontier), so they need not stay readable for ``read_staged`` before the seal."""
         ...
 
     def read_staged(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:

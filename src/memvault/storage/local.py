@@ -36,7 +36,7 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @contextlib.contextmanager
-def _out_of_space_is_typed() -> Iterator[None]:
+def out_of_space_is_typed() -> Iterator[None]:
     """A full volume (or quota, or file size limit) is the client's 507, not our 500: the
     chunk is not received, the session stays resumable, and nothing received is touched."""
     try:
@@ -58,7 +58,7 @@ class LocalPartWriter:
         self._closed = False
 
     async def write(self, pieces: Sequence[bytes]) -> None:
-        with _out_of_space_is_typed():
+        with out_of_space_is_typed():
             written = await asyncio.to_thread(self._pwritev_all, list(pieces), self._offset)
         self._offset += written
 
@@ -84,7 +84,7 @@ class LocalPartWriter:
         fd = self._fd
         try:
             if durable:
-                with _out_of_space_is_typed():
+                with out_of_space_is_typed():
                     await asyncio.to_thread(os.fdatasync, fd)
         finally:
             os.close(fd)
@@ -128,7 +128,7 @@ class LocalBlobStore:
         return key
 
     async def open_writer(
-        self, key: str, offset: int, *, length: int, part: int
+        self, key: str, offset: int, *, length: int, part: int, hashed: bool = False
     ) -> LocalPartWriter:
         path = self._staged(key)
         try:

@@ -27,20 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import errno
 import json
-import os
 import re
-import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import crc32c
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -48,6 +43,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from memvault.errors import Unavailable
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, StagedUnavailable, StagingGone
+from memvault.storage.spool import Spool, SpooledPart
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -94,13 +90,6 @@ class S3Options:
     attempts: int = 3
 
 
-@dataclass
-class _Kept:
-    path: Path
-    length: int
-    at: float
-
-
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -126,63 +115,6 @@ def _split(staging_key: str) -> tuple[str, str]:
     return name, upload_id
 
 
-class S3PartWriter:
-    """Spools one part to a local file, then uploads it as one UploadPart."""
-
-    def __init__(self, store: S3BlobStore, staging_key: str, offset: int, length: int,
-                 part: int) -> None:
-        self._store = store
-        self._staging_key = staging_key
-        self._offset = offset
-        self._length = length
-        self._part = part
-        fd, name = tempfile.mkstemp(dir=store.spool_dir, prefix="part-")
-        self._fd: int | None = fd
-        self._path = Path(name)
-        self._written = 0
-        self._crc = 0
-
-    async def write(self, pieces: Sequence[bytes]) -> None:
-        assert self._fd is not None
-        self._written += await asyncio.to_thread(self._append, list(pieces))
-
-    def _append(self, pieces: list[bytes]) -> int:
-        assert self._fd is not None
-        total = 0
-        for piece in pieces:
-            view = memoryview(piece)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
-                total += n
-            self._crc = crc32c.crc32c(piece, self._crc)
-        return total
-
-    async def close(self, *, durable: bool) -> str | None:
-        # An S3 part is durable once UploadPart answers: ``durable`` asks for nothing more.
-        try:
-            if self._written != self._length:
-                raise OSError(errno.EIO, f"part has {self._written} of {self._length} bytes")
-            receipt = await self._store.upload_part(
-                self._staging_key, self._part, self._path, self._length, self._crc)
-        except BaseException:
-            await self.abandon()
-            raise
-        self._release()
-        name, _ = _split(self._staging_key)
-        self._store.keep(name, self._offset, self._length, self._path)
-        return receipt
-
-    async def abandon(self) -> None:
-        self._release()
-        self._path.unlink(missing_ok=True)
-
-    def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class S3BlobStore:
     """Blob store on an S3-compatible object store (AWS S3, MinIO, Ceph RGW, Garage, R2...).
 
@@ -200,20 +132,16 @@ class S3BlobStore:
         self.options = options or S3Options()
         self._stack = contextlib.AsyncExitStack()
         self._client: S3Client | None = None
-        root = self.options.spool_dir or Path(tempfile.gettempdir()) / "memvault-spool"
-        self._spool_root = root
-        self.spool_dir = root  # replaced by this process's own folder in open()
-        self._kept: dict[str, dict[int, _Kept]] = {}
-        self._kept_bytes = 0
+        self.spool = Spool(
+            self.options.spool_dir or Path(tempfile.gettempdir()) / "memvault-spool",
+            keep_bytes=self.options.keep_bytes, keep_seconds=self.options.keep_seconds,
+        )
         self._sealed: dict[str, None] = {}  # insertion-ordered set, bounded
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._spool_root.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(_remove_dead_spools, self._spool_root)
-        self.spool_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-",
-                                               dir=self._spool_root))
+        await self.spool.open()
         path_style = {"addressing_style": "path"} if self.options.endpoint_url else {}
         config = AioConfig(
             # Checksums are ours to choose: a CRC32C per part (below), none on reads (the
@@ -238,7 +166,7 @@ class S3BlobStore:
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = None
-        await asyncio.to_thread(shutil.rmtree, self.spool_dir, True)
+        await self.spool.close()
 
     @property
     def client(self) -> S3Client:
@@ -260,12 +188,18 @@ class S3BlobStore:
                 Bucket=self.location.bucket, Key=self._object(key), **extra)
         return f"{key}:{answer['UploadId']}"
 
-    async def open_writer(self, key: str, offset: int, *, length: int,
-                          part: int) -> S3PartWriter:
-        _split(key)
+    async def open_writer(self, key: str, offset: int, *, length: int, part: int,
+                          hashed: bool = False) -> SpooledPart:
         if not 0 <= part < MAX_PARTS:
             raise ValueError(f"part {part} is outside S3's 1..{MAX_PARTS}")
-        return S3PartWriter(self, key, offset, length, part)
+        name, _ = _split(key)
+
+        async def upload(path: Path, crc: int) -> str:
+            return await self.upload_part(key, part, path, length, crc)
+
+        # A part hashed as it streamed is never read here again: its spool file goes as soon
+        # as it is uploaded. Others stay until the frontier has hashed them.
+        return SpooledPart(self.spool, name, offset, length, upload, keep=not hashed)
 
     async def upload_part(self, staging_key: str, part: int, path: Path, length: int,
                           crc: int) -> str:
@@ -367,6 +301,10 @@ class S3BlobStore:
         self._forget(name)
         return name
 
+    def _forget(self, name: str) -> None:
+        self.spool.forget(name)
+        self._sealed.pop(name, None)
+
     async def discard(self, key: str) -> None:
         name, upload_id = _split(key)
         self._forget(name)
@@ -376,7 +314,7 @@ class S3BlobStore:
                                             Key=self._object(name))
 
     async def staged_keys(self, older_than: float) -> list[str]:
-        self._prune()  # the reaper calls this every minute or so
+        self.spool.prune()  # the reaper calls this every minute or so
         keys: list[str] = []
         paginator = self.client.get_paginator("list_multipart_uploads")
         with _mapped("list unfinished uploads"):
@@ -390,65 +328,19 @@ class S3BlobStore:
 
     # -- reading staged bytes (the hash frontier) ------------------------------------------
 
-    def keep(self, name: str, offset: int, length: int, path: Path) -> None:
-        """Keep an uploaded part's spool file for the frontier, within the byte budget."""
-        parts = self._kept.setdefault(name, {})
-        old = parts.pop(offset, None)
-        if old is not None:
-            self._drop(old)
-        parts[offset] = _Kept(path, length, time.monotonic())
-        self._kept_bytes += length
-        self._prune()
-
-    def _prune(self) -> None:
-        """Drop kept parts past their age, then the oldest until within the byte budget."""
-        limit = time.monotonic() - self.options.keep_seconds
-        entries = sorted(((k.at, name, offset) for name, parts in self._kept.items()
-                          for offset, k in parts.items()))
-        for at, name, offset in entries:
-            if at >= limit and self._kept_bytes <= self.options.keep_bytes:
-                break
-            self._drop(self._kept[name].pop(offset))
-            if not self._kept[name]:
-                del self._kept[name]
-
-    def _drop(self, kept: _Kept) -> None:
-        self._kept_bytes -= kept.length
-        kept.path.unlink(missing_ok=True)
-
-    def _forget(self, name: str) -> None:
-        for kept in self._kept.pop(name, {}).values():
-            self._drop(kept)
-        self._sealed.pop(name, None)
-
-    def _held(self, name: str, offset: int, length: int) -> _Kept | None:
-        kept = self._kept.get(name, {}).get(offset)
-        return kept if kept is not None and kept.length == length else None
-
-    def _passed(self, name: str, offset: int) -> None:
-        """The frontier reached ``offset``: the parts before it are hashed, never read again."""
-        parts = self._kept.get(name, {})
-        for below in [o for o in parts if o < offset]:
-            self._drop(parts.pop(below))
-
     async def read_staged(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
         name, _ = _split(key)
-        kept = self._held(name, offset, length)
-        if kept is not None:
-            async for piece in _file_pieces(kept.path, length):
-                yield piece
-            return
-        if name not in self._sealed:
-            raise StagedUnavailable(key)
-        async for piece in self._get(self._object(name), offset, offset + length, staged=key):
+        kept = self.spool.pieces(name, offset, length)
+        if kept is None:
+            if name not in self._sealed:
+                raise StagedUnavailable(key)
+            kept = self._get(self._object(name), offset, offset + length, staged=key)
+        async for piece in kept:
             yield piece
 
     async def hash_staged(self, key: str, offset: int, length: int, state: Sha256State) -> None:
         name, _ = _split(key)
-        self._passed(name, offset)
-        kept = self._held(name, offset, length)
-        if kept is not None:
-            await asyncio.to_thread(_hash_file, kept.path, length, state)
+        if await self.spool.hash(name, offset, length, state):
             return
         if name not in self._sealed:
             raise StagedUnavailable(key)
@@ -500,41 +392,3 @@ class S3BlobStore:
             await self.client.head_bucket(Bucket=self.location.bucket)
         except _FAILURES as exc:
             raise OSError(f"s3://{self.location.bucket}: {type(exc).__name__}: {exc}") from exc
-
-
-async def _file_pieces(path: Path, length: int) -> AsyncIterator[bytes]:
-    with path.open("rb") as f:
-        left = length
-        while left:
-            piece = await asyncio.to_thread(f.read, min(_READ_PIECE, left))
-            if not piece:
-                raise OSError(errno.EIO, f"unexpected end of {path}")
-            left -= len(piece)
-            yield piece
-
-
-def _hash_file(path: Path, length: int, state: Sha256State) -> None:
-    buf = bytearray(min(_READ_PIECE, max(length, 1)))
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        left = length
-        while left:
-            n = f.readinto(view[: min(len(buf), left)])
-            if not n:
-                raise OSError(errno.EIO, f"unexpected end of {path}")
-            state.update(view[:n])
-            left -= n
-
-
-def _remove_dead_spools(root: Path) -> None:
-    """Spool folders of processes that are gone (killed before they could clean up)."""
-    for entry in root.iterdir():
-        pid_text = entry.name.split("-", 1)[0]
-        if not (entry.is_dir() and pid_text.isdigit()):
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            continue  # alive, someone else's
