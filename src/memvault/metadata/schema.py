@@ -107,7 +107,9 @@ upload_sessions = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("chunk_size", sa.BigInteger, nullable=False),
     sa.Column("declared_sha256", sa.String(64), nullable=True),
-    sa.Column("staging_key", sa.String(300), nullable=False),
+    # The blob store's name for the session's staging area (S3: object name + upload id,
+    # whose length S3 does not bound: hence the room).
+    sa.Column("staging_key", sa.String(1024), nullable=False),
     # The whole-object SHA-256 over the contiguous received prefix [0, hashed_offset).
     sa.Column("hashed_offset", sa.BigInteger, nullable=False),
     sa.Column("hash_state", sa.LargeBinary, nullable=False),

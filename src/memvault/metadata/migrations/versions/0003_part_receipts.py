@@ -1,4 +1,5 @@
-"""upload_parts.receipt: the blob store's answer for each part (S3 ETag and checksum)
+"""upload_parts.receipt: the blob store's answer for each part (S3 ETag and checksum);
+upload_sessions.staging_key widened for S3 upload ids
 
 Revision ID: 0003
 Revises: 0002
@@ -18,8 +19,14 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("upload_parts") as batch:
         batch.add_column(sa.Column("receipt", sa.String(length=500), nullable=True))
+    with op.batch_alter_table("upload_sessions") as batch:
+        batch.alter_column("staging_key", type_=sa.String(length=1024),
+                           existing_type=sa.String(length=300), existing_nullable=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("upload_sessions") as batch:
+        batch.alter_column("staging_key", type_=sa.String(length=300),
+                           existing_type=sa.String(length=1024), existing_nullable=False)
     with op.batch_alter_table("upload_parts") as batch:
         batch.drop_column("receipt")
