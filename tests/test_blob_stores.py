@@ -1,4 +1,5 @@
-"""The blob store port's contract, run against every backend: the local folder and S3 (moto).
+"""The blob store port's contract, run against every backend: the local folder, and the S3
+store on two S3 implementations (moto and ``rclone serve s3``).
 
 Parts are 5 MiB, S3's smallest (every part but the last); the local store takes any size.
 """
@@ -31,12 +32,13 @@ class Backend:
     """A well-formed storage key of a blob that does not exist."""
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "moto", "rclone"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param == "local":
         yield Backend(LocalBlobStore(tmp_path / "blobs"), "blobs/ab/cc/ab" + "c" * 62)
         return
-    s3: S3Server = request.getfixturevalue("s3_server")
+    s3: S3Server = request.getfixturevalue(
+        "s3_server" if request.param == "moto" else "rclone_server")
     store = S3BlobStore(S3Location(s3.new_bucket(), "contract/"),
                         S3Options(endpoint_url=s3.endpoint_url, region=REGION,
                                   spool_dir=tmp_path / "spool", attempts=2))

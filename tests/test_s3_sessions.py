@@ -33,6 +33,12 @@ PART = 5 * MiB
 
 
 @pytest.fixture
+def s3_server(any_s3: S3Server) -> S3Server:
+    """Every test here runs on moto and on rclone."""
+    return any_s3
+
+
+@pytest.fixture
 def s3_settings(s3_server: S3Server, tmp_path: Path) -> dict[str, Any]:
     bucket = s3_server.new_bucket()
     return {"blob_store": f"s3://{bucket}/mv", "s3_endpoint_url": s3_server.endpoint_url,
