@@ -122,6 +122,8 @@ upload_sessions = sa.Table(
     sa.Index("ix_upload_sessions_owner_state", "owner", "state"),
     sa.Index("ix_upload_sessions_owner_created", "owner", "created_at"),
     sa.Index("ix_upload_sessions_state_expires", "state", "expires_at"),
+    # The staging sweep looks sessions up by the staging areas the store lists.
+    sa.Index("ix_upload_sessions_staging_key", "staging_key"),
     sa.Index(
         "uq_upload_sessions_pending_idem", "owner", "idem_scope", "idem_key",
         unique=True,

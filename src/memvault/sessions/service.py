@@ -279,9 +279,11 @@ class SessionService:
         sealed = False
         try:
             computed = await self._frontier.digest(session.id, session.size)
-        except frontier.Behind:
+        except frontier.Behind as behind:
             # Some received bytes are readable only once the upload is whole (S3 parts that
             # another process received): seal it, then hash the rest from the sealed object.
+            log.info("session.read_back", session_id=session.id, offset=behind.offset,
+                     length=session.size - behind.offset)
             await self._seal(session)
             sealed = True
             computed = await self._frontier.digest(session.id, session.size)
