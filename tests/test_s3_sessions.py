@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from memvault.errors import ChecksumMismatch
+from memvault.errors import ChecksumMismatch, Internal
 from memvault.metadata.schema import blobs, upload_parts
 from memvault.sessions import ChunkChecksums
 from memvault.settings import Settings
@@ -225,3 +225,26 @@ async def test_parts_rows_hold_no_receipt_on_the_local_store() -> None:
         await put(ip, ip.uploads, session.id, 0, data)
         query = sa.select(upload_parts.c.receipt)
         assert await ip.db.query(lambda conn: conn.execute(query).scalars().all()) == [None]
+
+
+async def test_parts_the_store_refuses_are_an_internal_error_not_a_retry(
+    s3_settings: dict[str, Any],
+) -> None:
+    """A receipt that does not match the stored part (which only a lost race could cause)
+    cannot be fixed by trying again: finish says 500, not 503."""
+    async with inprocess(**s3_settings) as ip:
+        store = ip.store
+        key = await store.stage("ses_tampered")
+        data = os.urandom(PART + 10)
+        receipts = []
+        for part, offset in enumerate((0, PART)):
+            chunk = data[offset:offset + PART]
+            writer = await store.open_writer(key, offset, length=len(chunk), part=part)
+            await writer.write([chunk])
+            receipts.append(await writer.close(durable=True))
+        assert receipts[0] is not None
+        wrong = receipts[0].replace('"etag":"\\"', '"etag":"\\"0')
+        assert wrong != receipts[0]
+        with pytest.raises(Internal):
+            await store.seal(key, len(data), [wrong, receipts[1]])
+        await store.discard(key)

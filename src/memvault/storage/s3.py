@@ -40,7 +40,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from memvault.errors import Unavailable
+from memvault.errors import Internal, Unavailable
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, StagedUnavailable, StagingGone
 from memvault.storage.spool import Spool, SpooledPart
@@ -55,6 +55,7 @@ MAX_PARTS = 10_000
 _READ_PIECE = MiB
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _GONE = {"NoSuchUpload", "NoSuchKey", "404"}
+_REFUSED_PARTS = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall"}
 _FAILURES = (BotoCoreError, ClientError, aiohttp.ClientError)
 
 
@@ -257,6 +258,9 @@ class S3BlobStore:
             if await self._object_size(target) == size:
                 self._mark_sealed(name)
                 return
+            if isinstance(exc, ClientError) and _code(exc) in _REFUSED_PARTS:
+                # The recorded parts do not match the stored ones: retrying cannot help.
+                raise Internal(f"the store refused the parts of {key}: {exc}") from exc
             if await self._upload_gone(name, upload_id):
                 raise StagingGone(key) from exc
             raise _unavailable("complete an upload", exc) from exc
