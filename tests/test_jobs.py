@@ -39,10 +39,11 @@ def _queue(ip: InProcess) -> JobQueue:
 async def _derivative(ip: InProcess, role: str, data: bytes) -> StoredDerivative:
     """Store bytes the way the runner does (content-addressed blob, no row yet)."""
     key = f"drv_{role}_{hashlib.sha256(data).hexdigest()[:8]}"
-    await ip.store.stage(key)
-    writer = await ip.store.open_writer(key, 0)
+    key = await ip.store.stage(key)
+    writer = await ip.store.open_writer(key, 0, length=len(data), part=0)
     await writer.write([data])
-    await writer.close(durable=True)
+    receipt = await writer.close(durable=True)
+    await ip.store.seal(key, len(data), [receipt])
     sha = hashlib.sha256(data).hexdigest()
     return StoredDerivative(role, sha, len(data), await ip.store.commit(key, sha, len(data)),
                             "image/webp")

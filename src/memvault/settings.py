@@ -35,6 +35,29 @@ class Settings(BaseSettings):
         description="apply migrations at start; default: on for SQLite, off otherwise",
     )
 
+    blob_store: str | None = Field(
+        default=None,
+        description="where blobs live: s3://bucket/prefix for an S3-compatible object store; "
+        "default: blobs/ and staging/ in data_dir",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for stores other than AWS (MinIO, Ceph RGW, ...)"
+    )
+    s3_region: str | None = Field(default=None, description="S3 region (default: AWS chain's)")
+    s3_checksum: bool = Field(
+        default=True, description="send a CRC32C with every part (off for stores without it)"
+    )
+    s3_spool_dir: Path | None = Field(
+        default=None,
+        description="local folder where parts are spooled on their way to S3 "
+        "(default: the system's temporary folder)",
+    )
+    s3_spool_keep: int = Field(
+        default=256 * MiB,
+        description="bytes of uploaded parts kept on local disk for hashing them when the "
+        "gap before them fills",
+    )
+
     chunk_size: int = Field(default=8 * MiB, description="chunk size the server answers at begin")
     min_chunk_size: int = 64 * 1024
     max_chunk_size: int = 64 * MiB
@@ -125,7 +148,14 @@ class Settings(BaseSettings):
             raise ValueError("session_ttl and chunk_timeout must be positive")
         if self.transfer_slots < 1:
             raise ValueError("transfer_slots must be at least 1")
+        if self.blob_store and not self.blob_store.startswith("s3://"):
+            raise ValueError(f"blob_store must be an s3://bucket/prefix URL: {self.blob_store!r}")
         return self
+
+    @property
+    def s3_location(self) -> str | None:
+        """The ``s3://`` URL blobs go to, or None for the data folder."""
+        return self.blob_store or None
 
     @property
     def slots_per_principal(self) -> int:

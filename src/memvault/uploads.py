@@ -44,7 +44,7 @@ from memvault.sessions import (
 )
 from memvault.sessions.model import COMMITTED, PENDING, Pace, SessionPolicy
 from memvault.settings import Settings
-from memvault.storage.base import BlobStore
+from memvault.storage.base import BlobStore, PartLimits
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -164,15 +164,20 @@ class UploadService:
             raise InvalidArgument("content_type must be 1-200 characters")
 
     def _chunk_size(self, size: int) -> int:
-        """The configured size, grown (up to the maximum) so the chunk count stays bounded."""
+        """The configured size, grown (up to the maximum) so the chunk count stays bounded,
+        within the blob store's part limits where it has them (S3: ≥ 5 MiB, ≤ 10,000)."""
         s = self.settings
-        chunk = s.chunk_size
-        while -(-size // chunk) > s.max_chunk_count and chunk * 2 <= s.max_chunk_size:
+        chunk, largest, most = s.chunk_size, s.max_chunk_size, s.max_chunk_count
+        if isinstance(self.store, PartLimits):
+            chunk = max(chunk, self.store.min_part_size)
+            largest = min(largest, self.store.max_part_size)
+            most = min(most, self.store.max_parts)
+        while -(-size // chunk) > most and chunk * 2 <= largest:
             chunk *= 2
-        if -(-size // chunk) > s.max_chunk_count:
+        if -(-size // chunk) > most:
             raise PayloadTooLarge(
-                f"{size} bytes would need more than {s.max_chunk_count} chunks",
-                limit=s.max_chunk_count * s.max_chunk_size,
+                f"{size} bytes would need more than {most} chunks",
+                limit=most * largest,
             )
         return chunk
 

@@ -24,7 +24,7 @@ from memvault.metadata import Database
 from memvault.metadata.migrate import is_current, upgrade
 from memvault.metrics import Metrics
 from memvault.settings import Settings
-from memvault.storage.local import LocalBlobStore
+from memvault.storage.factory import close_blob_store, open_blob_store
 from memvault.uploads import UploadService
 from memvault.worker import background
 
@@ -47,7 +47,11 @@ async def open_services(
     if not settings.migrate_on_start and not await is_current(db):
         await db.dispose()
         raise SchemaOutOfDate("the database schema is out of date: run `memvault db upgrade`")
-    store = LocalBlobStore(settings.data_dir)
+    try:
+        store = await open_blob_store(settings)
+    except BaseException:
+        await db.dispose()
+        raise
     capsules = CapsuleService(db, clock)
     services = Services(
         auth=AuthService(db, clock),
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
                 yield
         finally:
             await services.uploads.sessions.close()
+            await close_blob_store(services.store)
             await db.dispose()
             log.info("memvault.stop")
 

@@ -30,7 +30,7 @@ async def readyz(svc: Svc) -> dict[str, Any]:
     except (sa.exc.SQLAlchemyError, OSError) as exc:  # reported: readiness says what is wrong
         checks["metadata"] = f"unreachable: {exc.__class__.__name__}: {exc}"
     try:
-        await svc.store.free_bytes()
+        await svc.store.check()
         checks["blobs"] = "ok"
     except OSError as exc:
         checks["blobs"] = f"unreachable: {exc}"

@@ -181,6 +181,16 @@ class JobQueue:
 
         return await self.db.transact(end)
 
+    async def unnamed(self, stored: list[StoredDerivative]) -> set[str]:
+        """The storage keys of ``stored`` that no blob row names (looked up by content)."""
+        if not stored:
+            return set()
+        query = sa.select(blobs.c.sha256, blobs.c.storage_key).where(
+            blobs.c.sha256.in_({d.sha256 for d in stored}))
+        rows = await self.db.query(lambda conn: conn.execute(query).all())
+        named = {(r.sha256, r.storage_key) for r in rows}
+        return {d.storage_key for d in stored if (d.sha256, d.storage_key) not in named}
+
     async def counts(self) -> dict[str, int]:
         query = sa.select(derivative_jobs.c.state, sa.func.count()).group_by(
             derivative_jobs.c.state)

@@ -139,13 +139,23 @@ class DerivativeRunner:
                     job, self.worker_id, f"the decoder process failed: {exc}")
                 log.warning("jobs.crashed", memory_id=job.memory_id, state=state, error=str(exc))
                 return
-        stored = [
+        staged = [
             await self._store(d.role, d.data, d.content_type)
             for d in (made.display, made.thumb, made.placeholder)
             if d.role in job.missing
         ]
-        if await self.queue.complete(job, self.worker_id, stored, made.thumbhash):
-            log.info("jobs.done", memory_id=job.memory_id, roles=[d.role for d in stored])
+        stored = [d for _, d in staged]
+        try:
+            if await self.queue.complete(job, self.worker_id, stored, made.thumbhash):
+                log.info("jobs.done", memory_id=job.memory_id, roles=[d.role for d in stored])
+        finally:
+            # Where storage keys are not content addresses (S3), bytes that no blob row came
+            # to name (same content stored before, a role filled meanwhile, a lost lease)
+            # are a second copy nobody will read: drop them.
+            unused = await asyncio.shield(self.queue.unnamed(stored))
+            for key, d in staged:
+                if d.storage_key in unused:
+                    await asyncio.shield(self.store.discard(key))
 
     @contextlib.asynccontextmanager
     async def _source(self, job: Job) -> AsyncIterator[Path]:
@@ -162,22 +172,26 @@ class DerivativeRunner:
         finally:
             os.unlink(name)
 
-    async def _store(self, role: str, data: bytes, content_type: str) -> StoredDerivative:
-        """Write one derivative as a content-addressed blob (no row yet: ``complete`` adds it)."""
+    async def _store(self, role: str, data: bytes,
+                     content_type: str) -> tuple[str, StoredDerivative]:
+        """Write one derivative as a blob (no row yet: ``complete`` adds it); returns its
+        staging key with it."""
         sha = hashlib.sha256(data).hexdigest()
-        key = f"drv_{secrets.token_hex(16)}"
-        await self.store.stage(key)
+        key = await self.store.stage(f"drv_{secrets.token_hex(16)}")
         try:
-            writer = await self.store.open_writer(key, 0)
+            writer = await self.store.open_writer(key, 0, length=len(data), part=0)
             try:
                 await writer.write([data])
-            finally:
-                await writer.close(durable=True)
+            except BaseException:
+                await asyncio.shield(writer.abandon())
+                raise
+            receipt = await writer.close(durable=True)
+            await self.store.seal(key, len(data), [receipt] if data else [])
             storage_key = await self.store.commit(key, sha, len(data))
         except BaseException:
             await asyncio.shield(self.store.discard(key))
             raise
-        return StoredDerivative(role, sha, len(data), storage_key, content_type)
+        return key, StoredDerivative(role, sha, len(data), storage_key, content_type)
 
 
 def _limit_memory(limit: int) -> None:

@@ -107,7 +107,9 @@ upload_sessions = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("chunk_size", sa.BigInteger, nullable=False),
     sa.Column("declared_sha256", sa.String(64), nullable=True),
-    sa.Column("staging_key", sa.String(300), nullable=False),
+    # The blob store's name for the session's staging area (S3: object name + upload id,
+    # whose length S3 does not bound: hence the room).
+    sa.Column("staging_key", sa.String(1024), nullable=False),
     # The whole-object SHA-256 over the contiguous received prefix [0, hashed_offset).
     sa.Column("hashed_offset", sa.BigInteger, nullable=False),
     sa.Column("hash_state", sa.LargeBinary, nullable=False),
@@ -120,6 +122,8 @@ upload_sessions = sa.Table(
     sa.Index("ix_upload_sessions_owner_state", "owner", "state"),
     sa.Index("ix_upload_sessions_owner_created", "owner", "created_at"),
     sa.Index("ix_upload_sessions_state_expires", "state", "expires_at"),
+    # The staging sweep looks sessions up by the staging areas the store lists.
+    sa.Index("ix_upload_sessions_staging_key", "staging_key"),
     sa.Index(
         "uq_upload_sessions_pending_idem", "owner", "idem_scope", "idem_key",
         unique=True,
@@ -143,6 +147,9 @@ upload_parts = sa.Table(
     sa.Column("claimed_at", sa.Double, nullable=False),
     sa.Column("crc32c", sa.BigInteger, nullable=True),
     sa.Column("received_at", sa.Double, nullable=True),
+    # What the blob store answered for the part (S3: part number, ETag, checksum), handed
+    # back to it when the upload is sealed; opaque to the core, NULL for the local store.
+    sa.Column("receipt", sa.String(500), nullable=True),
 )
 
 derivative_jobs = sa.Table(

@@ -7,7 +7,9 @@ upload reads nothing back in the common case. Each byte is hashed once:
 * a chunk that starts exactly at the frontier when it arrives is hashed from the bytes in hand
   (the *speculative* state, advanced while the chunk streams);
 * chunks past a gap are hashed later, read back from staging (usually the page cache), by
-  whichever request moves the frontier up to them.
+  whichever request moves the frontier up to them. A store may be unable to read some staged
+  bytes before the upload is sealed (S3: parts another process received); the frontier stops
+  there, and finish seals the upload and reads the rest back.
 
 The stored frontier only moves by compare-and-set on ``hashed_offset``; concurrent advancers in
 different processes may both hash, but only one result is kept and the loser starts over from
@@ -33,9 +35,17 @@ from memvault.hashing import Sha256State, new_sha256
 from memvault.metadata import Database
 from memvault.metadata.schema import upload_parts, upload_sessions
 from memvault.sessions.model import PENDING
-from memvault.storage.base import BlobStore, StagedHasher
+from memvault.storage.base import BlobStore, StagedHasher, StagedUnavailable
 
 log = structlog.get_logger("memvault.sessions")
+
+
+class Behind(Exception):
+    """The frontier stopped short of the end: the rest is readable only after ``seal``."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"hash frontier stopped at {offset}")
+        self.offset = offset
 
 
 class Frontier:
@@ -105,7 +115,11 @@ class Frontier:
                 for part in parts:
                     if part.offset != position:
                         break
-                    await self._hash_staged(row.staging_key, part.offset, part.length, state)
+                    try:
+                        await self._hash_staged(row.staging_key, part.offset, part.length,
+                                                state)
+                    except StagedUnavailable:
+                        break  # readable only once the upload is sealed (finish does that)
                     position = part.offset + part.length
                 if position == row.hashed_offset:
                     return int(position)
@@ -130,7 +144,8 @@ class Frontier:
     async def digest(self, session_id: str, size: int) -> str | None:
         """Hex SHA-256 of a fully received upload, hashing only what the frontier lacks.
 
-        None when the session stopped being pending meanwhile (a concurrent finish or abort).
+        None when the session stopped being pending meanwhile (a concurrent finish or abort);
+        ``Behind`` when some received bytes cannot be read before the upload is sealed.
         """
         await self.join(session_id)
         await self.advance(session_id)
@@ -141,6 +156,8 @@ class Frontier:
         if row is None or row.state != PENDING:
             return None
         state = _restore(row.hash_state)
+        if row.hashed_offset < size and state is not None:
+            raise Behind(row.hashed_offset)
         if row.hashed_offset != size or state is None:
             raise Internal(f"upload session {session_id}: hash frontier did not reach {size}")
         return state.hexdigest()

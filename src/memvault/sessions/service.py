@@ -30,6 +30,7 @@ from memvault.errors import (
     Conflict,
     Expired,
     Incomplete,
+    Internal,
     LengthMismatch,
     NotFound,
 )
@@ -142,14 +143,15 @@ class SessionService:
 
         # Staging exists before the row that names it, so a chunk never finds a session
         # without its staging; it is removed again unless the row was committed.
-        await self.store.stage(session_id)
+        staging_key = await self.store.stage(session_id)
+        row["staging_key"] = staging_key
         committed = False
         try:
             existing = await self.db.transact(create)
             committed = existing is None
         finally:
             if not committed:
-                await asyncio.shield(self.store.discard(session_id))
+                await asyncio.shield(self.store.discard(staging_key))
         if existing is not None:
             return existing, False
         session = _session(row)
@@ -258,18 +260,12 @@ class SessionService:
         if total != session.size:
             raise LengthMismatch(f"received {total} bytes, expected {session.size}",
                                  received=total, expected=session.size)
-        computed = await self._frontier.digest(session.id, session.size)
-        if computed is None:
-            return await self._settled(session, sha256)
-        if computed != sha256:
-            raise ChecksumMismatch(
-                "the uploaded bytes do not have the SHA-256 given to finish; "
-                "re-send the chunks that differ, or abort",
-                expected=sha256, computed=computed,
-            )
         try:
+            computed = await self._verify(session, sha256)
+            if computed is None:
+                return await self._settled(session, sha256)
             storage_key = await self.store.commit(session.staging_key, computed, session.size)
-        except StagingGone:
+        except (StagingGone, frontier.Behind):
             return await self._settled(session, sha256)  # aborted or expired under us
         committed = await self._commit(session, computed, storage_key)
         log.info("session.finish", session_id=session.id, owner=owner,
@@ -277,11 +273,53 @@ class SessionService:
                  sha256=computed)
         return committed
 
+    async def _verify(self, session: Session, sha256: str) -> str | None:
+        """The upload's SHA-256, checked against ``sha256``, with its staged bytes sealed;
+        None if the session stopped being pending meanwhile."""
+        sealed = False
+        try:
+            computed = await self._frontier.digest(session.id, session.size)
+        except frontier.Behind as behind:
+            # Some received bytes are readable only once the upload is whole (S3 parts that
+            # another process received): seal it, then hash the rest from the sealed object.
+            log.info("session.read_back", session_id=session.id, offset=behind.offset,
+                     length=session.size - behind.offset)
+            await self._seal(session)
+            sealed = True
+            computed = await self._frontier.digest(session.id, session.size)
+        if computed is None:
+            return None
+        if computed != sha256:
+            # The session stays pending (sealed or not): a finish with the right digest,
+            # or an abort, settles it.
+            raise ChecksumMismatch(
+                "the uploaded bytes do not have the SHA-256 given to finish; "
+                "re-send the chunks that differ, or abort",
+                expected=sha256, computed=computed,
+            )
+        if not sealed:
+            await self._seal(session)
+        return computed
+
+    async def _seal(self, session: Session) -> None:
+        """Hand the store every received part's receipt, in order, to make the bytes whole."""
+        query = (
+            sa.select(upload_parts.c.receipt)
+            .where(upload_parts.c.session_id == session.id, upload_parts.c.state == "received")
+            .order_by(upload_parts.c.offset)
+        )
+        receipts = await self.db.query(lambda conn: conn.execute(query).scalars().all())
+        if len(receipts) != session.chunk_count:
+            raise StagingGone(session.staging_key)  # committed or ended since the check
+        await self.store.seal(session.staging_key, session.size, receipts)
+
     async def _settled(self, session: Session, sha256: str) -> Session:
         """The outcome of a session another request ended while this finish was running."""
         current = await self._load(session.id, session.owner)
         if current.state == COMMITTED:
             return self._replay(current, session.size, sha256)
+        if current.state == PENDING:
+            raise Internal(f"upload session {session.id}: staged bytes are gone or unreadable")
         raise Expired(f"upload session {session.id} ended before finish completed")
 
     def _replay(self, session: Session, size: int, sha256: str) -> Session:
@@ -298,7 +336,7 @@ class SessionService:
             session, state=COMMITTED, result_sha256=sha256, ended_at=now
         )
 
-        def commit(conn: sa.Connection) -> bool:
+        def commit(conn: sa.Connection) -> str | None:
             won = conn.execute(
                 sa.update(upload_sessions)
                 .where(upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING)
@@ -306,14 +344,20 @@ class SessionService:
                         exclusive_key=None, hash_state=b"")
             )
             if won.rowcount != 1:
-                return False  # a concurrent finish or an abort got there first
-            record_blob(conn, sha256, session.size, storage_key, now)
+                return None  # a concurrent finish or an abort got there first
+            kept = record_blob(conn, sha256, session.size, storage_key, now)
             conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == session.id))
             self._on_commit(conn, committed)
-            return True
+            return kept
 
-        if not await self.db.transact(commit):
+        kept = await self.db.transact(commit)
+        if kept is None:
             return await self._settled(session, sha256)
+        if kept != storage_key:
+            # The same content was stored before under another key (a store that does not
+            # address by content): the bytes just committed are a second copy. Dropped only
+            # now, so a crash before this leaks an object and never loses one.
+            await self.store.discard(session.staging_key)
         return committed
 
     async def join_hashing(self, session_id: str) -> None:
@@ -420,11 +464,14 @@ class SessionService:
         keys = await self.store.staged_keys(time.time() - grace)
 
         def owned(conn: sa.Connection) -> set[str]:
+            # Committed sessions count as owners too: where a blob is its sealed staging
+            # area (S3), a sweep that listed the area just before finish sealed it must not
+            # take it away. Aborted, expired and unknown ones can never commit any more.
             found: set[str] = set()
             for start in range(0, len(keys), 500):
                 found.update(conn.execute(
                     sa.select(upload_sessions.c.staging_key).where(
-                        upload_sessions.c.state == PENDING,
+                        upload_sessions.c.state.in_((PENDING, COMMITTED)),
                         upload_sessions.c.staging_key.in_(keys[start:start + 500]))
                 ).scalars())
             return found

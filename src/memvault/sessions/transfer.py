@@ -112,19 +112,26 @@ class ChunkReceiver:
             return await self._result(session, index, duplicate=duplicate)
         try:
             digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
-            writer = await self.store.open_writer(session.staging_key, offset)
+            writer = await self.store.open_writer(session.staging_key, offset, length=length,
+                                                  part=index, hashed=prefix is not None)
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
-                async with asyncio.timeout(self.policy.chunk_timeout):
-                    await stream_chunk(body, length, digests, writer, self.policy.write_batch,
-                                       self.policy.pace)
+                try:
+                    async with asyncio.timeout(self.policy.chunk_timeout):
+                        await stream_chunk(body, length, digests, writer,
+                                           self.policy.write_batch, self.policy.pace)
+                    digests.check(checksums)
+                except BaseException:
+                    await asyncio.shield(writer.abandon())
+                    raise
+                # Still under the claim's lease: closing may itself be a transfer (an S3
+                # part upload), and the claim must not lapse while it runs.
+                receipt = await asyncio.shield(writer.close(durable=self.policy.fsync))
             finally:
                 lease.cancel()
                 await asyncio.gather(lease, return_exceptions=True)
-                await asyncio.shield(writer.close(durable=self.policy.fsync))
-            digests.check(checksums)
             count, total = await self._mark_received(
-                session, offset, length, claim, digests.crc, prefix
+                session, offset, length, claim, digests.crc, prefix, receipt
             )
         except (StagingGone, _Ended) as exc:
             await self._release_quietly(session, offset, claim)
@@ -251,6 +258,7 @@ class ChunkReceiver:
         claim: str,
         crc: int,
         prefix: Sha256State | None,
+        receipt: str | None,
     ) -> tuple[int, int]:
         """Count the chunk as received and, if it was hashed in flight, move the frontier.
 
@@ -271,7 +279,8 @@ class ChunkReceiver:
                     upload_parts.c.claim == claim,
                     upload_parts.c.state == "writing",
                 )
-                .values(state="received", crc32c=crc, received_at=now, claim=None)
+                .values(state="received", crc32c=crc, received_at=now, claim=None,
+                        receipt=receipt)
             )
             if done.rowcount != 1 or not self._touch(conn, session.id, now):
                 raise _Ended(session.id)

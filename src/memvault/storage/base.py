@@ -1,9 +1,16 @@
 """The blob store port. Backends speak only this vocabulary; the session core drives it.
 
-A session's bytes go to a *staging* area named by a key the core chooses. Writes land at byte
-offsets, in any order, from many requests at once (never two to the same range: the core's
-claims see to that). ``commit`` makes the staged bytes an immutable blob addressed by their
-SHA-256; ``discard`` throws the staging area away.
+A session's bytes go to a *staging* area the store names at ``stage``. Writes land as parts at
+byte offsets, in any order, from many requests at once (never two to the same range: the core's
+claims see to that). ``seal`` makes the staged parts one whole (a no-op where they already are
+one file; S3 completes its multipart upload there); ``commit`` makes it an immutable blob and
+names its storage key; ``discard`` throws a staging area away.
+
+Exceptions::
+
+    StagingGone        the staging area was discarded under the caller (abort, expiry)
+    StagedUnavailable  these staged bytes cannot be read here until the area is sealed
+    BlobMissing        a committed blob is not in the store (data loss, never normal)
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ class StagingGone(Exception):
     """The staging area is gone (the session was aborted or expired under the writer)."""
 
 
+class StagedUnavailable(Exception):
+    """Staged bytes this process cannot read before the staging area is sealed (S3: a part of
+    an unfinished multipart upload that another process received). Raised before anything is
+    read, so a caller may stop there and go on after ``seal``."""
+
+
 class BlobMissing(Exception):
     """A committed blob the metadata refers to is not in the store: data loss, never normal."""
 
@@ -28,42 +41,66 @@ class PartWriter(Protocol):
         """Write ``pieces`` back to back at the writer's current position."""
         ...
 
-    async def close(self, *, durable: bool) -> None:
-        """Finish the write; with ``durable`` the bytes are on stable storage on return."""
+    async def close(self, *, durable: bool) -> str | None:
+        """Finish the part after all its bytes were written; with ``durable`` the bytes are on
+        stable storage on return. Returns the store's *receipt* for the part (S3: part number,
+        ETag and checksum), which the core records with the chunk and hands back to ``seal``;
+        None when there is nothing to record. Releases the writer whether it succeeds or not.
+        """
+        ...
+
+    async def abandon(self) -> None:
+        """Release the writer after a failed transfer; nothing of the part counts."""
         ...
 
 
 class BlobStore(Protocol):
     name: str
 
-    async def stage(self, key: str) -> None:
-        """Create an empty staging area (idempotent)."""
+    async def stage(self, key: str) -> str:
+        """Create an empty staging area for ``key`` (which the core chose, unique); returns the
+        staging key to use for it from then on, which may carry the store's own reference."""
         ...
 
-    async def open_writer(self, key: str, offset: int) -> PartWriter:
-        """A writer positioned at ``offset`` of the staging area; ``StagingGone`` if absent."""
+    async def open_writer(self, key: str, offset: int, *, length: int, part: int,
+                          hashed: bool = False) -> PartWriter:
+        """A writer for part ``part`` (0-based, ``length`` bytes) at ``offset`` of the staging
+        area. ``StagingGone`` if the area is gone, here or when the part is closed.
+        ``hashed``: the core digests these bytes as they stream (the part starts at the hash
+        frontier), so they need not stay readable for ``read_staged`` before the seal."""
         ...
 
     def read_staged(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
-        """Stream ``length`` staged bytes from ``offset`` (to hash bytes that arrived early)."""
+        """Stream ``length`` staged bytes from ``offset`` (to hash bytes that arrived early);
+        ``StagedUnavailable`` if they cannot be read here before ``seal``."""
+        ...
+
+    async def seal(self, key: str, size: int, receipts: Sequence[str | None]) -> None:
+        """Make the ``size`` staged bytes one whole, readable at any offset; no part is
+        written after this. ``receipts`` are the parts' receipts in offset order. Idempotent:
+        sealing a sealed area succeeds (a retry after a crash). ``StagingGone`` if discarded.
+        """
         ...
 
     async def commit(self, key: str, sha256: str, size: int) -> str:
-        """Make the staged bytes the blob for ``sha256``; returns its storage key.
+        """Make the sealed bytes the blob for ``sha256``; returns its storage key.
 
         Idempotent: a retry after a crash between commit and the metadata transaction finds
-        the blob already in place. When the blob already exists (same content committed
-        before), the staging area is dropped and the existing blob kept.
+        the blob already in place. A store whose keys are content addresses keeps an existing
+        blob of the same content and drops the staging area; one whose keys are not (S3)
+        returns a new key, and the core discards the staging area again if the metadata
+        already names another blob for ``sha256``.
         """
         ...
 
     async def discard(self, key: str) -> None:
-        """Remove a staging area and everything in it (idempotent)."""
+        """Remove a staging area and everything in it, sealed or not (idempotent). The core
+        calls it only for areas no committed session or blob row can name any more."""
         ...
 
     async def staged_keys(self, older_than: float) -> list[str]:
-        """Staging areas last written before ``older_than`` (epoch seconds), for the sweep
-        of those no session owns any more."""
+        """Staging areas last written (S3: begun) before ``older_than`` (epoch seconds), for
+        the sweep of those no session owns any more."""
         ...
 
     def read(self, storage_key: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -74,6 +111,10 @@ class BlobStore(Protocol):
         """Free space for new uploads, or None when the backend has no such limit."""
         ...
 
+    async def check(self) -> None:
+        """Raise ``OSError`` unless the store can be reached now (readiness)."""
+        ...
+
 
 @runtime_checkable
 class StagedHasher(Protocol):
@@ -81,6 +122,7 @@ class StagedHasher(Protocol):
 
     The generic path streams the range through the event loop piece by piece; a store that can
     read and hash in one worker thread saves those round trips (the hash frontier's catch-up).
+    Like ``read_staged`` it raises ``StagedUnavailable`` before touching ``state``.
     """
 
     async def hash_staged(self, key: str, offset: int, length: int, state: Sha256State) -> None:
@@ -94,3 +136,14 @@ class LocalPaths(Protocol):
     the path to a decoder process instead of copying the bytes)."""
 
     def blob_path(self, storage_key: str) -> Path: ...
+
+
+@runtime_checkable
+class PartLimits(Protocol):
+    """Optional capability: the store bounds part sizes and counts (S3: every part but the
+    last at least 5 MiB, at most 5 GiB, at most 10,000 parts). ``begin`` chooses a chunk size
+    within them."""
+
+    min_part_size: int
+    max_part_size: int
+    max_parts: int

@@ -36,7 +36,7 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @contextlib.contextmanager
-def _out_of_space_is_typed() -> Iterator[None]:
+def out_of_space_is_typed() -> Iterator[None]:
     """A full volume (or quota, or file size limit) is the client's 507, not our 500: the
     chunk is not received, the session stays resumable, and nothing received is touched."""
     try:
@@ -58,7 +58,7 @@ class LocalPartWriter:
         self._closed = False
 
     async def write(self, pieces: Sequence[bytes]) -> None:
-        with _out_of_space_is_typed():
+        with out_of_space_is_typed():
             written = await asyncio.to_thread(self._pwritev_all, list(pieces), self._offset)
         self._offset += written
 
@@ -84,10 +84,16 @@ class LocalPartWriter:
         fd = self._fd
         try:
             if durable:
-                with _out_of_space_is_typed():
+                with out_of_space_is_typed():
                     await asyncio.to_thread(os.fdatasync, fd)
         finally:
             os.close(fd)
+
+    async def abandon(self) -> None:
+        # The bytes written stay in the sparse file, uncounted; a retry overwrites them.
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
 
 
 class LocalBlobStore:
@@ -115,12 +121,15 @@ class LocalBlobStore:
             raise ValueError(f"bad blob key {storage_key!r}")
         return self.root / storage_key
 
-    async def stage(self, key: str) -> None:
+    async def stage(self, key: str) -> str:
         path = self._staged(key)
         fd = await asyncio.to_thread(os.open, path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
+        return key
 
-    async def open_writer(self, key: str, offset: int) -> LocalPartWriter:
+    async def open_writer(
+        self, key: str, offset: int, *, length: int, part: int, hashed: bool = False
+    ) -> LocalPartWriter:
         path = self._staged(key)
         try:
             # No O_CREAT: a writer racing an abort must not resurrect the staging file.
@@ -163,6 +172,9 @@ class LocalBlobStore:
                 offset += n
         finally:
             os.close(fd)
+
+    async def seal(self, key: str, size: int, receipts: Sequence[str | None]) -> None:
+        """Nothing to do: the staging file is already one whole, readable anywhere."""
 
     async def commit(self, key: str, sha256: str, size: int) -> str:
         if not _SHA.match(sha256):
@@ -239,6 +251,9 @@ class LocalBlobStore:
     async def free_bytes(self) -> int | None:
         usage = await asyncio.to_thread(shutil.disk_usage, self.root)
         return usage.free
+
+    async def check(self) -> None:
+        await asyncio.to_thread(shutil.disk_usage, self.root)
 
     def blob_path(self, storage_key: str) -> Path:
         """Local-only capability: the file behind a blob (for zero-copy serving)."""

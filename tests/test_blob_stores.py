@@ -1,0 +1,220 @@
+"""The blob store port's contract, run against every backend: the local folder, and the S3
+store on two S3 implementations (moto and ``rclone serve s3``).
+
+Parts are 5 MiB, S3's smallest (every part but the last); the local store takes any size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from memvault.hashing import new_sha256
+from memvault.storage.base import BlobMissing, BlobStore, StagedHasher, StagingGone
+from memvault.storage.local import LocalBlobStore
+from memvault.storage.s3 import S3BlobStore, S3Location, S3Options
+from tests.s3server import REGION, S3Server
+
+MiB = 1024 * 1024
+PART = 5 * MiB
+
+
+@dataclass
+class Backend:
+    store: BlobStore
+    missing_key: str
+    """A well-formed storage key of a blob that does not exist."""
+
+
+@pytest.fixture(params=["local", "moto", "rclone"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "local":
+        yield Backend(LocalBlobStore(tmp_path / "blobs"), "blobs/ab/cc/ab" + "c" * 62)
+        return
+    s3: S3Server = request.getfixturevalue(
+        "s3_server" if request.param == "moto" else "rclone_server")
+    store = S3BlobStore(S3Location(s3.new_bucket(), "contract/"),
+                        S3Options(endpoint_url=s3.endpoint_url, region=REGION,
+                                  spool_dir=tmp_path / "spool", attempts=2))
+    await store.open()
+    try:
+        yield Backend(store, "ses_0123456789abcdef")
+    finally:
+        await store.close()
+
+
+async def write_part(store: BlobStore, key: str, data: bytes, part: int,
+                     size: int = PART) -> str | None:
+    offset = part * size
+    chunk = data[offset:offset + size]
+    writer = await store.open_writer(key, offset, length=len(chunk), part=part)
+    # Pieces of uneven size, as a request body arrives.
+    for start in range(0, len(chunk), 3 * MiB + 7):
+        await writer.write([chunk[start:start + 3 * MiB + 7]])
+    return await writer.close(durable=True)
+
+
+async def staged(store: BlobStore, data: bytes, order: list[int],
+                 name: str) -> tuple[str, list[str | None]]:
+    """A staging area holding ``data`` written part by part in ``order``; its receipts in
+    offset order."""
+    key = await store.stage(name)
+    receipts: dict[int, str | None] = {}
+    for part in order:
+        receipts[part] = await write_part(store, key, data, part)
+    return key, [receipts[p] for p in sorted(receipts)]
+
+
+async def seal_and_commit(store: BlobStore, key: str, data: bytes,
+                          receipts: list[str | None]) -> str:
+    """What finish asks of the store (a store may notice a discarded area at either step)."""
+    await store.seal(key, len(data), receipts)
+    return await store.commit(key, hashlib.sha256(data).hexdigest(), len(data))
+
+
+async def read_all(store: BlobStore, storage_key: str, start: int, end: int) -> bytes:
+    return b"".join([piece async for piece in store.read(storage_key, start, end)])
+
+
+async def test_parts_out_of_order_seal_commit_and_read_ranges(backend: Backend) -> None:
+    store = backend.store
+    data = os.urandom(2 * PART + 12345)
+    sha = hashlib.sha256(data).hexdigest()
+    key, receipts = await staged(store, data, [2, 0, 1], "ses_order")
+    await store.seal(key, len(data), receipts)
+    storage_key = await store.commit(key, sha, len(data))
+    assert await read_all(store, storage_key, 0, len(data)) == data
+    for start, end in [(0, 1), (PART - 3, PART + 3), (2 * PART, len(data)),
+                       (len(data) - 1, len(data)), (17, 2 * PART + 100)]:
+        assert await read_all(store, storage_key, start, end) == data[start:end]
+    assert key not in await store.staged_keys(time.time() + 60)
+
+
+async def test_staged_bytes_read_back_and_hashed(backend: Backend) -> None:
+    """Parts written through a store can be read (and hashed) back before the seal, which
+    is what the hash frontier does with chunks that arrived past a gap; all can after it."""
+    store = backend.store
+    data = os.urandom(2 * PART + 99)
+    key, receipts = await staged(store, data, [1, 2, 0], "ses_readback")
+    state = new_sha256()
+    for part in range(3):
+        offset, length = part * PART, min(PART, len(data) - part * PART)
+        pieces = [p async for p in store.read_staged(key, offset, length)]
+        assert b"".join(pieces) == data[offset:offset + length]
+        if isinstance(store, StagedHasher):
+            await store.hash_staged(key, offset, length, state)
+        else:
+            state.update(b"".join(pieces))
+    assert state.hexdigest() == hashlib.sha256(data).hexdigest()
+    await store.seal(key, len(data), receipts)
+    tail = b"".join([p async for p in store.read_staged(key, PART - 10, 20)])
+    assert tail == data[PART - 10:PART + 10]
+
+
+async def test_seal_and_commit_are_idempotent(backend: Backend) -> None:
+    """A finish retried after a crash between the store's commit and the metadata
+    transaction finds the blob in place."""
+    store = backend.store
+    data = os.urandom(PART + 1)
+    sha = hashlib.sha256(data).hexdigest()
+    key, receipts = await staged(store, data, [0, 1], "ses_again")
+    await store.seal(key, len(data), receipts)
+    first = await store.commit(key, sha, len(data))
+    await store.seal(key, len(data), receipts)
+    assert await store.commit(key, sha, len(data)) == first
+    assert await read_all(store, first, 0, len(data)) == data
+
+
+async def test_same_content_twice_then_the_second_staging_discarded(backend: Backend) -> None:
+    """The core's dedup: a second commit of known content is discarded after the metadata
+    names the first; the first blob stays readable whatever the store's keys are."""
+    store = backend.store
+    data = os.urandom(PART + 7)
+    sha = hashlib.sha256(data).hexdigest()
+    blobs = []
+    for name in ("ses_dup_a", "ses_dup_b"):
+        key, receipts = await staged(store, data, [1, 0], name)
+        await store.seal(key, len(data), receipts)
+        blobs.append((key, await store.commit(key, sha, len(data))))
+    (_, first), (second_staging, second) = blobs
+    if first != second:
+        await store.discard(second_staging)
+        with pytest.raises(BlobMissing):
+            await read_all(store, second, 0, 10)
+    assert await read_all(store, first, 0, len(data)) == data
+
+
+async def test_discard_removes_staging_and_writes_after_it_fail(backend: Backend) -> None:
+    store = backend.store
+    data = os.urandom(PART + 5)
+    key, receipts = await staged(store, data, [0], "ses_gone")
+    await store.discard(key)
+    await store.discard(key)  # idempotent
+    assert key not in await store.staged_keys(time.time() + 60)
+    with pytest.raises(StagingGone):
+        await write_part(store, key, data, 1)
+    with pytest.raises(StagingGone):
+        await seal_and_commit(store, key, data, [*receipts, receipts[0]])
+
+
+async def test_discard_after_seal_removes_the_sealed_bytes(backend: Backend) -> None:
+    """A session aborted after finish sealed it (a checksum mismatch) leaves nothing."""
+    store = backend.store
+    data = os.urandom(PART + 5)
+    key, receipts = await staged(store, data, [1, 0], "ses_sealed_then_aborted")
+    await store.seal(key, len(data), receipts)
+    await store.discard(key)
+    with pytest.raises(StagingGone):
+        await seal_and_commit(store, key, data, receipts)
+
+
+async def test_an_abandoned_part_counts_for_nothing(backend: Backend) -> None:
+    store = backend.store
+    data = os.urandom(PART + 3)
+    key = await store.stage("ses_abandon")
+    writer = await store.open_writer(key, 0, length=PART, part=0)
+    await writer.write([os.urandom(MiB)])
+    await writer.abandon()
+    receipts = [await write_part(store, key, data, 0), await write_part(store, key, data, 1)]
+    await store.seal(key, len(data), receipts)
+    storage_key = await store.commit(key, hashlib.sha256(data).hexdigest(), len(data))
+    assert await read_all(store, storage_key, 0, len(data)) == data
+
+
+async def test_zero_byte_blob(backend: Backend) -> None:
+    store = backend.store
+    key = await store.stage("ses_empty")
+    await store.seal(key, 0, [])
+    storage_key = await store.commit(key, hashlib.sha256(b"").hexdigest(), 0)
+    assert await read_all(store, storage_key, 0, 0) == b""
+    assert key not in await store.staged_keys(time.time() + 60)
+
+
+async def test_staged_keys_lists_areas_begun_before_the_cutoff(backend: Backend) -> None:
+    store = backend.store
+    a, b = await store.stage("ses_list_a"), await store.stage("drv_list_b")
+    listed = await store.staged_keys(time.time() + 60)
+    assert {a, b} <= set(listed)
+    assert await store.staged_keys(0) == []
+    await store.discard(a)
+    await store.discard(b)
+    listed = await store.staged_keys(time.time() + 60)
+    assert a not in listed
+    assert b not in listed
+
+
+async def test_missing_blob_is_reported_not_served(backend: Backend) -> None:
+    with pytest.raises(BlobMissing):
+        await read_all(backend.store, backend.missing_key, 0, 10)
+    with pytest.raises(BlobMissing):
+        await read_all(backend.store, backend.missing_key, 0, 0)
+
+
+async def test_reachable(backend: Backend) -> None:
+    await backend.store.check()
