@@ -19,6 +19,7 @@ import httpx
 from memvault.client import AsyncClient, RetryPolicy
 from memvault.http.app import create_app
 from memvault.settings import Settings
+from tests.faults import FaultTransport, Rule
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -35,10 +36,14 @@ class InApp:
     root: Path
     settings: Settings
 
-    def client(self, token: str | None = None, **options: Any) -> AsyncClient:
+    def client(self, token: str | None = None, *, rule: Rule | None = None,
+               **options: Any) -> AsyncClient:
+        """An SDK client on the app; with ``rule``, its requests pass a ``FaultTransport``
+        (``faults(client).log`` tells what was injected and what reached the app)."""
         options.setdefault("retry", FAST_RETRIES)
         options.setdefault("state_dir", self.root / "client-state")
-        return AsyncClient(self.url, token or self.token, transport=self.transport, **options)
+        transport: httpx.AsyncBaseTransport = FaultTransport(self.transport, rule)
+        return AsyncClient(self.url, token or self.token, transport=transport, **options)
 
     def raw(self, token: str | None = None) -> httpx.AsyncClient:
         """A plain httpx client on the same app (to look behind the SDK's back)."""
@@ -46,11 +51,15 @@ class InApp:
                                  headers={"Authorization": f"Bearer {token or self.token}"})
 
 
+def _scratch() -> Path:
+    """A fresh folder, on tmpfs when there is one (fsync-heavy code runs much faster)."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="memvault-sdk-", dir=shm if shm.is_dir() else None))
+
+
 @contextlib.asynccontextmanager
 async def in_app(**overrides: Any) -> AsyncIterator[InApp]:
-    shm = Path("/dev/shm")
-    root = Path(tempfile.mkdtemp(prefix="memvault-sdk-",
-                                 dir=shm if shm.is_dir() else None))
+    root = _scratch()
     try:
         values: dict[str, Any] = {"chunk_size": CHUNK, "min_chunk_size": KiB,
                                   "storage_reserve": 0, "derivative_workers": 0,
@@ -64,3 +73,10 @@ async def in_app(**overrides: Any) -> AsyncIterator[InApp]:
                         settings)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def faults(client: AsyncClient) -> FaultTransport:
+    """The fault transport under a client made by ``InApp.client``."""
+    transport = client.api.http._transport
+    assert isinstance(transport, FaultTransport)
+    return transport

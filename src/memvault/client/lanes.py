@@ -94,7 +94,9 @@ class MemoryUpload:
         self.on_progress = on_progress
         self.original = ChunkUpload(
             api, source, capsule_id=capsule_id, role="original", content_type=content_type,
-            sha256=sha256, parallel=parallel, on_progress=on_progress, state=state)
+            sha256=sha256, parallel=parallel, on_progress=on_progress, state=state,
+            before_discard=self._stop_lane_b)
+        self._lane_b_task: asyncio.Task[None] | None = None
         self._memory: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._original_sent = asyncio.Event()
         self._original_failed = False
@@ -103,6 +105,7 @@ class MemoryUpload:
     async def run(self) -> Memory:
         made = asyncio.create_task(self._produce(), name="derive")
         lane_b = asyncio.create_task(self._lane_b(made), name="lane B")
+        self._lane_b_task = lane_b
         lane_a = asyncio.create_task(self._lane_a(lane_b), name="lane A")
 
         def stop_b(task: asyncio.Task[None]) -> None:
@@ -147,6 +150,14 @@ class MemoryUpload:
         return Memory.model_validate(response.json())
 
     # -- lane A ----------------------------------------------------------------------------
+
+    async def _stop_lane_b(self) -> None:
+        """Lane A's session is about to be aborted: end lane B first (it aborts its own), so
+        the abort of the session that made the memory finds it empty and drops it."""
+        self._original_failed = True
+        if self._lane_b_task is not None and not self._lane_b_task.done():
+            self._lane_b_task.cancel()
+            await asyncio.wait([self._lane_b_task])
 
     async def _lane_a(self, lane_b: asyncio.Task[None]) -> None:
         def opened(session: Session) -> None:

@@ -38,7 +38,7 @@ import crc32c
 
 from memvault.client.errors import FileChanged
 from memvault.client.models import Memory, Phase, Progress, Session, UploadResult
-from memvault.client.source import Source, random_key
+from memvault.client.source import Source, content_type, random_key
 from memvault.client.state import StateStore, UploadRecord
 from memvault.client.transport import Transport
 from memvault.errors import (
@@ -98,6 +98,7 @@ class ChunkUpload:
         on_progress: ProgressCallback | None = None,
         state: StateStore | None = None,
         idempotency_key: str | None = None,
+        before_discard: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -109,18 +110,18 @@ class ChunkUpload:
         self.memory_id = memory_id
         """The memory being filled, once open() knows it."""
         self.role = role
-        self.content_type = content_type or _sniffed(source)
+        self.content_type = content_type
         self.declared_sha256 = sha256.lower() if sha256 else None
         self.parallel = parallel
         self.on_progress = on_progress
-        fingerprint = source.fingerprint()
-        self.fingerprint = fingerprint.digest() if fingerprint is not None else random_key()
-        self.idempotency_key = idempotency_key or StateStore.key(
-            "memvault-upload-v1", capsule_id, memory_id, role, self.fingerprint)
         # Only a file on disk can be found again by a later call: only it gets a record.
         self.state = state if source.path is not None else None
         self.record_key = StateStore.key(api.url, capsule_id, memory_id, role,
                                          str(source.path))
+        self.fingerprint = ""
+        self.idempotency_key = idempotency_key or ""
+        self.before_discard = before_discard
+        """Runs before a session that can never finish is aborted (lane B ends first)."""
         self.session: Session | None = None
         self.sha256: str | None = None
         self.chunks_sent = 0
@@ -159,9 +160,22 @@ class ChunkUpload:
 
     # -- steps -----------------------------------------------------------------------------
 
+    async def _identify(self) -> None:
+        """Fingerprint, idempotency key and media type (reads the file's two end blocks)."""
+        if self.fingerprint:
+            return
+        fingerprint, head = await asyncio.to_thread(
+            lambda: (self.source.fingerprint(), self.source.head()))
+        self.fingerprint = fingerprint.digest() if fingerprint is not None else random_key()
+        self.idempotency_key = self.idempotency_key or StateStore.key(
+            "memvault-upload-v1", self.capsule_id, self.target_memory, self.role,
+            self.fingerprint)
+        self.content_type = self.content_type or content_type(self.source.name, head)
+
     async def open(self) -> Session:
         """Resume the recorded session, or begin one (idempotently)."""
         self.session = None
+        await self._identify()
         record = self.state.load_upload(self.record_key) if self.state else None
         if record is not None and self.state is not None:
             if record.fingerprint != self.fingerprint:
@@ -285,7 +299,8 @@ class ChunkUpload:
     async def _begin(self) -> Session:
         body: dict[str, Any] = {
             "capsule_id": self.capsule_id, "role": self.role, "filename": self.source.name,
-            "content_type": self.content_type, "size": self.source.size,
+            "content_type": self.content_type or "application/octet-stream",
+            "size": self.source.size,
             "idempotency_key": self.idempotency_key,
         }
         if self.target_memory is not None:
@@ -333,6 +348,8 @@ class ChunkUpload:
         if self.session is None:
             return
         session_id = self.session.id
+        if self.before_discard is not None:
+            await self.before_discard()
         try:
             await asyncio.shield(self._abort_quietly(session_id))
         except MemvaultError as exc:
@@ -383,8 +400,3 @@ class ChunkUpload:
             chunk_count=self.session.chunk_count,
         ))
 
-
-def _sniffed(source: Source) -> str:
-    from memvault.client.source import content_type
-
-    return content_type(source.name, source.head())
