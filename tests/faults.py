@@ -164,7 +164,8 @@ class FaultProxy:
 
     def start(self) -> None:
         config = uvicorn.Config(self._app, host="127.0.0.1", port=self.port,
-                                log_level="critical", lifespan="off", access_log=False)
+                                log_level="warning", lifespan="off", access_log=False,
+                                interface="asgi3")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
