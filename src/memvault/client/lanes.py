@@ -7,17 +7,21 @@ begin makes: its id reaches lane B the moment begin answers, and a resumed lane 
 same session, so a resumed lane B finds the same memory (its begins are keyed by memory, role
 and bytes, so they resume too).
 
-Order is only imposed on the two finishes: lane B's finishes come before lane A's. The
-original's commit is what makes the server queue its own derivative job, so when it runs the
-memory already has all four assets and the job has nothing to do; were the original first,
-the server could fill a role between lane B's begin and finish. Transfers of both lanes
-overlap fully; lane A's finish waits for lane B (a few small requests, or the decode when it
-is slower than the original's transfer).
+Order is only imposed on the finishes: lane A's is sent once lane B is done. The original's
+commit is what makes the server queue its own derivative job, so when it runs the memory
+already has all four assets and the job has nothing to do; were the original first, the
+server could fill a role between lane B's begin and finish (and lane B's finish would then
+meet ``conflict``). Everything else overlaps: lane B finishes each derivative as soon as it
+is sent, while lane A's chunks are still going; lane A's finish waits only when lane B is
+slower (the decode of a large image, usually).
 
-Failures: if lane A fails, lane B is stopped (its sessions are aborted); if lane B fails,
-lane A still finishes, so the original is safe (and the server then makes the derivatives).
-Either way ``UploadMemoryError`` carries each lane's own typed error with a note naming the
-lane: never a bare "lane failed".
+Failures: if lane A fails, lane B is stopped (the sessions it has open are aborted first, so
+the abort of lane A's session drops the memory it made); if lane B fails, lane A still
+finishes, so the original is safe (and the server then makes the derivatives). Either way
+``UploadMemoryError`` carries each lane's own typed error with a note naming the lane: never
+a bare "lane failed". One case leaves a memory without its original: lane A failing for good
+(the file changed) after lane B committed a derivative; there is no API to delete a memory
+yet, so it stays, with derivatives only.
 """
 
 from __future__ import annotations
@@ -98,7 +102,6 @@ class MemoryUpload:
             before_discard=self._stop_lane_b)
         self._lane_b_task: asyncio.Task[None] | None = None
         self._memory: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._original_sent = asyncio.Event()
         self._original_failed = False
         self.memory_id: str | None = None
 
@@ -166,7 +169,6 @@ class MemoryUpload:
                 self._memory.set_result(session.memory_id)
 
         async def after_lane_b() -> None:
-            self._original_sent.set()
             await asyncio.wait([lane_b])  # its outcome is reported by run(), not here
 
         await self.original.run(opened=opened, before_finish=after_lane_b)
@@ -207,9 +209,7 @@ class MemoryUpload:
         uploads = [self._derivative_upload(memory_id, d) for d in made if d.role not in present]
         opened: list[ChunkUpload] = []
         try:
-            await _all(self._open_and_send(u, opened) for u in uploads)
-            await self._original_sent.wait()
-            await _all(self._finish(u) for u in opened)
+            await _all(self._one(u, opened) for u in uploads)
         except asyncio.CancelledError:
             if self._original_failed:
                 # The original will not be stored: these sessions have nothing to join.
@@ -233,7 +233,8 @@ class MemoryUpload:
             memory_id=memory_id, role=d.role, content_type=d.content_type, parallel=1,
             on_progress=self.on_progress, idempotency_key=key)
 
-    async def _open_and_send(self, upload: ChunkUpload, opened: list[ChunkUpload]) -> None:
+    async def _one(self, upload: ChunkUpload, opened: list[ChunkUpload]) -> None:
+        """One derivative: begin (or resume), send, finish."""
         try:
             await upload.open()
         except Conflict as exc:
@@ -247,6 +248,8 @@ class MemoryUpload:
             await upload.open()
         opened.append(upload)
         await upload.transfer()
+        await self._finish(upload)
+        opened.remove(upload)
 
     async def _finish(self, upload: ChunkUpload) -> None:
         try:

@@ -12,7 +12,8 @@ derivatives are attached; ``run`` does them in order for ``upload_file``.
 * **Chunks.** The file is read once, in order, one chunk at a time, off the event loop; each
   chunk is hashed into the whole-file SHA-256 as it is read, and, unless the server already
   holds it, sent with a ``Content-Digest: crc32c`` while later chunks are read. At most
-  ``parallel`` chunks are in memory, whatever the file's size; they complete in any order.
+  ``parallel`` chunks are in flight and one more is being read, whatever the file's size;
+  they complete in any order.
   Chunks the server holds are still read and hashed (the digest covers the whole file), but
   not sent.
 * **Finish** sends size and SHA-256; ``incomplete`` (the server lost a chunk it had
@@ -221,17 +222,16 @@ class ChunkUpload:
             async with asyncio.TaskGroup() as tasks:
                 for index in range(s.chunk_count):
                     wanted = index not in held
-                    if wanted:
-                        await slots.acquire()
+                    # The next chunk is read (and hashed) while ``parallel`` are in flight:
+                    # at most parallel + 1 chunks are in memory.
                     data, crc = await asyncio.to_thread(
                         self._read_and_hash, hasher, index, wanted)
                     if wanted:
+                        await slots.acquire()
                         tasks.create_task(send(index, data, crc))
                     del data
         except ExceptionGroup as group:
             failure = first_error(group)
-        except FileChanged as exc:
-            failure = exc
         if failure is None:
             try:
                 self.source.check_unchanged()
