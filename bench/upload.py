@@ -295,17 +295,19 @@ def start_memvault(data_dir: Path, server: str) -> tuple[ServerProcess, str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # No derivative jobs: the random bytes uploaded here would only be sniffed as unsupported,
+    # and the bench deletes blobs between runs, under a job that might still want to read one.
+    env = {"MEMVAULT_DATA_DIR": str(data_dir.resolve()), "MEMVAULT_DERIVATIVE_WORKERS": "0"}
     if server == "uvicorn":
         argv = python_argv("-m", "memvault", "serve", "--data", str(data_dir),
                            "--host", "127.0.0.1", "--port", str(port))  # fmt: skip
-        proc = ServerProcess(argv, f"{base}/healthz")
+        proc = ServerProcess(argv, f"{base}/healthz", env=env)
     elif server == "granian":
         argv = python_argv(
             "-m", "granian", "--interface", "asgi", "--factory",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "memvault.http.app:create_app",
         )  # fmt: skip
-        env = {"MEMVAULT_DATA_DIR": str(data_dir.resolve())}
         proc = ServerProcess(argv, f"{base}/healthz", env=env, follow_child=True)
     else:
         raise ValueError(server)

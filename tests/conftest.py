@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -118,17 +119,25 @@ def api(server: LiveServer) -> Iterator[Api]:
     client.http.close()
 
 
-POSTGRES = os.environ.get("MEMVAULT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-"""A PostgreSQL server the tests may create databases on (trust auth, like CI's)."""
+POSTGRES = os.environ.get("MEMVAULT_TEST_POSTGRES")
+"""A PostgreSQL server the tests may create databases on (trust auth); ``.ci/run`` sets it."""
+
+POSTGRES_HOWTO = (
+    "PostgreSQL tests off: set MEMVAULT_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/test "
+    "(trust auth; e.g. `docker run -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust "
+    "-e POSTGRES_DB=test postgres:16`)"
+)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """Each test that takes this runs twice: on the embedded SQLite default (None) and on a
-    fresh PostgreSQL database, created for the test and dropped after it."""
-    if request.param == "sqlite":
-        yield None
-        return
+@contextlib.contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """A new PostgreSQL database for one test (an asyncpg URL), dropped afterwards.
+
+    Skips when ``MEMVAULT_TEST_POSTGRES`` is unset; fails when it is set but unreachable
+    (CI sets it, and a CI run must not pass by skipping them).
+    """
+    if POSTGRES is None:
+        pytest.skip(POSTGRES_HOWTO)
     import asyncpg
 
     name = f"mvtest_{secrets.token_hex(6)}"
@@ -143,13 +152,27 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     try:
         asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(
-            f"PostgreSQL not reachable at {POSTGRES} ({exc}); start one (e.g. `docker run -p "
-            "5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or point "
-            "MEMVAULT_TEST_POSTGRES at one"
-        )
+        pytest.fail(f"MEMVAULT_TEST_POSTGRES={POSTGRES} is set but not usable: {exc}")
     base = POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
     try:
         yield f"{base}/{name}"
     finally:
         asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Each test that takes this runs twice: on the embedded SQLite default (None) and on a
+    fresh PostgreSQL database, created for the test and dropped after it."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database only (for tests of many processes on one database)."""
+    with fresh_postgres() as url:
+        yield url

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +130,86 @@ def test_a_job_left_by_a_killed_server_completes_after_restart(tmp_path: Path) -
         memory = settled(api, done["memory_id"])
         assert memory["derivatives"] == dict.fromkeys(ROLES, "ready")
         assert set(memory["assets"]) == {"original", *ROLES}
+    finally:
+        api.http.close()
+        server.kill()
+
+
+def test_a_separate_worker_process_makes_the_derivatives(tmp_path: Path) -> None:
+    """Scale-out split: the server only takes uploads, ``memvault worker`` does the jobs."""
+    server = LiveServer(tmp_path / "data",
+                        env={**SMALL_CHUNKS, "MEMVAULT_DERIVATIVE_WORKERS": "0"})
+    server.start()
+    api = server.api()
+    worker_log = tmp_path / "worker.log"
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        done = upload(api, api.capsule(), jpeg(800, 600), "image/jpeg")
+        with worker_log.open("wb") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "memvault", "worker", "--data", str(server.data_dir),
+                 "--processes", "1"],
+                env={**os.environ, "MEMVAULT_LOG_FORMAT": "json"},
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        memory = settled(api, done["memory_id"])
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "ready"), worker_log.read_text()
+        assert memory["thumbhash"]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, worker_log.read_text()
+        events = [json.loads(line)["event"] for line in worker_log.read_text().splitlines()
+                  if line.startswith("{")]
+        assert events[0] == "worker.start"
+        assert "jobs.done" in events
+        assert events[-1] == "worker.stop"
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        api.http.close()
+        server.kill()
+
+
+def test_a_worker_without_processes_is_a_usage_error(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "memvault", "worker", "--data", str(tmp_path), "--processes",
+         "0"], capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert r.returncode == 2
+    assert "at least one process" in r.stderr
+
+
+def big_png() -> bytes:
+    """81 megapixels of one colour: a 250 KB file whose decode needs ~243 MB and a while."""
+    out = io.BytesIO()
+    Image.new("RGB", (9000, 9000), (30, 120, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("limits", "reason"), [
+    ({"MEMVAULT_DERIVATIVE_TIMEOUT": "0.05"}, "took longer than 0.05 s"),
+    ({"MEMVAULT_DERIVATIVE_MEMORY_LIMIT": str(200 * 1024 * 1024)}, "decoder process failed"),
+])
+def test_an_image_over_the_job_limits_fails_alone_and_the_queue_moves_on(
+    tmp_path: Path, limits: dict[str, str], reason: str,
+) -> None:
+    server = LiveServer(tmp_path / "data", env={
+        **SMALL_CHUNKS, "MEMVAULT_DERIVATIVE_WORKERS": "1", "MEMVAULT_DERIVATIVE_ATTEMPTS": "1",
+        **limits,
+    })
+    server.start()
+    api = server.api()
+    try:
+        capsule = api.capsule()
+        data = big_png()
+        heavy = upload(api, capsule, data, "image/png")["memory_id"]
+        memory = settled(api, heavy)
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "failed"), memory
+        assert reason in memory["derivatives_reason"]
+        assert hashlib.sha256(api.read(heavy).content).hexdigest() == (
+            hashlib.sha256(data).hexdigest())  # the original is untouched
+        light = upload(api, capsule, jpeg(320, 240), "image/jpeg")["memory_id"]
+        assert settled(api, light)["derivatives"] == dict.fromkeys(ROLES, "ready")
     finally:
         api.http.close()
         server.kill()

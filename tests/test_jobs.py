@@ -144,12 +144,40 @@ async def test_unsupported_is_final_and_client_uploads_are_never_overwritten(
                                    pieces(client_display, Random(0)), ChunkChecksums())
         await ip.uploads.finish(ip.caller, s.id, len(client_display),
                                 hashlib.sha256(client_display).hexdigest())
+        await ip.capsules.update_memory(ip.caller, photo, {"thumbhash": "CLIENT"})
         made = [await _derivative(ip, role, role.encode() * 10)
                 for role in ("display", "thumb", "placeholder")]
         assert await queue.complete(job, "w", made, "BBBB")
         memory = await ip.capsules.get_memory(ip.caller, photo)
         assert memory.assets["display"].sha256 == hashlib.sha256(client_display).hexdigest()
         assert memory.assets["thumb"].sha256 == hashlib.sha256(b"thumb" * 10).hexdigest()
+        assert memory.thumbhash == "CLIENT"
+
+        # Without a client ThumbHash, the server's is stored.
+        other = await _original(ip, "other")
+        job = await queue.claim("w")
+        assert job is not None
+        assert job.memory_id == other
+        assert await queue.complete(job, "w", made, "BBBB")
+        assert (await ip.capsules.get_memory(ip.caller, other)).thumbhash == "BBBB"
+
+
+async def test_an_original_whose_derivatives_came_first_needs_no_job(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        memory = await ip.capsules.new_memory(ip.caller, ip.capsule_id)
+        for role in ("display", "thumb", "placeholder", "original"):
+            data = os.urandom(100)
+            s, _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+                len(data), role, memory_id=memory.id, role=role))
+            await ip.uploads.put_chunk(ip.caller, s.id, 0, len(data), pieces(data, Random(0)),
+                                       ChunkChecksums())
+            await ip.uploads.finish(ip.caller, s.id, len(data),
+                                    hashlib.sha256(data).hexdigest())
+        assert await _queue(ip).claim("w") is None
+        memory = await ip.capsules.get_memory(ip.caller, memory.id)
+        assert set(memory.derivatives.values()) == {"ready"}
 
 
 @pytest.mark.parametrize("role", ["display"])

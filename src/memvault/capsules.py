@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from memvault.metadata.schema import assets, blobs, capsules, derivative_jobs, m
 
 ROLES = ("original", "display", "thumb", "placeholder")
 DERIVED_ROLES = ROLES[1:]
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,43 @@ class CapsuleService:
             raise NotFound(f"memory {memory_id} has no {role!r} asset")
         return asset
 
+    async def update_memory(self, caller: Principal, memory_id: str,
+                            fields: dict[str, Any]) -> Memory:
+        """Set the given fields (``title``, ``taken_at``, ``meta``, ``thumbhash``) of a memory
+        ``caller`` may write to; fields not given keep their values."""
+        unknown = set(fields) - {"title", "taken_at", "meta", "thumbhash"}
+        if unknown:
+            raise InvalidArgument(f"cannot set {', '.join(sorted(unknown))} of a memory")
+
+        def update(conn: sa.Connection) -> None:
+            memory_capsule(conn, caller, memory_id)
+            if fields:
+                conn.execute(
+                    sa.update(memories).where(memories.c.id == memory_id).values(**fields)
+                )
+
+        await self.db.transact(update)
+        return await self.get_memory(caller, memory_id)
+
     async def list_memories(
-        self, caller: Principal, capsule_id: str, *, limit: int = 50, cursor: str | None = None
+        self, caller: Principal, capsule_id: str, *, limit: int = 50, cursor: str | None = None,
+        sha256: str | None = None,
     ) -> Page:
-        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page.
+
+        With ``sha256``, only memories whose original has that digest (a client's "is this
+        file already here?" before it uploads).
+        """
         if not 1 <= limit <= 500:
             raise InvalidArgument("limit must be between 1 and 500")
         condition = memories.c.capsule_id == capsule_id
+        if sha256 is not None:
+            if not _SHA256.fullmatch(sha256):
+                raise InvalidArgument("sha256 must be 64 hex digits")
+            condition = sa.and_(condition, memories.c.id.in_(
+                sa.select(assets.c.memory_id).where(assets.c.role == ROLES[0],
+                                                     assets.c.blob_sha256 == sha256.lower())
+            ))
         if cursor is not None:
             created_at, last_id = _decode_cursor(cursor)
             condition = sa.and_(

@@ -54,6 +54,23 @@ def serve(
     server.run(create_app(settings), settings)
 
 
+@app.command()
+def worker(
+    data: DataOpt = None,
+    processes: Annotated[int | None, typer.Option(
+        help="derivative worker processes (MEMVAULT_DERIVATIVE_WORKERS; default: cores)")] = None,
+) -> None:
+    """Run background work alone: derivative jobs and the session reaper (for scale-out)."""
+    from memvault.clock import SystemClock
+    from memvault.worker import run_worker
+
+    settings = _settings(data, derivative_workers=processes)
+    if settings.derivative_workers < 1:
+        typer.echo("memvault: a worker needs at least one process (--processes N)", err=True)
+        raise typer.Exit(2)
+    asyncio.run(run_worker(settings, SystemClock()))
+
+
 @token_app.command("create")
 def token_create(
     name: str,

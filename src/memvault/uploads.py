@@ -34,7 +34,7 @@ from memvault.errors import (
 )
 from memvault.jobs.queue import enqueue
 from memvault.metadata import Database
-from memvault.metadata.schema import assets, capsules, memories, upload_sessions
+from memvault.metadata.schema import assets, capsules, memories, principals, upload_sessions
 from memvault.sessions import (
     ChunkChecksums,
     PutResult,
@@ -107,6 +107,11 @@ class UploadService:
             # Only a new session is checked against limits: a retried begin that finds its
             # pending session already holds its place.
             check_writable(conn, caller, req.capsule_id)
+            # Begins of one caller take turns from here to their commit (a row lock on
+            # PostgreSQL; SQLite's one writer already serialises them), so the counts and
+            # sums below cannot be read by two begins that would both fit, then both insert.
+            conn.execute(sa.select(principals.c.id).where(principals.c.id == caller.id)
+                         .with_for_update())
             self._check_pending_cap(conn, caller, req.capsule_id)
             self._check_headroom(conn, free, req.size)
             self._check_quotas(conn, caller.id, req.size, now)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -21,13 +20,13 @@ from memvault.http import asset_routes, library_routes, ops_routes, problems, up
 from memvault.http.deps import Services
 from memvault.http.limits import JsonBodyLimit
 from memvault.jobs.queue import JobQueue
-from memvault.jobs.runner import DerivativeRunner
 from memvault.metadata import Database
 from memvault.metadata.migrate import is_current, upgrade
 from memvault.metrics import Metrics
 from memvault.settings import Settings
 from memvault.storage.local import LocalBlobStore
 from memvault.uploads import UploadService
+from memvault.worker import background
 
 log = structlog.get_logger("memvault")
 
@@ -65,13 +64,6 @@ async def open_services(
     return db, services
 
 
-def derivative_runner(settings: Settings, services: Services) -> DerivativeRunner:
-    return DerivativeRunner(
-        services.jobs, services.store, workers=max(1, settings.derivative_workers),
-        timeout=settings.derivative_timeout, memory_limit=settings.derivative_memory_limit,
-    )
-
-
 async def ensure_admin(settings: Settings, auth: AuthService) -> None:
     """On first start, make the ``admin`` principal and leave its token in the data dir."""
     if await auth.has_principals():
@@ -88,25 +80,6 @@ async def ensure_admin(settings: Settings, auth: AuthService) -> None:
                 hint="use this token as 'Authorization: Bearer <token>'")
 
 
-async def _reaper(services: Services, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        services.metrics.reaper_runs.inc()
-        try:
-            expired = await services.uploads.sessions.expire_due()
-        except Exception:
-            # Logged with its traceback and retried next round; never silently swallowed.
-            log.exception("reaper.failed")
-            continue
-        services.metrics.expired.inc(expired)
-        try:
-            await services.uploads.sessions.sweep_staging()
-        except Exception:
-            log.exception("reaper.sweep_failed")
-        if expired:
-            log.info("reaper.run", expired=expired)
-
-
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """The ASGI app; with no arguments it reads ``MEMVAULT_*`` (e.g. as a granian factory)."""
     settings = settings or Settings()
@@ -120,22 +93,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         app.state.services = services
         app.state.db = db
         await ensure_admin(settings, services.auth)
-        reaper = asyncio.create_task(_reaper(services, settings.reaper_interval))
-        jobs: asyncio.Task[None] | None = None
-        if settings.derivative_workers > 0:
-            services.runner = derivative_runner(settings, services)
-            jobs = asyncio.create_task(services.runner.run())
         try:
-            yield
+            async with background(settings, services):
+                yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
-            if jobs is not None and services.runner is not None:
-                jobs.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await jobs
-                await services.runner.close()
             await services.uploads.sessions.close()
             await db.dispose()
             log.info("memvault.stop")

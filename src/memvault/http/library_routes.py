@@ -12,6 +12,7 @@ from memvault.http.schemas import (
     MemoryIn,
     MemoryOut,
     MemoryPage,
+    MemoryPatch,
     memory_out,
 )
 
@@ -45,11 +46,23 @@ async def list_memories(
     svc: Svc,
     limit: int = Query(default=50, ge=1, le=500),
     cursor: str | None = None,
+    sha256: str | None = Query(
+        default=None, description="only memories whose original has this SHA-256 (hex)"
+    ),
 ) -> MemoryPage:
-    page = await svc.capsules.list_memories(caller, capsule_id, limit=limit, cursor=cursor)
+    page = await svc.capsules.list_memories(caller, capsule_id, limit=limit, cursor=cursor,
+                                            sha256=sha256)
     return MemoryPage(items=[memory_out(m) for m in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/memories/{memory_id}", response_model=MemoryOut)
 async def get_memory(memory_id: str, caller: Caller, svc: Svc) -> MemoryOut:
     return memory_out(await svc.capsules.get_memory(caller, memory_id))
+
+
+@router.patch("/memories/{memory_id}", response_model=MemoryOut)
+async def update_memory(memory_id: str, body: MemoryPatch, caller: Caller, svc: Svc) -> MemoryOut:
+    fields = body.model_dump(include=body.model_fields_set)
+    if "metadata" in fields:
+        fields["meta"] = fields.pop("metadata") or {}
+    return memory_out(await svc.capsules.update_memory(caller, memory_id, fields))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from memvault.capsules import Asset, Memory
 from memvault.clock import iso
@@ -25,6 +25,20 @@ class MemoryIn(BaseModel):
     title: str | None = Field(default=None, max_length=500)
     taken_at: str | None = Field(default=None, max_length=40)
     metadata: dict[str, Any] | None = None
+
+
+class MemoryPatch(BaseModel):
+    """Fields to change; those left out keep their values (``metadata`` is replaced whole)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(default=None, max_length=500)
+    taken_at: str | None = Field(default=None, max_length=40)
+    metadata: dict[str, Any] | None = None
+    thumbhash: str | None = Field(
+        default=None, max_length=64, pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+        description="ThumbHash of the placeholder (base64), e.g. made by the client's lane B",
+    )
 
 
 class AssetOut(BaseModel):

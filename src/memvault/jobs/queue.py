@@ -49,7 +49,14 @@ class StoredDerivative:
 
 
 def enqueue(conn: sa.Connection, memory_id: str, now: float) -> None:
-    """Add the memory's job (inside the transaction that commits its original)."""
+    """Add the memory's job (inside the transaction that commits its original), unless the
+    memory already has every derived role (a client uploaded them first)."""
+    present = conn.execute(
+        sa.select(sa.func.count()).select_from(assets)
+        .where(assets.c.memory_id == memory_id, assets.c.role.in_(DERIVED_ROLES))
+    ).scalar_one()
+    if present == len(DERIVED_ROLES):
+        return
     exists = conn.execute(
         sa.select(derivative_jobs.c.memory_id).where(derivative_jobs.c.memory_id == memory_id)
     ).first()
@@ -131,8 +138,10 @@ class JobQueue:
                 record_blob(conn, d.sha256, d.size, d.storage_key, now)
                 add_asset(conn, job.memory_id, d.role, d.size, d.sha256, d.content_type,
                           None, now)
-            if thumbhash is not None:
-                conn.execute(sa.update(memories).where(memories.c.id == job.memory_id)
+            if thumbhash is not None:  # a client's ThumbHash (PATCH) is kept, like its roles
+                conn.execute(sa.update(memories)
+                             .where(memories.c.id == job.memory_id,
+                                    memories.c.thumbhash.is_(None))
                              .values(thumbhash=thumbhash))
             _end(conn, job.memory_id, DONE, None, now)
             return True

@@ -19,7 +19,12 @@ statement-building work off the event loop, which serves every request (docs/dec
 "Metadata on SQLite": it more than halved the per-chunk metadata time).
 
 Elsewhere (PostgreSQL with asyncpg) the function runs through ``AsyncConnection.run_sync``
-on an ordinary async pool, where row locks and conditional updates decide races.
+on an ordinary async pool, where row locks and conditional updates decide races. Under READ
+COMMITTED two transactions can both see "no row yet" and both insert it; the unique index lets
+one through and the other fails with an integrity error. ``transact`` then runs the loser's
+function again, in a new transaction that sees the winner's row and takes the path for "it
+exists" (hand back the same session, answer ``conflict``, count one more use). So a
+transaction function must be re-runnable: it reads and writes through its connection only.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ Work = Callable[[sa.Connection], T]
 """A unit of database work: a plain function of one connection."""
 
 _READ_THREADS = 4
+_RACE_RETRIES = 3
 
 
 def is_sqlite(url: str) -> bool:
@@ -113,8 +119,16 @@ class Database:
         if self._sqlite:
             job = functools.partial(_write, self._writer, work, durable)
             return await _settle(self._write_thread, job)
-        async with self._async.begin() as conn:
-            return await conn.run_sync(work)
+        for attempt in range(_RACE_RETRIES + 1):
+            try:
+                async with self._async.begin() as conn:
+                    return await conn.run_sync(work)
+            except sa.exc.IntegrityError:
+                # A concurrent transaction inserted the same key first (see the module
+                # docstring); a real constraint violation fails the same way again.
+                if attempt == _RACE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
 
 async def _settle(pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:

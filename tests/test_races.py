@@ -1,0 +1,149 @@
+"""Concurrent requests that race in the metadata store have one defined outcome.
+
+On SQLite one writer thread runs transactions one after another, so these races cannot
+happen there; on PostgreSQL (READ COMMITTED, a pool of connections) they do: every request
+below runs on its own connection, interleaved statement by statement. Each test states the
+outcome the API promises: one session per idempotency key, limits that hold exactly, a
+duplicate chunk that is a success, a name taken once — and never an ``internal`` error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Awaitable
+from random import Random
+from typing import Any
+
+import sqlalchemy as sa
+
+from memvault.errors import Conflict, MemvaultError, ResourceExhausted, Unavailable
+from memvault.metadata.schema import blobs, memories
+from memvault.sessions import ChunkChecksums
+from tests.inprocess import CHUNK, InProcess, inprocess, pieces
+
+ROUNDS = 5
+
+
+async def _outcomes(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Results and typed errors; anything else (an IntegrityError, a 500) fails the test."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, MemvaultError):
+            raise result
+    return results
+
+
+async def _memory_count(ip: InProcess) -> int:
+    query = sa.select(sa.func.count()).select_from(memories)
+    return int(await ip.db.query(lambda conn: conn.execute(query).scalar_one()))
+
+
+async def _refcount(ip: InProcess, sha: str) -> int:
+    query = sa.select(blobs.c.refcount).where(blobs.c.sha256 == sha)
+    return int(await ip.db.query(lambda conn: conn.execute(query).scalar_one()))
+
+
+async def test_one_idempotency_key_begun_at_once_makes_one_session(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            request = ip.begin_request(3 * CHUNK, f"same-{round_}")
+            results = await _outcomes([ip.uploads.begin(ip.caller, request) for _ in range(8)])
+            assert {session.id for session, _ in results} == {results[0][0].id}
+            assert sum(created for _, created in results) == 1
+        assert await _memory_count(ip) == ROUNDS  # no memory made by a begin that lost
+
+
+async def test_the_pending_session_cap_holds_under_concurrent_begins(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url, max_pending_per_capsule=3) as ip:
+        results = await _outcomes([
+            ip.uploads.begin(ip.caller, ip.begin_request(CHUNK, f"k{i}")) for i in range(10)
+        ])
+        made = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert (len(made), len(refused)) == (3, 7)
+        assert await _memory_count(ip) == 3
+
+
+async def test_the_daily_quota_holds_under_concurrent_begins(database_url: str | None) -> None:
+    async with inprocess(database_url=database_url, daily_upload_quota=3 * CHUNK) as ip:
+        results = await _outcomes([
+            ip.uploads.begin(ip.caller, ip.begin_request(CHUNK, f"q{i}")) for i in range(8)
+        ])
+        made = [r for r in results if not isinstance(r, BaseException)]
+        assert len(made) == 3
+        assert all(isinstance(r, ResourceExhausted) for r in results if r not in made)
+
+
+async def test_one_role_of_one_memory_is_begun_once(database_url: str | None) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        memory = await ip.capsules.new_memory(ip.caller, ip.capsule_id)
+        results = await _outcomes([
+            ip.uploads.begin(ip.caller, ip.begin_request(
+                CHUNK, f"d{i}", memory_id=memory.id, role="display"))
+            for i in range(6)
+        ])
+        made = [r for r in results if not isinstance(r, BaseException)]
+        assert len(made) == 1
+        assert all(isinstance(r, Conflict) for r in results if r not in made)
+
+
+async def test_the_same_chunk_sent_at_once_is_stored_once(database_url: str | None) -> None:
+    data = os.urandom(2 * CHUNK)
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            session, _ = await ip.uploads.begin(ip.caller,
+                                                ip.begin_request(len(data), f"c{round_}"))
+            results = await _outcomes([
+                ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                     pieces(data[:CHUNK], Random(i)), ChunkChecksums())
+                for i in range(4)
+            ])
+            # One stores it; the others compare and succeed as duplicates, or are told to
+            # send again if the one holding the range had not finished yet.
+            stored = [r for r in results if not isinstance(r, BaseException)]
+            assert [r.duplicate for r in stored].count(False) == 1
+            assert all(isinstance(r, Unavailable) for r in results if r not in stored)
+            parts = await ip.part_rows()
+            assert [(p["offset"], p["state"]) for p in parts
+                    if p["session_id"] == session.id] == [(0, "received")]
+            await ip.uploads.put_chunk(ip.caller, session.id, 1, CHUNK,
+                                       pieces(data[CHUNK:], Random(9)), ChunkChecksums())
+            await ip.uploads.finish(ip.caller, session.id, len(data),
+                                    hashlib.sha256(data).hexdigest())
+
+
+async def test_the_same_bytes_finished_in_two_sessions_at_once_share_one_blob(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            data = os.urandom(CHUNK + 1)
+            sha = hashlib.sha256(data).hexdigest()
+            sessions = []
+            for copy in range(3):
+                session, _ = await ip.uploads.begin(
+                    ip.caller, ip.begin_request(len(data), f"b{round_}-{copy}"))
+                for index in range(session.chunk_count):
+                    offset, length = session.chunk_range(index)
+                    await ip.uploads.put_chunk(ip.caller, session.id, index, length,
+                                               pieces(data[offset:offset + length], Random(0)),
+                                               ChunkChecksums())
+                sessions.append(session)
+            await _outcomes([ip.uploads.finish(ip.caller, s.id, len(data), sha)
+                             for s in sessions])
+            assert await _refcount(ip, sha) == 3
+
+
+async def test_one_capsule_name_is_taken_once(database_url: str | None) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        results = await _outcomes([ip.capsules.create_capsule(ip.caller, "trip")
+                                   for _ in range(6)])
+        made = [r for r in results if not isinstance(r, BaseException)]
+        assert len(made) == 1
+        assert all(isinstance(r, Conflict) for r in results if r not in made)
