@@ -125,6 +125,7 @@ def scenario_four_assets(mv: Client, cap: str, tmp: Path, seed: int) -> None:
     memory = mv.upload_memory(tmp / "IMG.jpg", capsule=cap, derivatives="auto")
     assert sorted(memory.assets) == sorted(ROLES)
     assert memory.derivatives == dict.fromkeys(ROLES[1:], "ready")
+    assert memory.thumbhash  # made by the SDK's worker, stored with PATCH
     assert memory.assets["display"].content_type == "image/jpeg"
     assert memory.assets["thumb"].content_type == "image/webp"
     expected = {"original": original}

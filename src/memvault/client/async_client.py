@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,15 @@ from memvault.client.transport import Transport
 from memvault.client.upload import ChunkUpload, ProgressCallback
 from memvault.client.workers import DerivativeWorkers
 from memvault.errors import Conflict, NotFound
+
+
+class Unset(enum.Enum):
+    """The type of ``UNSET``: "leave this field as it is"."""
+
+    UNSET = enum.auto()
+
+
+UNSET = Unset.UNSET
 
 CapsuleRef = Capsule | str
 """A capsule, or its id."""
@@ -162,9 +172,22 @@ class AsyncClient:
         return [m async for m in self.iter_memories(capsule, page_size=500, sha256=want)
                 if "original" in m.assets and m.assets["original"].sha256 == want]
 
-    async def set_thumbhash(self, memory: MemoryRef, thumbhash: str) -> Memory:
-        response = await self.api.call("PATCH", f"/v1/memories/{_memory_id(memory)}",
-                                       json={"thumbhash": thumbhash})
+    async def update_memory(
+        self,
+        memory: MemoryRef,
+        *,
+        title: str | Unset | None = UNSET,
+        taken_at: str | Unset | None = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+        thumbhash: str | Unset | None = UNSET,
+    ) -> Memory:
+        """Change the fields given (``None`` clears one); the others keep their values.
+        ``metadata`` is replaced whole."""
+        given = {"title": title, "taken_at": taken_at, "metadata": metadata,
+                 "thumbhash": thumbhash}
+        response = await self.api.call(
+            "PATCH", f"/v1/memories/{_memory_id(memory)}",
+            json={k: v for k, v in given.items() if not isinstance(v, Unset)})
         return Memory.model_validate(response.json())
 
     # -- uploads ---------------------------------------------------------------------------

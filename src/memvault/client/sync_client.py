@@ -151,7 +151,7 @@ class Client:
     list_memories = _blocking(AsyncClient.list_memories)
     iter_memories = _blocking_iter(AsyncClient.iter_memories)
     find_memories = _blocking(AsyncClient.find_memories)
-    set_thumbhash = _blocking(AsyncClient.set_thumbhash)
+    update_memory = _blocking(AsyncClient.update_memory)
     upload_file = _blocking(AsyncClient.upload_file)
     upload_memory = _blocking(AsyncClient.upload_memory)
     list_sessions = _blocking(AsyncClient.list_sessions)
