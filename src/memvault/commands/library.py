@@ -67,9 +67,18 @@ def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False)
     except MemvaultError as exc:
         output.err.print(f"memvault: {sentence(exc, url=login.url)}", markup=False)
         return FAILED
+    except OSError as exc:  # a local file or folder: cannot write, does not exist, ...
+        output.err.print(f"memvault: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                         markup=False)
+        return FAILED
 
 
 def login(url: str, token: str) -> int:
+    if not url.startswith(("http://", "https://")):
+        output.err.print(f"memvault: {url!r} is not a URL — give the server as "
+                         "http://HOST:PORT or https://HOST", markup=False)
+        return USAGE
+
     async def check() -> int:
         async with AsyncClient(url, token, retry=QUICK) as mv:
             capsules = await mv.list_capsules()

@@ -198,8 +198,12 @@ class _Run:
         return digest
 
     def _say(self, line: str) -> None:
-        if not self.as_json:
-            output.out.print(line, markup=False)
+        if self.as_json:
+            return
+        # While the bars are drawn, lines go above them (through their console); otherwise
+        # results go to stdout.
+        console = output.out if self.bars.disable else self.bars.console
+        console.print(line, markup=False)
 
     def _fail(self, name: str, outcome: Outcome) -> None:
         if self.as_json:
@@ -209,7 +213,8 @@ class _Run:
             head += f"stored as {outcome.memory_id}, but its derivatives failed (the server " \
                     "makes them instead): "
         for e in outcome.errors:
-            output.err.print(head + e["message"], markup=False)
+            (output.err if self.bars.disable else self.bars.console).print(
+                head + e["message"], markup=False)
 
     def _report(self) -> int:
         counts = {s: sum(o.status == s for o in self.outcomes)
