@@ -19,6 +19,8 @@ import io
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -369,3 +371,63 @@ def test_the_servers_own_429_for_transfer_slots_is_backed_off(tmp_path: Path) ->
         api.http.close()
     finally:
         s.kill(signal.SIGTERM)
+
+
+# -- the blocking client, interrupted ----------------------------------------------------------
+
+_INTERRUPTED_SCRIPT = """
+import sys
+from memvault.client import Client
+
+url, token, path, cap, state = sys.argv[1:]
+
+def progress(p):
+    if p.phase == "transfer" and p.chunks_done == 6:
+        print("six chunks in", flush=True)
+
+with Client(url, token, state_dir=state) as mv:
+    mv.upload_file(path, cap, parallel=1, on_progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_in_the_blocking_client_keeps_the_upload_resumable(
+        small_server: LiveServer, tmp_path: Path) -> None:
+    """A script using ``Client`` gets Ctrl-C while the upload waits out a 503 (its chunks
+    after the sixth are refused with Retry-After: 30 by a proxy): the call stops at once with
+    KeyboardInterrupt, and the next call, straight to the server, sends only the rest."""
+    data = os.urandom(20 * SMALL)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    api = small_server.api()
+    cap = api.capsule("interrupted")
+
+    def refuse_late_chunks(method: str, p: str, seen: int) -> Any:
+        if method == "PUT" and "/chunks/" in p and int(p.rsplit("/", 1)[1]) >= 6:
+            return unavailable(30)
+        return None
+
+    try:
+        with FaultProxy(small_server.url, refuse_late_chunks) as proxy:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _INTERRUPTED_SCRIPT, proxy.url, small_server.token,
+                 str(path), cap, str(tmp_path / "state")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "six chunks in"
+            while not proxy.log.injected:  # the seventh chunk met its 503: the client waits
+                assert proc.poll() is None
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "KeyboardInterrupt" in err
+        assert "finished" not in out
+        assert list((tmp_path / "state" / "uploads").glob("*.json"))  # the resume record
+        with Client(small_server.url, small_server.token, state_dir=tmp_path / "state") as mv:
+            done = mv.upload_file(path, cap)
+        assert done.chunks_skipped == 6
+        assert done.chunks_sent == 14
+        assert done.asset.sha256 == sha(data)
+    finally:
+        api.http.close()

@@ -35,6 +35,7 @@ class _LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         result: concurrent.futures.Future[T] = concurrent.futures.Future()
+        settled = threading.Event()
         tasks: list[asyncio.Task[T]] = []
 
         def start() -> None:
@@ -48,6 +49,7 @@ class _LoopThread:
                     result.set_exception(exc)
                 else:
                     result.set_result(t.result())
+                settled.set()  # (concurrent.futures.wait() never sees a plain cancel())
 
             task.add_done_callback(settle)
 
@@ -60,7 +62,7 @@ class _LoopThread:
                     task.cancel()
 
             self.loop.call_soon_threadsafe(cancel)
-            concurrent.futures.wait([result], timeout=60)
+            settled.wait(timeout=60)  # its cleanup (resume records, worker processes) runs
             raise
 
     def close(self) -> None:
