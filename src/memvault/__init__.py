@@ -1,3 +1,85 @@
-"""memvault: resumable, verified uploads of memories into capsules."""
+"""memvault: resumable, verified uploads of memories into capsules.
+
+The package is the server (``memvault serve``) and its Python client; the client's public
+API is listed here once::
+
+    from memvault import Client            # or AsyncClient
+"""
 
 __version__ = "0.1.0"
+
+# After __version__: the client reads it for its User-Agent.
+from memvault.client import (
+    Asset,
+    AsyncClient,
+    BadResponse,
+    Capsule,
+    ChecksumMismatch,
+    Client,
+    ClientError,
+    Conflict,
+    ConnectionFailed,
+    Expired,
+    FileChanged,
+    Forbidden,
+    Incomplete,
+    InsufficientStorage,
+    Internal,
+    InvalidArgument,
+    LengthMismatch,
+    Memory,
+    MemoryPage,
+    MemvaultError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Progress,
+    RangeNotSatisfiable,
+    RequestTimeout,
+    ResourceExhausted,
+    RetryPolicy,
+    Session,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+    UploadMemoryError,
+    UploadResult,
+)
+
+__all__ = [
+    "Asset",
+    "AsyncClient",
+    "BadResponse",
+    "Capsule",
+    "ChecksumMismatch",
+    "Client",
+    "ClientError",
+    "Conflict",
+    "ConnectionFailed",
+    "Expired",
+    "FileChanged",
+    "Forbidden",
+    "Incomplete",
+    "InsufficientStorage",
+    "Internal",
+    "InvalidArgument",
+    "LengthMismatch",
+    "Memory",
+    "MemoryPage",
+    "MemvaultError",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "Progress",
+    "RangeNotSatisfiable",
+    "RequestTimeout",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "Session",
+    "Timeout",
+    "Unauthenticated",
+    "Unavailable",
+    "UploadMemoryError",
+    "UploadResult",
+    "__version__",
+]

@@ -1,14 +1,17 @@
-"""The ``memvault`` command: run the server, mint tokens, migrate the database."""
+"""The ``memvault`` command: run the server, mint tokens, migrate the database; and, as a
+client of any memvault server, log in, make capsules, upload, list and download
+(``memvault.commands`` holds the client commands' logic, over the SDK)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from memvault.settings import Settings
+if TYPE_CHECKING:
+    from memvault.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="memvault: resumable uploads of memories into capsules.")
@@ -16,11 +19,17 @@ token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 db_app = typer.Typer(no_args_is_help=True, help="The metadata database.")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+capsule_app = typer.Typer(no_args_is_help=True, help="Capsules on the server you logged in to.")
+admin_app = typer.Typer(no_args_is_help=True, help="Operator views (an admin token).")
+app.add_typer(capsule_app, name="capsule", rich_help_panel="Client")
+app.add_typer(admin_app, name="admin", rich_help_panel="Client")
 
 DataOpt = Annotated[Path | None, typer.Option("--data", help="data folder (MEMVAULT_DATA_DIR)")]
 
 
 def _settings(data: Path | None, **flags: Any) -> Settings:
+    from memvault.settings import Settings  # here, so client commands start without it
+
     given: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if data is not None:
         given["data_dir"] = data
@@ -100,6 +109,114 @@ def db_upgrade(data: DataOpt = None) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(upgrade(settings.resolved_database_url))
     typer.echo("schema is current")
+
+
+# -- client commands (over the SDK; logic in memvault.commands) ------------------------------
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON document on stdout, for scripts")]
+
+
+@app.command(rich_help_panel="Client")
+def login(
+    url: Annotated[str, typer.Argument(help="the server, e.g. http://127.0.0.1:8080")],
+    token: Annotated[str, typer.Option(prompt=True, hide_input=True,
+                                       help="your API token (prompted for if not given)")],
+) -> None:
+    """Check URL and TOKEN with the server, then keep them in your config folder (mode 0600).
+
+    MEMVAULT_URL and MEMVAULT_TOKEN, when set, take precedence over what is kept.
+    """
+    from memvault.commands import library
+
+    raise typer.Exit(library.login(url, token))
+
+
+@capsule_app.command("create")
+def capsule_create(name: str, as_json: JsonOpt = False) -> None:
+    """Create a capsule named NAME."""
+    from memvault.commands import library
+
+    raise typer.Exit(library.capsule_create(name, as_json))
+
+
+@capsule_app.command("list")
+def capsule_list(as_json: JsonOpt = False) -> None:
+    """Your capsules."""
+    from memvault.commands import library
+
+    raise typer.Exit(library.capsule_list(as_json))
+
+
+@app.command(rich_help_panel="Client")
+def upload(
+    paths: Annotated[list[Path], typer.Argument(exists=True, metavar="PATH",
+                                                   help="files and folders")],
+    capsule: Annotated[str, typer.Option("--capsule", "-c", help="capsule name")],
+    parallel: Annotated[int, typer.Option(min=1, max=64, help="chunks in flight per file")] = 4,
+    jobs: Annotated[int, typer.Option(min=1, max=16, help="files uploaded at once")] = 2,
+    no_derivatives: Annotated[bool, typer.Option(
+        "--no-derivatives", help="send originals only (the server makes derivatives)")] = False,
+    create: Annotated[bool, typer.Option(
+        "--create", help="create the capsule if it does not exist")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload files and folders (recursively) into a capsule, one memory per file.
+
+    Files already in the capsule (same SHA-256) are skipped and reported.
+    Interrupted (Ctrl-C, network), the same command resumes where the server stopped.
+    Exit code 0: all uploaded or present; 1: some failed; 2: usage error; 130: interrupted.
+    """
+    from memvault.commands import upload as upload_command
+
+    raise typer.Exit(upload_command.upload(
+        paths, capsule, parallel=parallel, jobs=jobs, derivatives=not no_derivatives,
+        create=create, as_json=as_json))
+
+
+@app.command(rich_help_panel="Client")
+def ls(
+    capsule: Annotated[str, typer.Argument(help="capsule name")],
+    limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The memories of a capsule, newest first."""
+    from memvault.commands import library
+
+    raise typer.Exit(library.ls(capsule, as_json, limit))
+
+
+@app.command(rich_help_panel="Client")
+def get(
+    memory_id: Annotated[str, typer.Argument(metavar="MEMORY_ID")],
+    role: Annotated[str, typer.Option(
+        help="original, display, thumb or placeholder")] = "original",
+    output_path: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="file or folder to write (default: the current folder)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download one asset of a memory, verified against its SHA-256.
+
+    An interrupted download continues from its .part file.
+    """
+    from memvault.commands import library
+
+    raise typer.Exit(library.get(memory_id, role, output_path, as_json))
+
+
+@app.command(rich_help_panel="Client")
+def sessions(as_json: JsonOpt = False) -> None:
+    """Your upload sessions in progress, with what each has received."""
+    from memvault.commands import library
+
+    raise typer.Exit(library.sessions(as_json, admin=False))
+
+
+@admin_app.command("sessions")
+def admin_sessions(as_json: JsonOpt = False) -> None:
+    """Every principal's upload sessions in progress."""
+    from memvault.commands import library
+
+    raise typer.Exit(library.sessions(as_json, admin=True))
 
 
 def main() -> None:

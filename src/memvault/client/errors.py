@@ -1,0 +1,178 @@
+"""What the SDK raises, and the one place a server answer becomes an exception.
+
+Every failure the server reports is raised as the class ``memvault.errors`` declares for its
+``code`` (``ERRORS``: the one table the server and the SDK share), carrying the problem's
+``detail``, its ``retry_after`` and every other member of the body in ``extra`` (``missing``,
+``limit_name``, ``expected``, ...). Failures seen on this side have their own classes::
+
+    MemvaultError                       memvault.errors: .code, .status, .detail, .extra
+     ├── NotFound, Conflict, ...        one class per server code (the server's own classes)
+     └── ClientError                    failures seen on the client's side
+          ├── ConnectionFailed          the server could not be reached (after retries)
+          ├── BadResponse               an answer that is not memvault's (a proxy's HTML 502)
+          └── FileChanged               the local file changed while it was being uploaded
+    UploadMemoryError (ExceptionGroup)  upload_memory: each failed lane's real error, noted
+
+Transient failures (connection errors, 5xx but 507, 408, 429) are retried before any of this
+is raised; see ``memvault.client.retry``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any, ClassVar
+
+import httpx
+
+from memvault.errors import (
+    ERRORS,
+    ChecksumMismatch,
+    Conflict,
+    Expired,
+    Forbidden,
+    Incomplete,
+    InsufficientStorage,
+    Internal,
+    InvalidArgument,
+    LengthMismatch,
+    MemvaultError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    RequestTimeout,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+Timeout = RequestTimeout
+"""408 ``timeout``: a chunk body arrived too slowly (the SDK sends it again before raising)."""
+
+__all__ = [
+    "BadResponse",
+    "ChecksumMismatch",
+    "ClientError",
+    "Conflict",
+    "ConnectionFailed",
+    "Expired",
+    "FileChanged",
+    "Forbidden",
+    "Incomplete",
+    "InsufficientStorage",
+    "Internal",
+    "InvalidArgument",
+    "LengthMismatch",
+    "MemvaultError",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "RangeNotSatisfiable",
+    "RequestTimeout",
+    "ResourceExhausted",
+    "Timeout",
+    "Unauthenticated",
+    "Unavailable",
+    "UploadMemoryError",
+    "from_response",
+]
+
+_STANDARD = frozenset({"type", "title", "status", "code", "detail", "retry_after"})
+
+
+class ClientError(MemvaultError):
+    """A failure on the client's side of the wire; ``status`` is 0 (no HTTP status applies)."""
+
+    code: ClassVar[str] = "client_error"
+    status: ClassVar[int] = 0
+    title: ClassVar[str] = "Client error"
+
+
+class ConnectionFailed(ClientError):
+    """The server could not be reached, or the connection broke, on every attempt.
+
+    The ``httpx`` exception of the last attempt is chained as ``__cause__``.
+    """
+
+    code = "connection_failed"
+    title = "Cannot reach the server"
+
+
+class BadResponse(ClientError):
+    """An answer that is not a memvault one: a non-JSON error page, or JSON of another shape.
+
+    ``http_status`` is the status it came with (often a proxy's 502 or 504).
+    """
+
+    code = "bad_response"
+    title = "Unexpected answer"
+
+    def __init__(self, detail: str, *, http_status: int, **extra: Any) -> None:
+        super().__init__(detail, http_status=http_status, **extra)
+        self.http_status = http_status
+
+
+class FileChanged(ClientError):
+    """The local file's size, modification time or bytes changed during its upload."""
+
+    code = "file_changed"
+    title = "File changed during upload"
+
+
+class UploadMemoryError(ExceptionGroup[Exception]):
+    """``upload_memory`` failed in one lane or both: each sub-exception is that lane's real,
+    typed error (``except* NotFound`` works), with a note naming the lane.
+
+    ``memory_id`` is the memory the upload was filling (None if lane A never began); when only
+    lane B (derivatives) failed, the original is stored and the server makes the derivatives
+    itself.
+    """
+
+    memory_id: str | None = None
+
+
+def retry_after(response: httpx.Response, body: dict[str, Any] | None = None) -> float | None:
+    """Seconds to wait from ``Retry-After`` (delta-seconds or an HTTP date), else the body's
+    ``retry_after``; None when neither says."""
+    raw = response.headers.get("retry-after")
+    if raw is not None:
+        raw = raw.strip()
+        if raw.isdigit():
+            return float(raw)
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - time.time())
+    if body is not None and isinstance(body.get("retry_after"), int | float):
+        return float(body["retry_after"])
+    return None
+
+
+def from_response(response: httpx.Response) -> MemvaultError:
+    """The exception for an error answer: the class of its problem ``code``, else
+    ``BadResponse`` (an answer from something that is not memvault)."""
+    body: Any = None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
+        text = response.text[:200].strip().replace("\n", " ")
+        return BadResponse(
+            f"{response.request.method} {response.request.url.path} answered "
+            f"{response.status_code} {response.reason_phrase} without a memvault problem body"
+            + (f": {text!r}" if text else ""),
+            http_status=response.status_code,
+        )
+    code = body["code"]
+    detail = str(body.get("detail") or body.get("title") or code)
+    extra = {k: v for k, v in body.items() if k not in _STANDARD}
+    cls = ERRORS.get(code)
+    if cls is None:
+        # A code this SDK does not know (a newer server): keep it, and the nearest class.
+        cls = next((c for c in ERRORS.values() if c.status == response.status_code), Internal)
+        extra["server_code"] = code
+    return cls(detail, retry_after=retry_after(response, body), **extra)

@@ -1,0 +1,109 @@
+"""Resume state kept on the local disk: which session an interrupted upload was filling.
+
+One small JSON file per upload, named by a hash of (server, capsule, memory, role, path), in
+the user's state directory (``platformdirs``: ``~/.local/state/memvault/uploads`` on Linux;
+``MEMVAULT_STATE_DIR`` or ``AsyncClient(state_dir=...)`` override it). Each file records the
+file's fingerprint; a record whose fingerprint no longer matches the file describes another
+version of it, and its session is aborted rather than resumed. Writes go through a temporary
+file and ``os.replace``, so a crash leaves the old record or the new one, never half of one.
+Records are removed when their upload finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ValidationError
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("MEMVAULT_STATE_DIR")
+    return Path(env) if env else Path(platformdirs.user_state_dir("memvault"))
+
+
+class UploadRecord(BaseModel):
+    session_id: str
+    fingerprint: str
+    server: str
+    capsule_id: str
+    role: str
+    memory_id: str | None
+    path: str
+    saved_at: float
+
+
+class StateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def key(*parts: str | None) -> str:
+        return hashlib.sha256("\x00".join(p or "" for p in parts).encode()).hexdigest()
+
+    def _file(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.json"
+
+    def _read(self, kind: str, key: str) -> dict[str, Any] | None:
+        try:
+            raw = self._file(kind, key).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None  # a damaged record is as good as none: the upload starts over
+        return data if isinstance(data, dict) else None
+
+    def _write(self, kind: str, key: str, data: dict[str, Any]) -> None:
+        folder = self.root / kind
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self._file(kind, key))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def load_upload(self, key: str) -> UploadRecord | None:
+        data = self._read("uploads", key)
+        if data is None:
+            return None
+        try:
+            return UploadRecord.model_validate(data)
+        except ValidationError:
+            return None
+
+    def save_upload(self, key: str, record: UploadRecord) -> None:
+        self._write("uploads", key, record.model_dump())
+
+    def drop_upload(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file("uploads", key).unlink()
+
+    def uploads(self) -> list[UploadRecord]:
+        """Every recorded (unfinished) upload."""
+        out = []
+        for path in sorted((self.root / "uploads").glob("*.json")):
+            record = self.load_upload(path.stem)
+            if record is not None:
+                out.append(record)
+        return out
+
+    def load_hash(self, key: str) -> str | None:
+        data = self._read("hashes", key)
+        value = data.get("sha256") if data else None
+        return value if isinstance(value, str) else None
+
+    def save_hash(self, key: str, sha256: str) -> None:
+        self._write("hashes", key, {"sha256": sha256, "saved_at": time.time()})

@@ -1,0 +1,163 @@
+"""``Client``: the ``AsyncClient`` API for code without an event loop.
+
+Not a second implementation: every method is the async one, run on a private event loop in a
+background thread (one per ``Client``) and waited for. The surface is generated from
+``AsyncClient``'s methods (``_blocking``), so the two cannot drift apart. Ctrl-C while a call
+waits cancels that call on the loop and waits for it to clean up (an interrupted upload keeps
+its resume record, as with ``AsyncClient``) before ``KeyboardInterrupt`` goes on. Progress
+callbacks run on the background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+
+from memvault.client.async_client import AsyncClient
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread, and a blocking ``run(coro)``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memvault-client",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+        settled = threading.Event()
+        tasks: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            tasks.append(task)
+
+            def settle(t: asyncio.Task[T]) -> None:
+                if t.cancelled():
+                    result.cancel()
+                elif (exc := t.exception()) is not None:
+                    result.set_exception(exc)
+                else:
+                    result.set_result(t.result())
+                settled.set()  # (concurrent.futures.wait() never sees a plain cancel())
+
+            task.add_done_callback(settle)
+
+        self.loop.call_soon_threadsafe(start)
+        try:
+            return result.result()
+        except KeyboardInterrupt:
+            def cancel() -> None:
+                for task in tasks:
+                    task.cancel()
+
+            self.loop.call_soon_threadsafe(cancel)
+            settled.wait(timeout=60)  # its cleanup (resume records, worker processes) runs
+            raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Client, P], T]:
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._thread.run(method(self.aio, *args, **kwargs))
+
+    return call
+
+
+def _blocking_iter(
+    method: Callable[Concatenate[AsyncClient, P], AsyncIterator[T]],
+) -> Callable[Concatenate[Client, P], Iterator[T]]:
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        items = method(self.aio, *args, **kwargs)
+
+        async def step() -> T:
+            return await anext(items)
+
+        async def close() -> None:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+        try:
+            while True:
+                try:
+                    yield self._thread.run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._thread.run(close())
+
+    return call
+
+
+class Client:
+    """The blocking client: ``Client(url, token, **options)`` takes ``AsyncClient``'s options
+    and has its methods, each returning its result instead of a coroutine.
+
+    >>> with Client("http://127.0.0.1:8080", token) as mv:  # doctest: +SKIP
+    ...     family = mv.capsule("family", create=True)
+    ...     done = mv.upload_file("video.mp4", family, parallel=8)
+    ...     for memory in mv.iter_memories(family):
+    ...         print(memory.id, sorted(memory.assets))
+    """
+
+    def __init__(self, url: str, token: str, **options: Any) -> None:
+        self.aio = AsyncClient(url, token, **options)
+        """The async client doing the work (use it only through this object's methods)."""
+        self._thread = _LoopThread()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self.aio.url
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._thread.run(self.aio.aclose())
+        finally:
+            self._thread.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    list_capsules = _blocking(AsyncClient.list_capsules)
+    create_capsule = _blocking(AsyncClient.create_capsule)
+    capsule = _blocking(AsyncClient.capsule)
+    create_memory = _blocking(AsyncClient.create_memory)
+    get_memory = _blocking(AsyncClient.get_memory)
+    list_memories = _blocking(AsyncClient.list_memories)
+    iter_memories = _blocking_iter(AsyncClient.iter_memories)
+    find_memories = _blocking(AsyncClient.find_memories)
+    update_memory = _blocking(AsyncClient.update_memory)
+    upload_file = _blocking(AsyncClient.upload_file)
+    upload_memory = _blocking(AsyncClient.upload_memory)
+    list_sessions = _blocking(AsyncClient.list_sessions)
+    admin_sessions = _blocking(AsyncClient.admin_sessions)
+    get_session = _blocking(AsyncClient.get_session)
+    abort_session = _blocking(AsyncClient.abort_session)
+    download = _blocking(AsyncClient.download)

@@ -1,0 +1,96 @@
+"""One request to the API: authenticated, retried while transient, answered or raised typed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+
+from memvault import __version__
+from memvault.client.errors import ConnectionFailed, from_response
+from memvault.client.retry import Attempts, RetryPolicy, transient_status, transient_transport
+from memvault.errors import MemvaultError
+
+
+class Transport:
+    """An ``httpx.AsyncClient`` bound to one server and token, plus the retry policy."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        retry: RetryPolicy,
+        timeout: httpx.Timeout,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.retry = retry
+        self.http = httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}",
+                     "User-Agent": f"memvault-python/{__version__}"},
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: Mapping[str, str | int] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool = True,
+    ) -> httpx.Response:
+        """Send the request until it succeeds (any 2xx or 3xx answer is returned), fails for
+        good (raised as its typed error), or the retry policy gives up (the last error,
+        with a note saying how long it tried)."""
+        attempts = Attempts(self.retry, f"{method} {path}")
+        if content is not None:
+            headers = {**(headers or {}), "Content-Length": str(len(content))}
+        while True:
+            error: MemvaultError
+            try:
+                response = await self.http.request(
+                    method, path, json=json, params=params, headers=headers,
+                    content=_once(content) if content is not None else None)
+            except httpx.TransportError as exc:
+                error = connection_failed(f"{method} {self.url}{path}", exc)
+                if not transient_transport(exc, idempotent=idempotent):
+                    raise error from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                error = from_response(response)
+                if not transient_status(error):
+                    raise error
+            await attempts.wait(error)
+
+
+def connection_failed(what: str, exc: httpx.TransportError) -> ConnectionFailed:
+    """The typed error for a broken or refused connection, chained to httpx's."""
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    error = ConnectionFailed(f"{what} failed: {reason}")
+    error.__cause__ = exc
+    return error
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    """A request body that lets go of its bytes once sent.
+
+    httpx's ``Response`` and its stream refer to each other, so a response lives until the
+    cyclic garbage collector runs, and its request with it; a request made from ``bytes``
+    would keep the whole chunk alive that long (measured: 24 chunks of 8 MiB held after a
+    1 GiB upload at 4 in flight). A generator's frame is gone once it has yielded.
+    """
+    yield data

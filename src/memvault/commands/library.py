@@ -1,0 +1,219 @@
+"""``login``, ``capsule create|list``, ``ls``, ``get``, ``sessions``, ``admin sessions``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from memvault.client import AsyncClient, Conflict, MemvaultError, RetryPolicy, Session
+from memvault.client import Progress as Step
+from memvault.commands import config, output
+from memvault.commands.messages import sentence
+
+USAGE, FAILED, INTERRUPTED = 2, 1, 130
+
+
+QUICK = RetryPolicy(attempts=3, max_wait=10.0)
+"""Listing and the like: a server that is down is said so within seconds."""
+PATIENT = RetryPolicy()
+"""Transfers: ride out a network blip or a server restart (minutes), saying so meanwhile."""
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run``, on uvloop when it is installed (it comes with ``uvicorn[standard]``):
+    an upload then costs the client about a quarter less CPU (asyncio's transport copies each
+    chunk into its write buffer; measured 1.35 → 1.00 CPU-s for 512 MiB at parallel 4)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+class _Retries(logging.Handler):
+    """Shows the SDK's retries on stderr, so a long wait is never silent."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("retrying"):
+            output.err.print(f"memvault: {record.getMessage()}", markup=False, style="dim")
+
+
+def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False) -> int:
+    """Run one command against the configured server; its exit code.
+
+    A failure of the whole command is printed as one sentence on stderr (exit 1); no login
+    is a usage error (exit 2); Ctrl-C stops it cleanly (exit 130).
+    """
+    try:
+        login = config.load()
+    except config.NotLoggedIn as exc:
+        output.err.print(f"memvault: {exc}", markup=False)
+        return USAGE
+    if patient:
+        sdk_log = logging.getLogger("memvault.client")
+        sdk_log.setLevel(logging.INFO)
+        sdk_log.addHandler(_Retries())
+
+    async def main() -> int:
+        async with AsyncClient(login.url, login.token,
+                               retry=PATIENT if patient else QUICK) as mv:
+            return await work(mv)
+
+    try:
+        return run_loop(main())
+    except KeyboardInterrupt:
+        output.err.print("memvault: interrupted", markup=False)
+        return INTERRUPTED
+    except MemvaultError as exc:
+        output.err.print(f"memvault: {sentence(exc, url=login.url)}", markup=False)
+        return FAILED
+    except OSError as exc:  # a local file or folder: cannot write, does not exist, ...
+        output.err.print(f"memvault: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                         markup=False)
+        return FAILED
+
+
+def login(url: str, token: str) -> int:
+    if not url.startswith(("http://", "https://")):
+        output.err.print(f"memvault: {url!r} is not a URL — give the server as "
+                         "http://HOST:PORT or https://HOST", markup=False)
+        return USAGE
+
+    async def check() -> int:
+        async with AsyncClient(url, token, retry=QUICK) as mv:
+            capsules = await mv.list_capsules()
+        path = config.save(config.Login(url.rstrip("/"), token))
+        output.out.print(f"logged in to {url.rstrip('/')} ({len(capsules)} capsules); "
+                         f"saved in {path}", markup=False)
+        return 0
+
+    try:
+        return run_loop(check())
+    except MemvaultError as exc:
+        output.err.print(f"memvault: not saved: {sentence(exc, url=url)}", markup=False)
+        return FAILED
+
+
+def capsule_create(name: str, as_json: bool) -> int:
+    async def work(mv: AsyncClient) -> int:
+        try:
+            capsule = await mv.create_capsule(name)
+        except Conflict:
+            output.err.print(f"memvault: you already have a capsule named {name!r} — see "
+                             "`memvault capsule list`", markup=False)
+            return FAILED
+        if as_json:
+            output.print_json(capsule.model_dump())
+        else:
+            output.out.print(f"created capsule {capsule.name!r} ({capsule.id})", markup=False)
+        return 0
+
+    return run(work)
+
+
+def capsule_list(as_json: bool) -> int:
+    async def work(mv: AsyncClient) -> int:
+        capsules = await mv.list_capsules()
+        if as_json:
+            output.print_json([c.model_dump() for c in capsules])
+        elif not capsules:
+            output.out.print("no capsules yet — create one with `memvault capsule create NAME`",
+                             markup=False)
+        else:
+            output.table(["NAME", "ID", "CREATED"],
+                         [[c.name, c.id, output.when(c.created_at)] for c in capsules])
+        return 0
+
+    return run(work)
+
+
+def ls(capsule_name: str, as_json: bool, limit: int | None) -> int:
+    async def work(mv: AsyncClient) -> int:
+        capsule = await mv.capsule(capsule_name)
+        memories = []
+        async for memory in mv.iter_memories(capsule, page_size=min(limit or 200, 500)):
+            memories.append(memory)
+            if limit is not None and len(memories) >= limit:
+                break
+        if as_json:
+            output.print_json([m.model_dump() for m in memories])
+            return 0
+        if not memories:
+            output.out.print(f"capsule {capsule.name!r} is empty", markup=False)
+            return 0
+        rows = []
+        for m in memories:
+            original = m.assets.get("original")
+            rows.append([m.id, output.when(m.created_at),
+                         (original.filename or "") if original else "",
+                         output.size(original.size) if original else "",
+                         ",".join(r for r in ("original", "display", "thumb", "placeholder")
+                                  if r in m.assets) or "-"])
+        output.table(["MEMORY", "CREATED", "FILE", "SIZE", "ASSETS"], rows)
+        return 0
+
+    return run(work)
+
+
+def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
+    async def work(mv: AsyncClient) -> int:
+        memory = await mv.get_memory(memory_id)
+        asset = memory.assets.get(role)
+        if asset is None:
+            output.err.print(f"memvault: memory {memory.id} has no {role!r} asset (it has: "
+                             f"{', '.join(sorted(memory.assets)) or 'none yet'})", markup=False)
+            return FAILED
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
+                       disable=as_json or not output.err.is_terminal, transient=True)
+        with bar:
+            task = bar.add_task(asset.filename or role, total=asset.size)
+
+            def progress(step: Step) -> None:
+                bar.update(task, completed=step.bytes_done)
+
+            path = await mv.download(memory, role, dest or Path.cwd(), on_progress=progress)
+        if as_json:
+            output.print_json({"path": str(path), **asset.model_dump()})
+        else:
+            output.out.print(f"{path} ({output.size(asset.size)}, sha256 {asset.sha256[:12]}… "
+                             "verified)", markup=False)
+        return 0
+
+    return run(work, patient=True)
+
+
+def sessions(as_json: bool, admin: bool) -> int:
+    async def work(mv: AsyncClient) -> int:
+        items = await (mv.admin_sessions() if admin else mv.list_sessions())
+        if as_json:
+            output.print_json([s.model_dump() for s in items])
+        elif not items:
+            output.out.print("no upload sessions in progress", markup=False)
+        else:
+            output.table(
+                ["SESSION", *(["OWNER"] if admin else []), "FILE", "ROLE", "RECEIVED",
+                 "EXPIRES"],
+                [[s.id, *([s.owner] if admin else []), s.filename, s.role, _progress(s),
+                  output.when(s.expires_at)] for s in items])
+        return 0
+
+    return run(work)
+
+
+def _progress(s: Session) -> str:
+    share = s.bytes_received / s.size * 100 if s.size else 100.0
+    return (f"{s.received_count}/{s.chunk_count} chunks, {output.size(s.bytes_received)} of "
+            f"{output.size(s.size)} ({share:.0f}%)")

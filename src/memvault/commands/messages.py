@@ -1,0 +1,60 @@
+"""Errors as sentences a person can act on: what went wrong, and what to do about it."""
+
+from __future__ import annotations
+
+from memvault.client import (
+    BadResponse,
+    ChecksumMismatch,
+    ConnectionFailed,
+    FileChanged,
+    Forbidden,
+    InsufficientStorage,
+    MemvaultError,
+    NotFound,
+    PayloadTooLarge,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+
+def sentence(error: BaseException, *, url: str = "") -> str:
+    """One line for ``error``, starting with its code when it has one."""
+    if not isinstance(error, MemvaultError):
+        return f"{type(error).__name__}: {error}"
+    code = error.code
+    if isinstance(error, ConnectionFailed):
+        cause = error.__cause__
+        why = f" ({type(cause).__name__}: {cause})" if cause and str(cause) else ""
+        return (f"{code}: cannot reach the memvault server at {url or 'the configured URL'}"
+                f"{why} — is it running? Check the address with `memvault login URL "
+                "--token TOKEN`")
+    if isinstance(error, Unauthenticated):
+        return (f"{code}: the server did not accept your token — log in again with "
+                "`memvault login URL --token TOKEN`")
+    if isinstance(error, Forbidden):
+        return (f"{code}: this needs an administrator's token — log in with one "
+                "(`memvault token create NAME --admin` on the server makes one)")
+    if isinstance(error, NotFound) and "name" in error.extra:
+        name = error.extra["name"]
+        return (f"{code}: capsule {name!r} not found — create it with "
+                f"`memvault capsule create {_quote(name)}`")
+    if isinstance(error, ResourceExhausted):
+        wait = f" — try again in {error.retry_after:.0f} s" if error.retry_after else ""
+        return f"{code}: {error.detail}{wait}"
+    if isinstance(error, InsufficientStorage):
+        return f"{code}: the server is short of storage: {error.detail}"
+    if isinstance(error, PayloadTooLarge):
+        return f"{code}: {error.detail} — the server does not take files this large"
+    if isinstance(error, ChecksumMismatch):
+        return (f"{code}: the bytes the server holds do not match the file ({error.detail}); "
+                "it was probably changed while it was being uploaded — run the command again")
+    if isinstance(error, FileChanged):
+        return f"{code}: {error.detail} — run the command again once the file is complete"
+    if isinstance(error, BadResponse):
+        return (f"{code}: {error.detail} — is {url or 'the URL'} a memvault server, or is a "
+                "proxy in the way?")
+    return f"{code}: {error.detail}"
+
+
+def _quote(name: str) -> str:
+    return name if name.replace("-", "").replace("_", "").isalnum() else repr(name)

@@ -1,0 +1,257 @@
+"""``memvault upload PATH... --capsule NAME``: files and folders, each as one memory.
+
+For each file, in order: its SHA-256 (remembered per file fingerprint in the state folder, so
+a second run does not read it again), then "already in the capsule?" (a memory whose
+original has that digest: skipped and reported), then ``upload_memory`` (the original, and,
+unless ``--no-derivatives``, display/thumb/placeholder made here). ``--jobs`` files go at
+once, each with ``--parallel`` chunks in flight. The check costs one read of each new file
+before its upload; the upload itself then reads it once more (the page cache usually makes
+that second read cheap), which is the price of never sending a file the capsule already has.
+
+Interrupted (Ctrl-C, a lost network), a file's upload session and its local record are kept,
+so running the same command again resumes it: the SDK asks the server what it holds and sends
+only the rest. Exit code: 0 when every file is uploaded or already present, 1 when any
+failed (each printed with its code and cause), 2 for usage errors, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from memvault.client import AsyncClient, Capsule, MemvaultError, UploadMemoryError
+from memvault.client import Progress as Step
+from memvault.client.source import Source
+from memvault.client.state import StateStore
+from memvault.commands import output
+from memvault.commands.library import FAILED, run
+from memvault.commands.messages import sentence
+
+_READ = 4 * 1024 * 1024
+
+
+@dataclass
+class Outcome:
+    path: str
+    size: int
+    status: str = "pending"
+    """``uploaded``, ``skipped`` (already present), ``partial`` (original stored, derivatives
+    failed) or ``failed``."""
+    memory_id: str | None = None
+    sha256: str | None = None
+    resumed_chunks: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+
+def files_under(paths: list[Path]) -> Iterator[Path]:
+    """The files named, and those inside the folders named (recursively, sorted, hidden files
+    and folders left out, symbolic links to folders not followed)."""
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if not name.startswith(".") and (Path(root) / name).is_file():
+                        yield Path(root) / name
+        elif path.is_file():
+            yield path
+
+
+def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
+           derivatives: bool, create: bool, as_json: bool) -> int:
+    async def work(mv: AsyncClient) -> int:
+        capsule = await mv.capsule(capsule_name, create=create)
+        files = list(dict.fromkeys(p.resolve() for p in files_under(paths)))
+        run_ = _Run(mv, capsule, files, parallel=parallel, jobs=jobs, derivatives=derivatives,
+                    as_json=as_json)
+        return await run_.all()
+
+    return run(work, patient=True)
+
+
+class _Run:
+    def __init__(self, mv: AsyncClient, capsule: Capsule, files: list[Path], *, parallel: int,
+                 jobs: int, derivatives: bool, as_json: bool) -> None:
+        self.mv = mv
+        self.capsule = capsule
+        self.files = files
+        self.parallel = parallel
+        self.jobs = jobs
+        self.derivatives = derivatives
+        self.as_json = as_json
+        self.outcomes = [Outcome(str(p), p.stat().st_size) for p in files]
+        self.bars = Progress(
+            TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
+            disable=as_json or not output.err.is_terminal)
+        self.total: TaskID | None = None
+
+    async def all(self) -> int:
+        slots = asyncio.Semaphore(self.jobs)
+
+        async def one(path: Path, outcome: Outcome) -> None:
+            async with slots:
+                await self._file(path, outcome)
+
+        with self.bars:
+            self.total = self.bars.add_task(
+                f"{len(self.files)} files", total=sum(o.size for o in self.outcomes))
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    for path, outcome in zip(self.files, self.outcomes, strict=True):
+                        tasks.create_task(one(path, outcome))
+            except asyncio.CancelledError:
+                if not self.as_json:
+                    output.err.print("interrupted — run the same command again to resume; "
+                                     "the server keeps what it received", markup=False)
+                raise
+        return self._report()
+
+    async def _file(self, path: Path, outcome: Outcome) -> None:
+        name = _short(path)
+        bar = self.bars.add_task(name, total=outcome.size)
+        done_before = 0
+
+        def advance(completed: int) -> None:
+            nonlocal done_before
+            self.bars.update(bar, completed=completed)
+            if self.total is not None:
+                self.bars.advance(self.total, completed - done_before)
+            done_before = completed
+
+        try:
+            self.bars.update(bar, description=f"{name} (hashing)")
+            outcome.sha256 = await self._sha256(path)
+            present = await self.mv.find_memories(self.capsule, outcome.sha256)
+            if present:
+                outcome.status, outcome.memory_id = "skipped", present[0].id
+                advance(outcome.size)
+                self._say(f"= {name}: already in {self.capsule.name!r} as {present[0].id}")
+                return
+            self.bars.update(bar, description=name, completed=0)
+
+            def progress(step: Step) -> None:
+                if step.role == "original":
+                    if step.phase == "begin":
+                        outcome.resumed_chunks = step.chunks_done
+                    advance(step.bytes_done)
+
+            memory = await self.mv.upload_memory(
+                path, capsule=self.capsule, derivatives="auto" if self.derivatives else None,
+                parallel=self.parallel, on_progress=progress, sha256=outcome.sha256)
+            outcome.status, outcome.memory_id = "uploaded", memory.id
+            advance(outcome.size)
+            resumed = f", resumed ({outcome.resumed_chunks} chunks were already there)" \
+                if outcome.resumed_chunks else ""
+            assets = f"{len(memory.assets)} asset{'s' if len(memory.assets) > 1 else ''}"
+            self._say(f"✓ {name} → {memory.id} ({output.size(outcome.size)}, {assets}"
+                      f"{resumed})")
+        except UploadMemoryError as group:
+            outcome.memory_id = group.memory_id
+            original_failed = False
+            for error in group.exceptions:
+                lane = "derivatives" if any("lane B" in n for n in
+                                            getattr(error, "__notes__", [])) else "original"
+                original_failed |= lane == "original"
+                outcome.errors.append(_error(error, lane, self.mv.url))
+            outcome.status = "failed" if original_failed else "partial"
+            self._fail(name, outcome)
+        except MemvaultError as error:
+            outcome.status = "failed"
+            outcome.errors.append(_error(error, "original", self.mv.url))
+            self._fail(name, outcome)
+        except OSError as error:  # unreadable, vanished, a folder turned file...
+            outcome.status = "failed"
+            outcome.errors.append(_error(error, "original", self.mv.url))
+            self._fail(name, outcome)
+        finally:
+            self.bars.remove_task(bar)
+
+    async def _sha256(self, path: Path) -> str:
+        """The file's SHA-256, remembered by fingerprint so a second run need not read it."""
+        source = Source(path)
+        try:
+            fingerprint = await asyncio.to_thread(source.fingerprint)
+        finally:
+            source.close()
+        assert fingerprint is not None
+        key = StateStore.key(str(path), fingerprint.digest())
+        known = self.mv.state.load_hash(key)
+        if known is not None:
+            return known
+        digest = await asyncio.to_thread(_hash_file, path)
+        self.mv.state.save_hash(key, digest)
+        return digest
+
+    def _say(self, line: str) -> None:
+        if self.as_json:
+            return
+        # While the bars are drawn, lines go above them (through their console); otherwise
+        # results go to stdout.
+        console = output.out if self.bars.disable else self.bars.console
+        console.print(line, markup=False)
+
+    def _fail(self, name: str, outcome: Outcome) -> None:
+        if self.as_json:
+            return
+        head = ("✗" if outcome.status == "failed" else "!") + f" {name}: "
+        if outcome.status == "partial":
+            head += f"stored as {outcome.memory_id}, but its derivatives failed (the server " \
+                    "makes them instead): "
+        for e in outcome.errors:
+            (output.err if self.bars.disable else self.bars.console).print(
+                head + e["message"], markup=False)
+
+    def _report(self) -> int:
+        counts = {s: sum(o.status == s for o in self.outcomes)
+                  for s in ("uploaded", "skipped", "partial", "failed")}
+        if self.as_json:
+            output.print_json({
+                "capsule": self.capsule.model_dump(),
+                "files": [o.__dict__ for o in self.outcomes],
+                **counts,
+            })
+        else:
+            parts = [f"{counts['uploaded']} uploaded",
+                     f"{counts['skipped']} already present"]
+            if counts["partial"]:
+                parts.append(f"{counts['partial']} without derivatives")
+            parts.append(f"{counts['failed']} failed")
+            output.out.print(", ".join(parts) + f" (capsule {self.capsule.name!r})",
+                             markup=False)
+        return FAILED if counts["failed"] or counts["partial"] else 0
+
+
+def _error(error: BaseException, lane: str, url: str) -> dict[str, str]:
+    code = error.code if isinstance(error, MemvaultError) else type(error).__name__
+    detail = error.detail if isinstance(error, MemvaultError) else str(error)
+    return {"lane": lane, "code": code, "detail": detail, "message": sentence(error, url=url)}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        while block := f.read(_READ):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

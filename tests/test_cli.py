@@ -1,0 +1,241 @@
+"""The ``memvault`` client commands, run as subprocesses against a live server.
+
+Each test gets its own home (config and state folders), so logins and resume records never
+leak between tests; output and exit codes are what a person or a script would see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.conftest import SMALL_CHUNKS, LiveServer
+from tests.helpers import mint_token
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Cli:
+    home: Path
+    server: LiveServer
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
+        return {**env, "HOME": str(self.home), "XDG_CONFIG_HOME": str(self.home / "config"),
+                "XDG_STATE_HOME": str(self.home / "state"), "COLUMNS": "200", **extra}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "memvault", *args]
+
+    def __call__(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env(**extra), capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    def json(self, *args: str) -> Any:
+        done = self(*args, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def login(self, token: str | None = None) -> None:
+        done = self("login", self.server.url, "--token", token or self.server.token)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Small chunks (so uploads take many steps), a size limit to fail one file on purpose."""
+    s = LiveServer(tmp_path_factory.mktemp("cli") / "data",
+                   env={**SMALL_CHUNKS, "MEMVAULT_MAX_UPLOAD_SIZE": str(100 * MiB)})
+    s.start()
+    try:
+        yield s
+    finally:
+        s.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def cli(cli_server: LiveServer, tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "home", cli_server)
+
+
+def photo(path: Path, size: tuple[int, int]) -> None:
+    Image.effect_noise(size, 50).convert("RGB").save(path, "JPEG", quality=90)
+
+
+def test_login_checks_the_token_and_keeps_it_private(cli: Cli) -> None:
+    done = cli("ls", "family")
+    assert done.returncode == 2
+    assert "not logged in — run `memvault login URL --token TOKEN`" in done.stderr
+
+    done = cli("login", cli.server.url, "--token", "mvt_wrong")
+    assert done.returncode == 1
+    assert "did not accept your token" in done.stderr
+    assert not (cli.home / "config" / "memvault" / "config.json").exists()
+
+    cli.login()
+    config = cli.home / "config" / "memvault" / "config.json"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert json.loads(config.read_text()) == {"url": cli.server.url, "token": cli.server.token}
+
+    # The environment wins over the file.
+    done = cli("capsule", "list", MEMVAULT_TOKEN="mvt_wrong")
+    assert done.returncode == 1
+    assert "unauthenticated" in done.stderr
+
+
+def test_capsules_and_sentences_a_person_can_act_on(cli: Cli) -> None:
+    cli.login()
+    done = cli("ls", "cli-family")
+    assert done.returncode == 1
+    assert ("capsule 'cli-family' not found — create it with "
+            "`memvault capsule create cli-family`") in done.stderr
+    done = cli("capsule", "create", "cli-family")
+    assert done.returncode == 0, done.stderr
+    assert "created capsule 'cli-family' (cap_" in done.stdout
+    done = cli("capsule", "create", "cli-family")
+    assert done.returncode == 1
+    assert "you already have a capsule named 'cli-family'" in done.stderr
+    names = [c["name"] for c in cli.json("capsule", "list")]
+    assert "cli-family" in names
+    assert "cli-family" in cli("capsule", "list").stdout
+    assert cli("ls", "cli-family").stdout.strip() == "capsule 'cli-family' is empty"
+
+
+def test_server_down_is_said_quickly_and_plainly(cli: Cli) -> None:
+    cli.login()
+    done = cli("capsule", "list", MEMVAULT_URL="http://127.0.0.1:9")
+    assert done.returncode == 1
+    assert "cannot reach the memvault server at http://127.0.0.1:9" in done.stderr
+    assert "is it running?" in done.stderr
+
+
+def test_upload_a_folder_then_list_get_and_skip_what_is_there(cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    folder = tmp_path / "trip"
+    (folder / "day2").mkdir(parents=True)
+    photo(folder / "beach.jpg", (1200, 800))
+    photo(folder / "day2" / "dunes.jpg", (900, 1200))
+    (folder / "notes.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(200_000))
+    (folder / ".DS_Store").write_bytes(b"hidden")
+
+    done = cli("upload", str(folder), "--capsule", "cli-trip", "--create")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert sum(line.startswith("✓ ") for line in lines) == 3
+    assert ", 4 assets)" in next(line for line in lines if "beach.jpg" in line)
+    assert ", 1 asset)" in next(line for line in lines if "notes.pdf" in line)
+    assert lines[-1] == "3 uploaded, 0 already present, 0 failed (capsule 'cli-trip')"
+
+    listing = cli("ls", "cli-trip").stdout
+    assert "beach.jpg" in listing
+    assert "original,display,thumb,placeholder" in listing
+    memories = cli.json("ls", "cli-trip")
+    assert len(memories) == 3
+    beach = next(m for m in memories if m["assets"]["original"]["filename"] == "beach.jpg")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    done = cli("get", beach["id"], "--role", "display", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "verified" in done.stdout
+    with Image.open(out / "beach.display.jpg") as image:
+        assert image.size == (1200, 800)  # fits 1920x1080 already: never enlarged
+    got = cli.json("get", beach["id"], "-o", str(out / "copy.jpg"))
+    assert Path(got["path"]).read_bytes() == (folder / "beach.jpg").read_bytes()
+    done = cli("get", beach["id"], "--role", "poster")
+    assert done.returncode == 1
+    assert "has no 'poster' asset (it has: display, original, placeholder, thumb)" in done.stderr
+
+    again = cli("upload", str(folder), "--capsule", "cli-trip", "--json")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["uploaded"], report["skipped"], report["failed"]) == (0, 3, 0)
+    assert {f["memory_id"] for f in report["files"]} == {m["id"] for m in memories}
+
+
+def test_no_derivatives_and_a_failing_file_give_exit_code_1(cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    photo(folder / "ok.jpg", (640, 480))
+    with (folder / "huge.bin").open("wb") as f:  # sparse: over the server's 100 MiB limit
+        f.truncate(101 * MiB)
+    done = cli("upload", str(folder), "--capsule", "cli-mixed", "--create", "--no-derivatives")
+    assert done.returncode == 1
+    assert "✓ " in done.stdout
+    assert ", 1 asset)" in done.stdout
+    assert "✗ " in done.stderr
+    assert "huge.bin: payload_too_large" in done.stderr
+    assert "the server does not take files this large" in done.stderr
+    assert done.stdout.strip().endswith("1 uploaded, 0 already present, 1 failed "
+                                        "(capsule 'cli-mixed')")
+    report = json.loads(cli("upload", str(folder), "--capsule", "cli-mixed",
+                            "--no-derivatives", "--json").stdout)
+    failed = next(f for f in report["files"] if f["status"] == "failed")
+    assert failed["errors"][0]["code"] == "payload_too_large"
+
+
+def test_ctrl_c_then_the_same_command_resumes(cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "long.mov").write_bytes(os.urandom(48 * MiB))
+    api = cli.server.api()
+    try:
+        proc = subprocess.Popen(
+            cli.argv("upload", str(folder), "--capsule", "cli-videos", "--create",
+                     "--parallel", "1"),
+            env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while True:  # interrupt once the server holds some, but not all, of the file
+            sessions = api.http.get("/v1/uploads").json()["items"]
+            if sessions and sessions[0]["received_count"] >= 10:
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the upload never got going"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "interrupted — run the same command again to resume" in stderr
+        [session] = api.http.get("/v1/uploads").json()["items"]
+        held = session["received_count"]
+        assert 10 <= held < session["chunk_count"]
+
+        sessions_out = cli("sessions").stdout
+        assert session["id"] in sessions_out
+        assert "long.mov" in sessions_out
+
+        done = cli("upload", str(folder), "--capsule", "cli-videos", "--json")
+        assert done.returncode == 0, done.stderr
+        [file] = json.loads(done.stdout)["files"]
+        assert file["status"] == "uploaded"
+        assert file["resumed_chunks"] >= held
+        memory = api.http.get(f"/v1/memories/{file['memory_id']}").json()
+        assert memory["id"] == session["memory_id"]
+        assert api.http.get("/v1/uploads").json()["items"] == []
+    finally:
+        api.http.close()
+
+
+def test_admin_sessions_needs_an_admin(cli: Cli) -> None:
+    cli.login(mint_token(cli.server, "cli-user"))
+    done = cli("admin", "sessions")
+    assert done.returncode == 1
+    assert "this needs an administrator's token" in done.stderr
+    cli.login()
+    assert cli("admin", "sessions").returncode == 0
+    assert cli.json("admin", "sessions") == []

@@ -1,0 +1,710 @@
+"""The SDK against the real app in-process (``httpx.ASGITransport``): fast, no sockets.
+
+Faults a network would cause are injected by ``tests.faults.FaultTransport`` between the SDK
+and the app; everything behind it (sessions, hashing, storage, SQLite) is the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from memvault.client import (
+    AsyncClient,
+    BadResponse,
+    ChecksumMismatch,
+    Conflict,
+    ConnectionFailed,
+    FileChanged,
+    Forbidden,
+    InvalidArgument,
+    MemvaultError,
+    NotFound,
+    Progress,
+    ResourceExhausted,
+    RetryPolicy,
+    Unauthenticated,
+    Unavailable,
+    UploadMemoryError,
+)
+from memvault.client.upload import ChunkUpload
+from tests.asgi import CHUNK, InApp, faults, in_app
+from tests.faults import Fault, chunk_faults, unavailable
+
+KiB = 1024
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[InApp]:
+    async with in_app() as a:
+        yield a
+
+
+@pytest.fixture
+async def mv(app: InApp) -> AsyncIterator[AsyncClient]:
+    async with app.client() as client:
+        yield client
+
+
+def write(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- upload_file -------------------------------------------------------------------------------
+
+
+async def test_upload_file_sends_every_chunk_once_and_returns_memory_and_asset(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.capsule("family", create=True)
+    data = write(app.root / "clip.bin", 10 * CHUNK + 123)
+    events: list[Progress] = []
+    done = await mv.upload_file(app.root / "clip.bin", cap, parallel=3,
+                                on_progress=events.append)
+    assert done.asset.sha256 == sha(data)
+    assert done.asset.size == len(data)
+    assert done.asset.filename == "clip.bin"
+    assert done.memory.assets["original"] == done.asset
+    assert (done.chunks_sent, done.chunks_skipped, done.bytes_sent) == (11, 0, len(data))
+    assert faults(mv).log.count("PUT", "/chunks/") == 11
+    assert [e.phase for e in events][:1] == ["begin"]
+    assert [e.phase for e in events][-2:] == ["finish", "done"]
+    sent = [e.bytes_done for e in events]
+    assert sent == sorted(sent)
+    assert sent[-1] == len(data)
+    assert await mv.list_sessions() == []
+    assert list((app.root / "client-state" / "uploads").glob("*.json")) == []
+
+
+async def test_chunks_carry_a_crc32c_content_digest_the_server_checks(app: InApp) -> None:
+    seen: list[str] = []
+
+    class Spy(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "PUT":
+                seen.append(request.headers.get("content-digest", ""))
+            return await app.transport.handle_async_request(request)
+
+    async with AsyncClient(app.url, app.token, transport=Spy(),
+                           state_dir=app.root / "s") as mv:
+        cap = await mv.create_capsule("c")
+        await mv.upload_file(io.BytesIO(os.urandom(2 * CHUNK)), cap)
+    assert len(seen) == 2
+    assert all(h.startswith("crc32c=:") and h.endswith(":") for h in seen)
+
+
+async def test_streams_seekable_unseekable_and_empty(app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("streams")
+    data = os.urandom(3 * CHUNK + 7)
+    done = await mv.upload_file(io.BytesIO(data), cap, filename="a.bin")
+    assert done.asset.sha256 == sha(data)
+
+    r, w = os.pipe()
+    os.write(w, data[: 64 * KiB])  # a pipe holds 64 KiB: enough for a one-chunk stream
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        assert not pipe.seekable()
+        done = await mv.upload_file(pipe, cap, size=64 * KiB, filename="pipe.bin")
+    assert done.asset.sha256 == sha(data[: 64 * KiB])
+
+    r2, w2 = os.pipe()
+    os.close(w2)
+    with os.fdopen(r2, "rb") as pipe, pytest.raises(ValueError, match="needs size"):
+        await mv.upload_file(pipe, cap)
+
+    (app.root / "empty").write_bytes(b"")
+    done = await mv.upload_file(app.root / "empty", cap)
+    assert (done.asset.size, done.asset.sha256) == (0, sha(b""))
+    assert done.chunks_sent == 0
+
+
+async def test_content_type_is_sniffed_then_guessed_from_the_name(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("types")
+    (app.root / "photo.bin").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(100))
+    (app.root / "notes.txt").write_bytes(b"hello")
+    assert (await mv.upload_file(app.root / "photo.bin", cap)).asset.content_type == "image/jpeg"
+    assert (await mv.upload_file(app.root / "notes.txt", cap)).asset.content_type == "text/plain"
+
+
+async def test_upload_into_an_existing_memory_in_another_role(app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("roles")
+    memory = await mv.create_memory(cap, title="beach")
+    data = os.urandom(5000)
+    done = await mv.upload_file(io.BytesIO(data), cap, memory=memory, role="thumb",
+                                filename="t.webp", content_type="image/webp")
+    assert done.memory.id == memory.id
+    assert done.memory.title == "beach"
+    assert done.asset.role == "thumb"
+    assert done.asset.content_type == "image/webp"
+    with pytest.raises(Conflict) as info:
+        await mv.upload_file(io.BytesIO(data), cap, memory=memory, role="thumb")
+    assert info.value.extra["role"] == "thumb"
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+async def _cancel_after(mv: AsyncClient, path: Path, cap: str, chunks: int,
+                        **kw: Any) -> None:
+    """Start an upload and cancel it once ``chunks`` chunks were acknowledged."""
+    reached = asyncio.Event()
+
+    def progress(p: Progress) -> None:
+        if p.phase == "transfer" and p.chunks_done >= chunks:
+            reached.set()
+
+    task = asyncio.create_task(mv.upload_file(path, cap, on_progress=progress, **kw))
+    waiter = asyncio.create_task(reached.wait())
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    assert not task.done(), "the upload finished before it could be interrupted"
+    task.cancel()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_cancelled_upload_resumes_sending_only_the_missing_chunks(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("resume")).id
+    data = write(app.root / "big.bin", 20 * CHUNK + 5)
+    await _cancel_after(mv, app.root / "big.bin", cap, 7, parallel=3)
+    [pending] = await mv.list_sessions()
+    held = set(pending.received)
+    assert 7 <= len(held) < 21
+    before = faults(mv).log.count("PUT", "/chunks/")
+
+    done = await mv.upload_file(app.root / "big.bin", cap, parallel=3)
+    sent = faults(mv).log.count("PUT", "/chunks/") - before
+    assert done.session_id == pending.id
+    assert sent == done.chunks_sent == 21 - len(held)
+    assert done.chunks_skipped == len(held)
+    assert done.asset.sha256 == sha(data)
+    assert await mv.list_sessions() == []
+
+
+async def test_a_lost_resume_record_still_finds_the_session_by_idempotency_key(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("lost-record")).id
+    data = write(app.root / "f.bin", 12 * CHUNK)
+    await _cancel_after(mv, app.root / "f.bin", cap, 4, parallel=2)
+    [pending] = await mv.list_sessions()
+    for record in (app.root / "client-state" / "uploads").glob("*.json"):
+        record.unlink()
+    done = await mv.upload_file(app.root / "f.bin", cap, parallel=2)
+    assert done.session_id == pending.id
+    assert done.chunks_skipped == len(pending.received)
+    assert done.asset.sha256 == sha(data)
+
+
+async def test_a_changed_file_aborts_its_old_session_and_starts_over(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("changed")).id
+    path = app.root / "f.bin"
+    write(path, 8 * CHUNK)
+    await _cancel_after(mv, path, cap, 2, parallel=1)
+    [old] = await mv.list_sessions()
+    data = write(path, 8 * CHUNK + 1)
+    done = await mv.upload_file(path, cap)
+    assert done.session_id != old.id
+    assert done.chunks_skipped == 0
+    assert done.asset.sha256 == sha(data)
+    assert await mv.list_sessions() == []  # the old one was aborted, not left to expire
+
+
+async def test_a_session_that_expired_is_begun_again(app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("expired")).id
+    path = app.root / "f.bin"
+    data = write(path, 6 * CHUNK)
+    await _cancel_after(mv, path, cap, 2, parallel=1)
+    [old] = await mv.list_sessions()
+    await mv.abort_session(old.id)  # gone on the server: the record now points at nothing
+    done = await mv.upload_file(path, cap)
+    assert done.session_id != old.id
+    assert done.chunks_sent == 6
+    assert done.asset.sha256 == sha(data)
+
+
+async def test_an_upload_whose_finish_answer_was_lost_returns_the_committed_result(
+        app: InApp) -> None:
+    def lose_finish_answer(method: str, path: str, seen: int) -> Fault | None:
+        return Fault(drop_after=True) if path.endswith("/finish") and seen == 0 else None
+
+    async with app.client(rule=lose_finish_answer) as mv:
+        cap = await mv.create_capsule("lost-answer")
+        data = write(app.root / "f.bin", 3 * CHUNK)
+        done = await mv.upload_file(app.root / "f.bin", cap)
+        assert done.asset.sha256 == sha(data)
+        assert faults(mv).log.count("POST", "/finish") == 2
+        page = await mv.list_memories(cap)
+        assert [m.id for m in page.items] == [done.memory.id]  # one memory, not two
+
+
+async def test_finish_resends_chunks_the_server_lost(app: InApp, mv: AsyncClient) -> None:
+    """A power cut may lose a chunk's "received" mark (README: the client re-sends it)."""
+    cap = (await mv.create_capsule("lost-mark")).id
+    data = write(app.root / "f.bin", 6 * CHUNK)
+    from memvault.client.source import Source
+
+    source = Source(app.root / "f.bin")
+    try:
+        upload = ChunkUpload(mv.api, source, capsule_id=cap, state=mv.state)
+        session = await upload.open()
+        await upload.transfer()
+        db = app.settings.data_dir / "memvault.db"
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM upload_parts WHERE session_id = ? AND offset = ?",
+                         (session.id, 4 * CHUNK))
+        done = await upload.finish()
+    finally:
+        source.close()
+    assert done.asset.sha256 == sha(data)
+    assert done.chunks_sent == 7  # six, and chunk 4 again
+
+
+# -- file changes ------------------------------------------------------------------------------
+
+
+async def test_a_file_that_changes_during_the_upload_fails_and_its_session_is_aborted(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("growing")).id
+    path = app.root / "log.txt"
+    write(path, 6 * CHUNK)
+
+    def append(p: Progress) -> None:
+        if p.phase == "transfer" and p.chunks_done == 1:
+            with path.open("ab") as f:
+                f.write(b"more")
+
+    with pytest.raises(FileChanged, match="changed while it was being uploaded") as info:
+        await mv.upload_file(path, cap, parallel=1, on_progress=append)
+    assert any("was aborted" in note for note in info.value.__notes__)
+    assert await mv.list_sessions() == []
+
+
+async def test_a_declared_sha256_that_does_not_match_stops_before_finish(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("declared")).id
+    write(app.root / "f.bin", 2 * CHUNK)
+    with pytest.raises(FileChanged, match="SHA-256"):
+        await mv.upload_file(app.root / "f.bin", cap, sha256="ab" * 32)
+    assert await mv.list_sessions() == []
+    assert faults(mv).log.count("POST", "/finish") == 0
+
+
+async def test_a_change_the_fingerprint_misses_is_caught_by_the_digest_at_finish(
+        app: InApp, mv: AsyncClient) -> None:
+    """Same size, end blocks and mtime, a different middle: resume skips the chunk the
+    server holds, but the SHA-256 read from the local file no longer matches."""
+    cap = (await mv.create_capsule("sneaky")).id
+    path = app.root / "f.bin"
+    data = bytearray(write(path, 40 * CHUNK))  # 2.5 MiB: more than the two 1 MiB end blocks
+    stat = path.stat()
+    await _cancel_after(mv, path, cap, 20, parallel=1)
+    [pending] = await mv.list_sessions()
+    assert 18 in pending.received
+    data[18 * CHUNK + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ChecksumMismatch) as info:
+        await mv.upload_file(path, cap)
+    assert info.value.extra["computed"] != info.value.extra["expected"]
+    assert any("was aborted" in n for n in info.value.__notes__)
+    assert await mv.list_sessions() == []
+    done = await mv.upload_file(path, cap)  # and the next try starts over and succeeds
+    assert done.asset.sha256 == sha(bytes(data))
+
+
+# -- errors and retries ------------------------------------------------------------------------
+
+
+async def test_errors_are_typed_with_status_code_detail_and_extra(
+        app: InApp, mv: AsyncClient) -> None:
+    with pytest.raises(NotFound) as nf:
+        await mv.upload_file(io.BytesIO(b"x"), "cap_missing")
+    assert (nf.value.status, nf.value.code) == (404, "not_found")
+    assert "cap_missing" in nf.value.detail
+    assert faults(mv).log.count("POST", "/v1/uploads") == 1  # at once, not retried
+
+    cap = await mv.create_capsule("errors")
+    with pytest.raises(InvalidArgument) as bad:
+        await mv.upload_file(io.BytesIO(b"x"), cap, role="poster")
+    assert "role" in bad.value.detail
+    with pytest.raises(Conflict):
+        await mv.create_capsule("errors")
+
+    async with app.client("mvt_not_a_token") as stranger:
+        with pytest.raises(Unauthenticated):
+            await stranger.list_capsules()
+
+    user_token = await _mint(app, "bob")
+    async with app.client(user_token) as bob:
+        with pytest.raises(Forbidden):
+            await bob.admin_sessions()
+        with pytest.raises(NotFound):  # alice's capsule does not exist for bob
+            await bob.list_memories(cap)
+
+
+async def _mint(app: InApp, name: str) -> str:
+    from memvault.auth import AuthService
+    from memvault.clock import SystemClock
+    from memvault.metadata import Database
+
+    db = Database.open(app.settings.resolved_database_url)
+    try:
+        _, token = await AuthService(db, SystemClock()).create_principal(name)
+    finally:
+        await db.dispose()
+    return token
+
+
+async def test_incomplete_carries_the_missing_indices(app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("incomplete")).id
+    session = (await mv.api.call("POST", "/v1/uploads", json={
+        "capsule_id": cap, "filename": "f", "size": 3 * CHUNK, "idempotency_key": "k"})).json()
+    with pytest.raises(MemvaultError) as info:
+        await mv.api.call("POST", f"/v1/uploads/{session['id']}/finish",
+                          json={"size": 3 * CHUNK, "sha256": "0" * 64})
+    assert info.value.code == "incomplete"
+    assert info.value.extra["missing"] == [0, 1, 2]
+
+
+async def test_transient_answers_are_retried_and_the_upload_finishes(app: InApp) -> None:
+    rule = chunk_faults(unavailable(0), every=2, times=2)
+    async with app.client(rule=rule) as mv:
+        cap = await mv.create_capsule("flaky")
+        data = write(app.root / "f.bin", 9 * CHUNK)
+        done = await mv.upload_file(app.root / "f.bin", cap, parallel=4)
+        assert done.asset.sha256 == sha(data)
+        log = faults(mv).log
+        assert len(log.injected) == 10  # chunks 0, 2, 4, 6, 8: twice each
+        assert log.count("PUT", "/chunks/") == 9
+
+
+@pytest.mark.parametrize("fault", [
+    Fault(502, body=b"<html>Bad Gateway</html>"),
+    Fault(500),
+    Fault(408),
+    Fault(429, {"Retry-After": "0"}),
+    Fault(drop_before=True),
+    Fault(drop_after=True),
+], ids=["proxy-502-html", "500", "408", "429", "refused", "answer-lost"])
+async def test_each_transient_fault_is_retried(app: InApp, fault: Fault) -> None:
+    async with app.client(rule=chunk_faults(fault, every=1, times=1)) as mv:
+        cap = await mv.create_capsule("faults")
+        data = write(app.root / "f.bin", 3 * CHUNK)
+        done = await mv.upload_file(app.root / "f.bin", cap)
+        assert done.asset.sha256 == sha(data)
+        assert len(faults(mv).log.injected) == 3
+
+
+async def test_retries_are_bounded_and_say_how_long_they_tried(app: InApp) -> None:
+    policy = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.002)
+    always = chunk_faults(Fault(502, body=b"bad gateway"), every=1, times=99)
+    async with app.client(rule=always, retry=policy) as mv:
+        cap = await mv.create_capsule("bounded")
+        write(app.root / "f.bin", CHUNK)
+        with pytest.raises(BadResponse) as info:
+            await mv.upload_file(app.root / "f.bin", cap)
+        assert info.value.http_status == 502
+        assert "gave up after 3 attempts" in "".join(info.value.__notes__)
+        assert len(faults(mv).log.injected) == 3
+        [pending] = await mv.list_sessions()  # kept for the next call to resume
+        assert pending.received == []
+
+
+async def test_a_retry_after_longer_than_the_budget_is_raised_at_once(app: InApp) -> None:
+    """A tiny pending-session cap: the next begin must wait for an expiry (hours away)."""
+    async with in_app(max_pending_per_capsule=1) as capped, capped.client() as mv:
+        cap = (await mv.create_capsule("capped")).id
+        path = capped.root / "a.bin"
+        write(path, 4 * CHUNK)
+        await _cancel_after(mv, path, cap, 1, parallel=1)
+        begins = faults(mv).log.count("POST", "/v1/uploads")
+        with pytest.raises(ResourceExhausted) as info:
+            await mv.upload_file(io.BytesIO(b"second"), cap)
+        error = info.value
+        assert error.extra["limit_name"] == "pending_sessions_per_capsule"
+        assert error.retry_after is not None
+        assert error.retry_after > 3600
+        assert faults(mv).log.count("POST", "/v1/uploads") == begins + 1  # no retry
+        assert "the server asked to wait" in "".join(error.__notes__)
+        # The interrupted one still resumes: a begin for its own key holds its place.
+        done = await mv.upload_file(path, cap)
+        assert done.chunks_skipped >= 1
+
+
+async def test_a_post_that_may_have_reached_the_server_is_not_repeated(app: InApp) -> None:
+    def lose(method: str, path: str, seen: int) -> Fault | None:
+        return Fault(drop_after=True) if (method, path) == ("POST", "/v1/capsules") else None
+
+    async with app.client(rule=lose) as mv:
+        with pytest.raises(ConnectionFailed):
+            await mv.create_capsule("once")
+        assert faults(mv).log.count("POST", "/v1/capsules") == 1
+        # get-or-create copes: the capsule exists after all.
+        assert (await mv.capsule("once", create=True)).name == "once"
+
+
+async def test_unavailable_exhausted_keeps_the_typed_error(app: InApp) -> None:
+    policy = RetryPolicy(attempts=2, base_delay=0.001)
+    async with app.client(rule=chunk_faults(unavailable(0), every=1, times=9),
+                          retry=policy) as mv:
+        cap = await mv.create_capsule("unavailable")
+        with pytest.raises(Unavailable):
+            await mv.upload_file(io.BytesIO(b"x" * 10), cap)
+
+
+# -- upload_memory -----------------------------------------------------------------------------
+
+
+async def test_upload_memory_with_given_derivatives_makes_a_four_asset_memory(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("lanes")
+    original = write(app.root / "IMG_1.jpg", 9 * CHUNK)
+    given = {"display": os.urandom(3 * CHUNK), "thumb": os.urandom(20 * KiB),
+             "placeholder": os.urandom(600)}
+    events: list[Progress] = []
+    memory = await mv.upload_memory(app.root / "IMG_1.jpg", capsule=cap, derivatives=given,
+                                    on_progress=events.append)
+    assert sorted(memory.assets) == ["display", "original", "placeholder", "thumb"]
+    assert memory.assets["original"].sha256 == sha(original)
+    for role, data in given.items():
+        assert memory.assets[role].sha256 == sha(data)
+        assert memory.assets[role].filename == f"IMG_1.{role}.bin"
+    assert {e.role for e in events} == {"original", "display", "thumb", "placeholder"}
+    assert await mv.list_sessions() == []
+    # Lane B's finishes come before lane A's, so the server's own job finds nothing to do.
+    puts = [p for m, p in faults(mv).log.passed if m == "POST" and p.endswith("/finish")]
+    assert len(puts) == 4
+
+
+async def test_upload_memory_auto_skips_what_is_not_an_image(app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("pdf")
+    (app.root / "doc.pdf").write_bytes(b"%PDF-1.7\n" + os.urandom(2 * CHUNK))
+    memory = await mv.upload_memory(app.root / "doc.pdf", capsule=cap)
+    assert sorted(memory.assets) == ["original"]
+    assert memory.assets["original"].content_type == "application/pdf"
+
+
+async def test_lane_b_failure_names_its_cause_and_the_original_is_kept(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("lane-b")
+    write(app.root / "a.jpg", 3 * CHUNK)
+    with pytest.raises(UploadMemoryError) as info:
+        await mv.upload_memory(app.root / "a.jpg", capsule=cap,
+                               derivatives={"display": app.root / "missing.jpg"})
+    group = info.value
+    assert "lane B (derivatives): FileNotFoundError" in str(group)
+    [error] = group.exceptions
+    assert isinstance(error, FileNotFoundError)
+    assert any("lane B" in n for n in error.__notes__)
+    assert group.memory_id is not None
+    memory = await mv.get_memory(group.memory_id)
+    assert sorted(memory.assets) == ["original"]
+    assert await mv.list_sessions() == []
+
+
+async def test_lane_a_failure_stops_lane_b_and_leaves_no_session(
+        app: InApp, mv: AsyncClient) -> None:
+    write(app.root / "a.jpg", 3 * CHUNK)
+    with pytest.raises(UploadMemoryError) as info:
+        await mv.upload_memory(app.root / "a.jpg", capsule="cap_nowhere",
+                               derivatives={"thumb": b"t"})
+    [error] = info.value.exceptions
+    assert isinstance(error, NotFound)
+    assert "lane A (original): not_found: capsule cap_nowhere not found" in str(info.value)
+    assert info.value.memory_id is None
+    assert await mv.list_sessions() == []
+
+
+async def test_lane_a_failing_after_begin_stops_lane_b_and_leaves_no_session(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("lane-a-late")
+    path = app.root / "a.jpg"
+    write(path, 6 * CHUNK)
+
+    def grow(p: Progress) -> None:
+        if p.role == "original" and p.phase == "transfer" and p.chunks_done == 2:
+            with path.open("ab") as f:
+                f.write(b"!")
+
+    with pytest.raises(UploadMemoryError) as info:
+        await mv.upload_memory(path, capsule=cap, parallel=1, on_progress=grow,
+                               derivatives={"display": os.urandom(2 * CHUNK)})
+    [error] = info.value.exceptions
+    assert isinstance(error, FileChanged)
+    assert await mv.list_sessions() == []  # lane B's sessions were aborted too
+    # Lane B may have committed the display before lane A failed (they overlap): then the
+    # memory stays, with no original (no API deletes memories yet); otherwise it is gone.
+    for memory in (await mv.list_memories(cap)).items:
+        assert "original" not in memory.assets
+
+
+async def test_an_interrupted_memory_upload_resumes_both_lanes(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("resume-lanes")).id
+    path = app.root / "a.jpg"
+    original = write(path, 12 * CHUNK)
+    given = {"display": os.urandom(2 * CHUNK), "thumb": os.urandom(CHUNK // 2)}
+    reached = asyncio.Event()
+
+    def progress(p: Progress) -> None:
+        if p.role == "original" and p.chunks_done >= 5:
+            reached.set()
+
+    task = asyncio.create_task(mv.upload_memory(path, capsule=cap, derivatives=given,
+                                                parallel=2, on_progress=progress))
+    await reached.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    pending = await mv.list_sessions()
+    assert "original" in {s.role for s in pending}
+    memory = await mv.upload_memory(path, capsule=cap, derivatives=given, parallel=2)
+    assert memory.id == next(s.memory_id for s in pending)
+    assert memory.assets["original"].sha256 == sha(original)
+    assert {r: memory.assets[r].sha256 for r in given} == {r: sha(d) for r, d in given.items()}
+    assert await mv.list_sessions() == []
+
+
+async def test_the_thumbhash_given_or_made_is_stored(app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("thumbhash")
+    memory = await mv.upload_memory(io.BytesIO(os.urandom(100)), capsule=cap,
+                                    derivatives={"placeholder": b"p" * 50},
+                                    thumbhash="3OcRJYB4d3h/iIeHeEh3eIhw+j2w", filename="x.jpg")
+    assert memory.thumbhash == "3OcRJYB4d3h/iIeHeEh3eIhw+j2w"
+
+
+async def test_update_memory_changes_only_what_is_given(mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("update")
+    memory = await mv.create_memory(cap, title="beach", metadata={"people": ["ana"]})
+    changed = await mv.update_memory(memory, taken_at="2024-07-01T10:00:00Z")
+    assert (changed.title, changed.taken_at) == ("beach", "2024-07-01T10:00:00Z")
+    assert changed.metadata == {"people": ["ana"]}
+    cleared = await mv.update_memory(memory.id, title=None, metadata={})
+    assert (cleared.title, cleared.metadata) == (None, {})
+    with pytest.raises(InvalidArgument):
+        await mv.update_memory(memory, thumbhash="not base64!")
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+async def test_capsules_get_or_create_and_a_helpful_not_found(mv: AsyncClient) -> None:
+    with pytest.raises(NotFound, match="capsule 'family' not found"):
+        await mv.capsule("family")
+    made = await mv.capsule("family", create=True)
+    assert await mv.capsule("family") == made
+    assert await mv.capsule("family", create=True) == made
+    assert [c.name for c in await mv.list_capsules()] == ["family"]
+
+
+async def test_iterating_memories_follows_the_cursor(mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("pages")
+    made = [await mv.create_memory(cap, title=str(i)) for i in range(7)]
+    seen = [m.id async for m in mv.iter_memories(cap, page_size=3)]
+    assert seen == [m.id for m in reversed(made)]
+
+
+async def test_find_memories_by_sha256_is_right_even_if_the_server_ignores_the_filter(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("find")
+    blobs = [os.urandom(1000 + i) for i in range(5)]
+    done = [await mv.upload_file(io.BytesIO(b), cap, filename=f"{i}.bin")
+            for i, b in enumerate(blobs)]
+    found = await mv.find_memories(cap, sha(blobs[2]).upper())
+    assert [m.id for m in found] == [done[2].memory.id]
+    assert await mv.find_memories(cap, sha(b"nothing")) == []
+
+
+async def test_download_to_a_file_a_folder_and_a_stream(app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("downloads")
+    data = write(app.root / "IMG 7.jpg", 5 * CHUNK + 3)
+    memory = (await mv.upload_file(app.root / "IMG 7.jpg", cap)).memory
+    out = await mv.download(memory, "original", app.root / "copy.jpg")
+    assert out == app.root / "copy.jpg"
+    assert out.read_bytes() == data
+    folder = app.root / "dl"
+    folder.mkdir()
+    assert (await mv.download(memory.id, dest=folder)) == folder / "IMG 7.jpg"
+    sink = io.BytesIO()
+    assert await mv.download(memory.id, dest=sink) is None
+    assert sink.getvalue() == data
+    with pytest.raises(NotFound, match="has no 'display' asset"):
+        await mv.download(memory, "display", app.root / "nope")
+
+
+async def test_download_resumes_from_a_part_file_with_a_range(app: InApp) -> None:
+    ranges: list[str] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            ranges.append(request.headers.get("range", ""))
+            return await app.transport.handle_async_request(request)
+
+    async with AsyncClient(app.url, app.token, transport=Recording(),
+                           state_dir=app.root / "s") as mv:
+        cap = await mv.create_capsule("resume-download")
+        data = write(app.root / "f.bin", 4 * CHUNK)
+        memory = (await mv.upload_file(app.root / "f.bin", cap)).memory
+        (app.root / "out.bin.part").write_bytes(data[:100_000])
+        out = await mv.download(memory, dest=app.root / "out.bin")
+        assert out is not None
+        assert out.read_bytes() == data
+        assert not (app.root / "out.bin.part").exists()
+        assert ranges[-1] == "bytes=100000-"
+
+        # A .part that is not a prefix of the asset is caught by the digest and removed.
+        (app.root / "bad.bin.part").write_bytes(b"\0" * 1000)
+        with pytest.raises(ChecksumMismatch):
+            await mv.download(memory, dest=app.root / "bad.bin")
+        assert not (app.root / "bad.bin.part").exists()
+        assert not (app.root / "bad.bin").exists()
+        out = await mv.download(memory, dest=app.root / "bad.bin")  # and then it works
+        assert out is not None
+        assert out.read_bytes() == data
+
+
+async def test_a_download_cut_mid_body_continues_from_where_it_stopped(app: InApp) -> None:
+    cut = {"done": False}
+
+    class Cutting(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await app.transport.handle_async_request(request)
+            if request.method == "GET" and "/assets/" in request.url.path and not cut["done"]:
+                cut["done"] = True
+                body = await response.aread()
+
+                class Broken(httpx.AsyncByteStream):
+                    async def __aiter__(self) -> AsyncIterator[bytes]:
+                        yield body[:50_000]
+                        raise httpx.ReadError("connection reset mid-body (injected)")
+
+                return httpx.Response(response.status_code, headers=response.headers,
+                                      stream=Broken())
+            return response
+
+    async with AsyncClient(app.url, app.token, transport=Cutting(),
+                           state_dir=app.root / "s") as mv:
+        cap = await mv.create_capsule("cut")
+        data = os.urandom(3 * CHUNK)
+        memory = (await mv.upload_file(io.BytesIO(data), cap, filename="c.bin")).memory
+        sink = io.BytesIO()
+        await mv.download(memory, dest=sink)
+        assert cut["done"]
+        assert sink.getvalue() == data
