@@ -217,3 +217,15 @@ def any_s3(request: pytest.FixtureRequest) -> S3Server:
     server: S3Server = request.getfixturevalue(f"{request.param}_server"
                                                if request.param != "moto" else "s3_server")
     return server
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Skipped tests, one line per reason (not one per test: the PostgreSQL ones are many)."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"{count} skipped: {reason}")

@@ -196,3 +196,39 @@ async def test_a_memory_without_an_original_has_no_job(role: str, database_url: 
         memory = await ip.capsules.get_memory(ip.caller, memory.id)
         assert memory.derivatives == {"display": "ready", "thumb": "absent",
                                       "placeholder": "absent"}
+
+
+async def test_a_role_a_client_is_uploading_is_left_to_the_client(
+    database_url: str | None,
+) -> None:
+    """The job must not take a role whose upload session is pending (the client's finish
+    would then be refused): it stores the others and looks again later."""
+    async with inprocess(database_url=database_url) as ip:
+        photo = await _original(ip, "photo")
+        queue = _queue(ip)
+        job = await queue.claim("w")
+        assert job is not None
+        client_thumb = os.urandom(200)
+        s, _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+            len(client_thumb), "thumb", memory_id=photo, role="thumb"))
+        made = [await _derivative(ip, role, role.encode() * 10)
+                for role in ("display", "thumb", "placeholder")]
+        assert await queue.complete(job, "w", made, "BBBB")
+        memory = await ip.capsules.get_memory(ip.caller, photo)
+        assert set(memory.assets) == {"original", "display", "placeholder"}
+        assert memory.derivatives["thumb"] == "pending"
+        assert await queue.claim("w") is None  # deferred, not spinning
+
+        await ip.uploads.put_chunk(ip.caller, s.id, 0, len(client_thumb),
+                                   pieces(client_thumb, Random(0)), ChunkChecksums())
+        await ip.uploads.finish(ip.caller, s.id, len(client_thumb),
+                                hashlib.sha256(client_thumb).hexdigest())
+        ip.clock.advance(11)
+        again = await queue.claim("w")
+        assert again is not None
+        assert again.attempts == 1  # the deferral used no attempt
+        assert again.missing == ()
+        assert await queue.complete(again, "w", [], None)
+        memory = await ip.capsules.get_memory(ip.caller, photo)
+        assert memory.assets["thumb"].sha256 == hashlib.sha256(client_thumb).hexdigest()
+        assert set(memory.derivatives.values()) == {"ready"}

@@ -21,7 +21,7 @@ from memvault.capsules import DERIVED_ROLES, add_asset
 from memvault.clock import Clock
 from memvault.metadata import Database
 from memvault.metadata.blobs import record_blob
-from memvault.metadata.schema import assets, blobs, derivative_jobs, memories
+from memvault.metadata.schema import assets, blobs, derivative_jobs, memories, upload_sessions
 
 PENDING, RUNNING, DONE, FAILED, UNSUPPORTED = (
     "pending", "running", "done", "failed", "unsupported"
@@ -132,9 +132,10 @@ class JobQueue:
             if not _holds(conn, job.memory_id, worker):
                 return False
             present = _roles(conn, job.memory_id)
+            coming = _roles_being_uploaded(conn, job.memory_id)
             for d in made:
-                if d.role in present:
-                    continue  # never overwrite what a client uploaded
+                if d.role in present or d.role in coming:
+                    continue  # never overwrite, nor race, what a client uploads
                 record_blob(conn, d.sha256, d.size, d.storage_key, now)
                 add_asset(conn, job.memory_id, d.role, d.size, d.sha256, d.content_type,
                           None, now)
@@ -143,7 +144,17 @@ class JobQueue:
                              .where(memories.c.id == job.memory_id,
                                     memories.c.thumbhash.is_(None))
                              .values(thumbhash=thumbhash))
-            _end(conn, job.memory_id, DONE, None, now)
+            if coming - present:
+                # A client is uploading a role right now: look again later (without using up
+                # an attempt); by then it is committed, or its session ended and we make it.
+                conn.execute(
+                    sa.update(derivative_jobs).where(derivative_jobs.c.memory_id == job.memory_id)
+                    .values(state=PENDING, run_after=now + self.backoff, lease_owner=None,
+                            lease_until=None, attempts=derivative_jobs.c.attempts - 1,
+                            updated_at=now)
+                )
+            else:
+                _end(conn, job.memory_id, DONE, None, now)
             return True
 
         return await self.db.transact(complete)
@@ -217,6 +228,17 @@ def _end(conn: sa.Connection, memory_id: str, state: str, reason: str | None,
 def _roles(conn: sa.Connection, memory_id: str) -> set[str]:
     rows = conn.execute(sa.select(assets.c.role).where(assets.c.memory_id == memory_id))
     return {str(r) for (r,) in rows}
+
+
+def _roles_being_uploaded(conn: sa.Connection, memory_id: str) -> set[str]:
+    """Roles of the memory a pending upload session holds (its exclusive ``memory/role``)."""
+    rows = conn.execute(
+        sa.select(upload_sessions.c.exclusive_key).where(
+            upload_sessions.c.exclusive_key.like(f"{memory_id}/%"),
+            upload_sessions.c.state == "pending",
+        )
+    )
+    return {str(key).split("/", 1)[1] for (key,) in rows}
 
 
 def _job(conn: sa.Connection, memory_id: str) -> Job:
