@@ -213,3 +213,33 @@ def test_an_image_over_the_job_limits_fails_alone_and_the_queue_moves_on(
     finally:
         api.http.close()
         server.kill()
+
+
+def test_sizes_formats_and_the_pixel_limit_come_from_the_settings(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path / "data", env={
+        **SMALL_CHUNKS, "MEMVAULT_DERIVATIVE_WORKERS": "1", "MEMVAULT_DISPLAY_WIDTH": "600",
+        "MEMVAULT_DISPLAY_HEIGHT": "600", "MEMVAULT_DISPLAY_FORMAT": "WEBP",
+        "MEMVAULT_THUMB_SIZE": "100", "MEMVAULT_DERIVATIVE_MAX_PIXELS": str(1500 * 1000),
+    })
+    server.start()
+    api = server.api()
+    try:
+        capsule = api.capsule()
+        fits = upload(api, capsule, jpeg(1200, 800), "image/jpeg")["memory_id"]
+        memory = settled(api, fits)
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "ready")
+        assert memory["assets"]["display"]["content_type"] == "image/webp"
+        sizes = {}
+        for role in ("display", "thumb"):
+            body = api.http.get(f"/v1/memories/{fits}/assets/{role}").content
+            with Image.open(io.BytesIO(body)) as image:
+                sizes[role] = image.size
+        assert sizes == {"display": (600, 400), "thumb": (100, 67)}
+
+        too_big = upload(api, capsule, jpeg(1600, 1000), "image/jpeg")["memory_id"]
+        memory = settled(api, too_big)
+        assert memory["derivatives"] == dict.fromkeys(ROLES, "unsupported")
+        assert memory["derivatives_reason"].startswith("too_many_pixels")
+    finally:
+        api.http.close()
+        server.kill()

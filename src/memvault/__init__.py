@@ -6,45 +6,49 @@ API is listed here once::
     from memvault import Client            # or AsyncClient
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-# After __version__: the client reads it for its User-Agent.
-from memvault.client import (
-    Asset,
-    AsyncClient,
-    BadResponse,
-    Capsule,
-    ChecksumMismatch,
-    Client,
-    ClientError,
-    Conflict,
-    ConnectionFailed,
-    Expired,
-    FileChanged,
-    Forbidden,
-    Incomplete,
-    InsufficientStorage,
-    Internal,
-    InvalidArgument,
-    LengthMismatch,
-    Memory,
-    MemoryPage,
-    MemvaultError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    Progress,
-    RangeNotSatisfiable,
-    RequestTimeout,
-    ResourceExhausted,
-    RetryPolicy,
-    Session,
-    Timeout,
-    Unauthenticated,
-    Unavailable,
-    UploadMemoryError,
-    UploadResult,
-)
+if TYPE_CHECKING:
+    from memvault.client import (
+        Asset,
+        AsyncClient,
+        BadResponse,
+        Capsule,
+        ChecksumMismatch,
+        Client,
+        ClientError,
+        Conflict,
+        ConnectionFailed,
+        Expired,
+        FileChanged,
+        Forbidden,
+        Incomplete,
+        InsufficientStorage,
+        Internal,
+        InvalidArgument,
+        LengthMismatch,
+        Memory,
+        MemoryPage,
+        MemvaultError,
+        MethodNotAllowed,
+        NotFound,
+        PayloadTooLarge,
+        Progress,
+        RangeNotSatisfiable,
+        RequestTimeout,
+        ResourceExhausted,
+        RetryPolicy,
+        Session,
+        Timeout,
+        Unauthenticated,
+        Unavailable,
+        UploadMemoryError,
+        UploadResult,
+    )
 
 __all__ = [
     "Asset",
@@ -83,3 +87,13 @@ __all__ = [
     "UploadResult",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The client is imported on first use, so the server and the CLI's server commands do not
+    pay for it (httpx, the derivatives module) at start-up."""
+    if name in __all__ and name != "__version__":
+        from memvault import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'memvault' has no attribute {name!r}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from memvault.derivatives.model import DerivativeOptions
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -111,6 +114,18 @@ class Settings(BaseSettings):
         default=2 * GiB, description="address space of each decoder process (0: no limit)"
     )
     derivative_attempts: int = Field(default=3, description="tries before a job is failed")
+    derivative_max_pixels: int = Field(
+        default=100_000_000,
+        description="largest width x height decoded (from the header, before decoding)",
+    )
+    display_width: int = Field(default=1920, description="display derivative fits this width")
+    display_height: int = Field(default=1080, description="display derivative fits this height")
+    display_format: Literal["JPEG", "WEBP"] = Field(
+        default="JPEG", description="display format (WebP anyway for images with transparency)"
+    )
+    display_quality: int = Field(default=80, description="display encoder quality, 1..100")
+    thumb_size: int = Field(default=300, description="thumb fits a square of this many px")
+    thumb_quality: int = Field(default=80, description="thumb (WebP) quality, 1..100")
     derivative_lease: float = Field(
         default=60.0, description="seconds a job stays claimed without its worker renewing"
     )
@@ -137,6 +152,17 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    def derivative_options(self) -> DerivativeOptions:
+        """What the server's derivative jobs make (the SDK's lane B has its own)."""
+        from memvault.derivatives.model import DerivativeOptions  # Pillow: not for every import
+
+        return DerivativeOptions(
+            display_box=(self.display_width, self.display_height),
+            display_format=self.display_format, display_quality=self.display_quality,
+            thumb_box=(self.thumb_size, self.thumb_size), thumb_quality=self.thumb_quality,
+            max_pixels=self.derivative_max_pixels,
+        )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.min_chunk_size <= self.chunk_size <= self.max_chunk_size:
@@ -148,6 +174,7 @@ class Settings(BaseSettings):
             raise ValueError("session_ttl and chunk_timeout must be positive")
         if self.transfer_slots < 1:
             raise ValueError("transfer_slots must be at least 1")
+        self.derivative_options()  # its own checks: boxes, qualities
         if self.blob_store and not self.blob_store.startswith("s3://"):
             raise ValueError(f"blob_store must be an s3://bucket/prefix URL: {self.blob_store!r}")
         return self

@@ -48,6 +48,7 @@ def derivative_runner(settings: Settings, services: Services) -> DerivativeRunne
     return DerivativeRunner(
         services.jobs, services.store, workers=max(1, settings.derivative_workers),
         timeout=settings.derivative_timeout, memory_limit=settings.derivative_memory_limit,
+        options=settings.derivative_options(),
     )
 
 

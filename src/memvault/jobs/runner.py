@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 from pebble import ProcessExpired, ProcessPool
 
+from memvault.derivatives.model import DerivativeOptions
 from memvault.jobs.queue import UNSUPPORTED, Job, JobQueue, StoredDerivative
 from memvault.storage.base import BlobStore, LocalPaths
 
@@ -33,8 +34,10 @@ log = structlog.get_logger("memvault.jobs")
 
 class DerivativeRunner:
     def __init__(self, queue: JobQueue, store: BlobStore, *, workers: int, timeout: float,
-                 memory_limit: int, poll: float = 1.0) -> None:
+                 memory_limit: int, options: DerivativeOptions | None = None,
+                 poll: float = 1.0) -> None:
         self.queue = queue
+        self.options = options or DerivativeOptions()
         self.store = store
         self.workers = workers
         self.timeout = timeout
@@ -120,7 +123,8 @@ class DerivativeRunner:
             await self.queue.complete(job, self.worker_id, [], None)
             return
         async with self._source(job) as path:
-            future = self._processes().schedule(make_derivatives, args=(str(path),),
+            future = self._processes().schedule(make_derivatives,
+                                                args=(str(path), self.options),
                                                 timeout=self.timeout)
             try:
                 made = await asyncio.wrap_future(future)
