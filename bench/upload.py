@@ -171,7 +171,8 @@ def _check(response: httpx.Response, what: str, *ok: int) -> dict[str, Any]:
 class Api:
     """memvault's v1 API over one persistent HTTP/1.1 client with ``pool`` connections."""
 
-    def __init__(self, base_url: str, token: str, pool: int) -> None:
+    def __init__(self, base_url: str, token: str, pool: int,
+                 transport: httpx.BaseTransport | None = None) -> None:
         require_loopback(base_url)
         self.http = httpx.Client(
             base_url=base_url,
@@ -179,6 +180,7 @@ class Api:
             timeout=httpx.Timeout(600.0, connect=10.0),
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             trust_env=False,
+            transport=transport,  # e.g. several servers behind one base URL
         )
 
     def close(self) -> None:
