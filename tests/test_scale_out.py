@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,9 @@ from PIL import Image
 
 from tests.conftest import SMALL_CHUNKS, LiveServer
 from tests.helpers import Api
+from tests.s3server import S3Server
+
+PART = 5 * 1024 * 1024  # S3's smallest part
 
 Pair = tuple[LiveServer, LiveServer]
 
@@ -70,7 +73,7 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[StartCluster]:
             server.kill()
 
 
-def events(servers: Pair, name: str) -> list[dict[str, Any]]:
+def events(servers: Sequence[LiveServer], name: str) -> list[dict[str, Any]]:
     """Log events called ``name`` from both servers."""
     found = []
     for server in servers:
@@ -120,6 +123,57 @@ def test_a_session_is_driven_through_both_servers_and_finished_by_both_at_once(
     listed = b.http.get(f"/v1/capsules/{capsule}/memories").json()["items"]
     assert len(listed) == 5
     assert all(set(m["assets"]) == {"original"} for m in listed)
+
+
+def s3_cluster(cluster: StartCluster, s3_server: S3Server, **env: str) -> Cluster:
+    return cluster(**s3_server.env(s3_server.new_bucket(), "handoff"),
+                   MEMVAULT_CHUNK_SIZE=str(PART),
+                   # moto dates multipart uploads in 2010: no sweep under a live session.
+                   MEMVAULT_REAPER_INTERVAL="3600", **env)
+
+
+def put_backwards(c: Cluster, session: dict[str, Any], data: bytes) -> None:
+    """Every chunk past the hash frontier when it arrives, odd ones on b and even ones on a,
+    the last first: neither server can hash a byte until chunk 0 lands."""
+    for index in reversed(range(session["chunk_count"])):
+        r = (c.b if index % 2 else c.a).put(session, index, data)
+        assert r.status_code == 200, r.text
+
+
+def test_on_s3_each_server_hashes_the_parts_it_holds_so_finish_reads_nothing_back(
+    cluster: StartCluster, s3_server: S3Server,
+) -> None:
+    c = s3_cluster(cluster, s3_server)
+    capsule = c.a.capsule()
+    for size in (5 * PART + 99, 4 * PART):
+        data = os.urandom(size)
+        session = c.a.session(capsule, len(data))
+        put_backwards(c, session, data)
+        done = c.a.finish(session, data)
+        assert done.status_code == 200, done.text
+        assert done.json()["asset"]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert c.b.read(done.json()["memory_id"]).content == data
+    # Without the hand-off, a's finish would read b's parts back from the object store.
+    assert events(c.servers, "session.read_back") == []
+
+
+def test_on_s3_a_part_whose_holder_died_is_read_back_after_the_handoff_wait(
+    cluster: StartCluster, s3_server: S3Server,
+) -> None:
+    c = s3_cluster(cluster, s3_server, MEMVAULT_FRONTIER_HANDOFF_WAIT="0.5")
+    capsule = c.a.capsule()
+    data = os.urandom(3 * PART + 1)
+    session = c.a.session(capsule, len(data))
+    assert c.b.put(session, 1, data).status_code == 200  # kept only in b's spool
+    c.servers[1].kill()  # SIGKILL: b's part is in the bucket, its spool copy gone with b
+    for index in (3, 2, 0):
+        assert c.a.put(session, index, data).status_code == 200
+    done = c.a.finish(session, data)
+    assert done.status_code == 200, done.text
+    assert done.json()["asset"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert c.a.read(done.json()["memory_id"]).content == data
+    read_back = events(c.servers[:1], "session.read_back")
+    assert [(e["offset"], e["length"]) for e in read_back] == [(PART, len(data) - PART)]
 
 
 def test_the_idempotent_begin_and_the_pending_cap_hold_across_servers(

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         default=None,
         description="SQLAlchemy async URL; default: SQLite file in data_dir",
     )
+    listen_database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL for the frontier hand-off's LISTEN connection, when "
+        "database_url goes through a pooler in transaction mode; default: database_url",
+    )
     auto_migrate: bool | None = Field(
         default=None,
         description="apply migrations at start; default: on for SQLite, off otherwise",
@@ -59,6 +64,11 @@ class Settings(BaseSettings):
         default=256 * MiB,
         description="bytes of uploaded parts kept on local disk for hashing them when the "
         "gap before them fills",
+    )
+    frontier_handoff_wait: float = Field(
+        default=2.0,
+        description="seconds a finish waits, per step, for other processes to hash the parts "
+        "they hold before reading those back from the object store (PostgreSQL + S3)",
     )
 
     chunk_size: int = Field(default=8 * MiB, description="chunk size the server answers at begin")

@@ -23,7 +23,9 @@ from memvault.jobs.queue import JobQueue
 from memvault.metadata import Database
 from memvault.metadata.migrate import is_current, upgrade
 from memvault.metrics import Metrics
+from memvault.sessions.handoff import FrontierListener
 from memvault.settings import Settings
+from memvault.storage.base import PartHolder
 from memvault.storage.factory import close_blob_store, open_blob_store
 from memvault.uploads import UploadService
 from memvault.worker import background
@@ -84,6 +86,25 @@ async def ensure_admin(settings: Settings, auth: AuthService) -> None:
                 hint="use this token as 'Authorization: Bearer <token>'")
 
 
+@contextlib.asynccontextmanager
+async def frontier_handoff(settings: Settings, services: Services) -> AsyncIterator[None]:
+    """On PostgreSQL with a store whose parts only their receiver can read before the seal
+    (S3), hear every process's frontier moves (``memvault.sessions.handoff``)."""
+    if services.db.dialect != "postgresql" or not isinstance(services.store, PartHolder):
+        yield
+        return
+    frontier = services.uploads.sessions.hash_frontier
+    url = settings.listen_database_url or settings.resolved_database_url
+    listener = FrontierListener(url, frontier.moved)
+    await listener.start()
+    frontier.handoff_wait = settings.frontier_handoff_wait
+    try:
+        yield
+    finally:
+        frontier.handoff_wait = 0.0
+        await listener.close()
+
+
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """The ASGI app; with no arguments it reads ``MEMVAULT_*`` (e.g. as a granian factory)."""
     settings = settings or Settings()
@@ -98,7 +119,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         app.state.db = db
         await ensure_admin(settings, services.auth)
         try:
-            async with background(settings, services):
+            async with frontier_handoff(settings, services), background(settings, services):
                 yield
         finally:
             await services.uploads.sessions.close()

@@ -18,6 +18,10 @@ the new frontier. Within one process a per-session lock keeps them from duplicat
 Catching up over early chunks is done off the request path: ``kick`` starts (or re-arms) one
 background advancer per session, so a chunk request never waits while another chunk is hashed.
 ``digest`` (finish) joins it, and advances itself over anything still missing.
+
+Across processes on PostgreSQL, every move is announced (``handoff``): the process holding
+the part at the new frontier hashes it, and a ``digest`` stuck behind a part held elsewhere
+waits up to ``handoff_wait`` for each next move before giving up (``Behind``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from memvault.errors import Internal
 from memvault.hashing import Sha256State, new_sha256
 from memvault.metadata import Database
 from memvault.metadata.schema import upload_parts, upload_sessions
+from memvault.sessions.handoff import announce
 from memvault.sessions.model import PENDING
-from memvault.storage.base import BlobStore, StagedHasher, StagedUnavailable
+from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagedUnavailable
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -57,7 +62,20 @@ class Frontier:
         )
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._hasher = store if isinstance(store, StagedHasher) else None  # detected once
+        self._holder = store if isinstance(store, PartHolder) else None
         self._rearmed: set[str] = set()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self.handoff_wait = 0.0
+        """Seconds ``digest`` waits for another process to move the frontier (0: never);
+        set when moves are being heard from other processes."""
+
+    def moved(self, session_id: str, staging_key: str, offset: int) -> None:
+        """A process (maybe this one) moved the session's frontier to ``offset``: hash the
+        part there if this process holds it, and wake a ``digest`` waiting for progress."""
+        for event in self._watchers.get(session_id, ()):
+            event.set()
+        if self._holder is not None and self._holder.holds_staged(staging_key, offset):
+            self.kick(session_id)
 
     def kick(self, session_id: str) -> None:
         """Advance in the background; one runner per session, re-armed if already running."""
@@ -123,7 +141,7 @@ class Frontier:
                     position = part.offset + part.length
                 if position == row.hashed_offset:
                     return int(position)
-                if await self._save(session_id, row.hashed_offset, position, state):
+                if await self._save(session_id, row, position, state):
                     return int(position)
                 # Someone else moved the frontier meanwhile: start over from theirs.
 
@@ -136,31 +154,59 @@ class Frontier:
         async for piece in self._store.read_staged(staging_key, offset, length):
             await asyncio.to_thread(state.update, piece)
 
-    async def _save(self, session_id: str, old: int, new: int, state: Sha256State) -> bool:
+    async def _save(self, session_id: str, row: Any, new: int, state: Sha256State) -> bool:
         return await self._db.transact(
-            lambda conn: save_frontier(conn, session_id, old, new, state), durable=False
+            lambda conn: save_frontier(conn, session_id, row.staging_key, row.size,
+                                       row.hashed_offset, new, state),
+            durable=False,
         )
 
     async def digest(self, session_id: str, size: int) -> str | None:
         """Hex SHA-256 of a fully received upload, hashing only what the frontier lacks.
 
         None when the session stopped being pending meanwhile (a concurrent finish or abort);
-        ``Behind`` when some received bytes cannot be read before the upload is sealed.
+        ``Behind`` when some received bytes cannot be read before the upload is sealed and no
+        other process moved the frontier over them within ``handoff_wait``.
         """
-        await self.join(session_id)
-        await self.advance(session_id)
         query = sa.select(
             upload_sessions.c.state, upload_sessions.c.hashed_offset, upload_sessions.c.hash_state
         ).where(upload_sessions.c.id == session_id)
-        row = await self._db.query(lambda conn: conn.execute(query).first())
-        if row is None or row.state != PENDING:
-            return None
-        state = _restore(row.hash_state)
-        if row.hashed_offset < size and state is not None:
-            raise Behind(row.hashed_offset)
-        if row.hashed_offset != size or state is None:
-            raise Internal(f"upload session {session_id}: hash frontier did not reach {size}")
-        return state.hexdigest()
+        moved = asyncio.Event()
+        watchers = self._watchers.setdefault(session_id, set())
+        watchers.add(moved)  # before looking, so no move between the look and the wait is missed
+        try:
+            while True:
+                moved.clear()
+                await self.join(session_id)
+                await self.advance(session_id)
+                row = await self._db.query(lambda conn: conn.execute(query).first())
+                if row is None or row.state != PENDING:
+                    return None
+                state = _restore(row.hash_state)
+                if row.hashed_offset == size and state is not None:
+                    return state.hexdigest()
+                if row.hashed_offset > size or state is None:
+                    raise Internal(
+                        f"upload session {session_id}: hash frontier did not reach {size}"
+                    )
+                if not await _progress(moved, self.handoff_wait):
+                    raise Behind(row.hashed_offset)
+        finally:
+            watchers.discard(moved)
+            if not watchers:
+                self._watchers.pop(session_id, None)
+
+
+async def _progress(moved: asyncio.Event, wait: float) -> bool:
+    """True if ``moved`` is set within ``wait`` seconds."""
+    if wait <= 0:
+        return moved.is_set()
+    try:
+        async with asyncio.timeout(wait):
+            await moved.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _received_from(
@@ -172,6 +218,7 @@ def _received_from(
         sa.select(
             upload_sessions.c.state,
             upload_sessions.c.staging_key,
+            upload_sessions.c.size,
             upload_sessions.c.hashed_offset,
             upload_sessions.c.hash_state,
         ).where(upload_sessions.c.id == session_id)
@@ -203,10 +250,11 @@ def _restore(blob: bytes) -> Sha256State | None:
 
 
 def save_frontier(
-    conn: sa.Connection, session_id: str, old: int, new: int, state: Sha256State
+    conn: sa.Connection, session_id: str, staging_key: str, size: int, old: int, new: int,
+    state: Sha256State,
 ) -> bool:
     """Move the stored frontier from ``old`` to ``new`` (compare-and-set), inside ``conn``'s
-    transaction; False if someone else moved it first or the session ended."""
+    transaction, and announce it; False if someone else moved it first or the session ended."""
     done = conn.execute(
         sa.update(upload_sessions)
         .where(
@@ -216,4 +264,7 @@ def save_frontier(
         )
         .values(hashed_offset=new, hash_state=state.to_bytes())
     )
-    return done.rowcount == 1
+    if done.rowcount != 1:
+        return False
+    announce(conn, session_id, staging_key, new, size)
+    return True

@@ -360,6 +360,10 @@ class SessionService:
             await self.store.discard(session.staging_key)
         return committed
 
+    @property
+    def hash_frontier(self) -> frontier.Frontier:
+        return self._frontier
+
     async def join_hashing(self, session_id: str) -> None:
         """Wait until background hashing of the session's received chunks has caught up."""
         await self._frontier.join(session_id)

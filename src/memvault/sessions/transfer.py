@@ -285,7 +285,8 @@ class ChunkReceiver:
             if done.rowcount != 1 or not self._touch(conn, session.id, now):
                 raise _Ended(session.id)
             if prefix is not None:
-                save_frontier(conn, session.id, offset, offset + length, prefix)
+                save_frontier(conn, session.id, session.staging_key, session.size, offset,
+                              offset + length, prefix)
             return _received_counts(conn, session.id)
 
         return await self.db.transact(mark, durable=False)

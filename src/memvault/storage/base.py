@@ -131,6 +131,17 @@ class StagedHasher(Protocol):
 
 
 @runtime_checkable
+class PartHolder(Protocol):
+    """Optional capability: some staged bytes are readable before the seal only in the process
+    that received them (S3: parts kept in this process's spool). Such a store's frontier moves
+    are handed between processes (``memvault.sessions.handoff``)."""
+
+    def holds_staged(self, key: str, offset: int) -> bool:
+        """True if this process can hash the staged part starting at ``offset`` now."""
+        ...
+
+
+@runtime_checkable
 class LocalPaths(Protocol):
     """Optional capability: committed blobs are files on this machine (derivative jobs hand
     the path to a decoder process instead of copying the bytes)."""

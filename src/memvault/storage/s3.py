@@ -342,6 +342,10 @@ class S3BlobStore:
         async for piece in kept:
             yield piece
 
+    def holds_staged(self, key: str, offset: int) -> bool:
+        name, _ = _split(key)
+        return self.spool.holds(name, offset)
+
     async def hash_staged(self, key: str, offset: int, length: int, state: Sha256State) -> None:
         name, _ = _split(key)
         if await self.spool.hash(name, offset, length, state):

@@ -156,6 +156,10 @@ class Spool:
         self.kept_bytes -= kept.length
         kept.path.unlink(missing_ok=True)
 
+    def holds(self, name: str, offset: int) -> bool:
+        """True if a part of upload ``name`` starting at ``offset`` is kept here."""
+        return offset in self._kept.get(name, {})
+
     def _held(self, name: str, offset: int, length: int) -> _Kept | None:
         kept = self._kept.get(name, {}).get(offset)
         return kept if kept is not None and kept.length == length else None
