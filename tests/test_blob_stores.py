@@ -218,3 +218,27 @@ async def test_missing_blob_is_reported_not_served(backend: Backend) -> None:
 
 async def test_reachable(backend: Backend) -> None:
     await backend.store.check()
+
+
+async def test_local_store_unlinks_dropped_staging_files_in_the_background(
+    tmp_path: Path,
+) -> None:
+    """Unlinking a large, just-synced file takes the file system long; a finish of content
+    already stored, or an abort, only renames its staging file into trash/."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(PART + 3)
+    sha = hashlib.sha256(data).hexdigest()
+    first, _ = await staged(store, data, [1, 0], "ses_keep")
+    kept = await store.commit(first, sha, len(data))
+    second, _ = await staged(store, data, [0, 1], "ses_same")
+    assert await store.commit(second, sha, len(data)) == kept
+    third, _ = await staged(store, data, [0], "ses_abort")
+    await store.discard(third)
+    await store.drained()
+    assert list((tmp_path / "blobs" / "staging").iterdir()) == []
+    assert list((tmp_path / "blobs" / "trash").iterdir()) == []
+    assert await read_all(store, kept, 0, len(data)) == data
+    # What a crash leaves in trash/ goes with the reaper's next sweep.
+    (tmp_path / "blobs" / "trash" / "ses_crashed.0badf00d").write_bytes(b"x" * 100)
+    await store.staged_keys(time.time())
+    assert list((tmp_path / "blobs" / "trash").iterdir()) == []
