@@ -232,3 +232,28 @@ async def test_a_role_a_client_is_uploading_is_left_to_the_client(
         memory = await ip.capsules.get_memory(ip.caller, photo)
         assert memory.assets["thumb"].sha256 == hashlib.sha256(client_thumb).hexdigest()
         assert set(memory.derivatives.values()) == {"ready"}
+
+
+async def test_a_claimed_job_knows_which_missing_roles_clients_are_sending(
+    database_url: str | None,
+) -> None:
+    """The runner decodes only if some missing role has no client upload on its way (the
+    SDK's lane B finishes its derivatives after the original): ``coming`` tells it."""
+    async with inprocess(database_url=database_url) as ip:
+        photo = await _original(ip, "photo")
+        sessions = {}
+        for role in ("display", "thumb", "placeholder"):
+            sessions[role], _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+                100, role, memory_id=photo, role=role))
+        queue = _queue(ip)
+        job = await queue.claim("w")
+        assert job is not None
+        assert set(job.missing) == job.coming == {"display", "thumb", "placeholder"}
+        assert await queue.complete(job, "w", [], None)  # what the runner does: no decode
+        assert await queue.claim("w") is None  # deferred while they are pending
+        await ip.uploads.abort(ip.caller, sessions["thumb"].id)
+        ip.clock.advance(11)
+        again = await queue.claim("w")
+        assert again is not None
+        assert again.attempts == 1  # the deferral used no attempt
+        assert set(again.missing) - again.coming == {"thumb"}  # abandoned: the job makes it

@@ -12,6 +12,7 @@ import io
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -488,9 +489,12 @@ async def test_upload_memory_with_given_derivatives_makes_a_four_asset_memory(
         assert memory.assets[role].filename == f"IMG_1.{role}.bin"
     assert {e.role for e in events} == {"original", "display", "thumb", "placeholder"}
     assert await mv.list_sessions() == []
-    # Lane B's finishes come before lane A's, so the server's own job finds nothing to do.
     puts = [p for m, p in faults(mv).log.passed if m == "POST" and p.endswith("/finish")]
     assert len(puts) == 4
+    # The original is committed first, so the memory never holds derivatives without it.
+    committed = {role: datetime.fromisoformat(a.created_at or "")
+                 for role, a in memory.assets.items()}
+    assert committed["original"] <= min(committed[r] for r in given)
 
 
 async def test_upload_memory_auto_skips_what_is_not_an_image(app: InApp, mv: AsyncClient) -> None:
@@ -549,10 +553,8 @@ async def test_lane_a_failing_after_begin_stops_lane_b_and_leaves_no_session(
     [error] = info.value.exceptions
     assert isinstance(error, FileChanged)
     assert await mv.list_sessions() == []  # lane B's sessions were aborted too
-    # Lane B may have committed the display before lane A failed (they overlap): then the
-    # memory stays, with no original (no API deletes memories yet); otherwise it is gone.
-    for memory in (await mv.list_memories(cap)).items:
-        assert "original" not in memory.assets
+    # Lane B never commits before the original: the memory lane A made is gone with it.
+    assert (await mv.list_memories(cap)).items == []
 
 
 async def test_an_interrupted_memory_upload_resumes_both_lanes(

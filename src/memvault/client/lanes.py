@@ -7,21 +7,21 @@ begin makes: its id reaches lane B the moment begin answers, and a resumed lane 
 same session, so a resumed lane B finds the same memory (its begins are keyed by memory, role
 and bytes, so they resume too).
 
-Order is only imposed on the finishes: lane A's is sent once lane B is done. The original's
-commit is what makes the server queue its own derivative job, so when it runs the memory
-already has all four assets and the job has nothing to do; were the original first, the
-server could fill a role between lane B's begin and finish (and lane B's finish would then
-meet ``conflict``). Everything else overlaps: lane B finishes each derivative as soon as it
-is sent, while lane A's chunks are still going; lane A's finish waits only when lane B is
-slower (the decode of a large image, usually).
+Order is only imposed on the finishes, so that a memory never holds derivatives without its
+original: lane A finishes once lane B has *sent* its derivatives (their sessions begun and
+every byte received, not yet committed), and lane B finishes them once the original is
+committed. The original's commit makes the server queue its own derivative job; the job
+sees the roles lane B's pending sessions hold and waits for them instead of decoding, and
+makes only what a session abandons. Everything else overlaps: lane B sends while lane A's
+chunks are still going; lane A's finish waits only when lane B is slower (the decode of a
+large image, usually).
 
-Failures: if lane A fails, lane B is stopped (the sessions it has open are aborted first, so
-the abort of lane A's session drops the memory it made); if lane B fails, lane A still
-finishes, so the original is safe (and the server then makes the derivatives). Either way
+Failures: if lane A fails, lane B is stopped and the sessions it has open are aborted first,
+so the abort of lane A's session finds the memory it made empty and drops it; nothing is left
+behind. If lane B fails, its open sessions are aborted and lane A still finishes, so the
+original is safe (and the server then makes the derivatives). Either way
 ``UploadMemoryError`` carries each lane's own typed error with a note naming the lane: never
-a bare "lane failed". One case leaves a memory without its original: lane A failing for good
-(the file changed) after lane B committed a derivative; there is no API to delete a memory
-yet, so it stays, with derivatives only.
+a bare "lane failed".
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ class MemoryUpload:
             sha256=sha256, parallel=parallel, on_progress=on_progress, state=state,
             before_discard=self._stop_lane_b)
         self._lane_b_task: asyncio.Task[None] | None = None
+        self._lane_b_sent = asyncio.Event()  # lane B's bytes are all received, or it is over
+        self._original_stored = asyncio.Event()
         self._memory: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._original_failed = False
         self.memory_id: str | None = None
 
     async def run(self) -> Memory:
@@ -113,7 +114,6 @@ class MemoryUpload:
 
         def stop_b(task: asyncio.Task[None]) -> None:
             if task.cancelled() or task.exception() is not None:
-                self._original_failed = True
                 lane_b.cancel()
                 made.cancel()
 
@@ -157,7 +157,6 @@ class MemoryUpload:
     async def _stop_lane_b(self) -> None:
         """Lane A's session is about to be aborted: end lane B first (it aborts its own), so
         the abort of the session that made the memory finds it empty and drops it."""
-        self._original_failed = True
         if self._lane_b_task is not None and not self._lane_b_task.done():
             self._lane_b_task.cancel()
             await asyncio.wait([self._lane_b_task])
@@ -168,10 +167,11 @@ class MemoryUpload:
             if not self._memory.done():
                 self._memory.set_result(session.memory_id)
 
-        async def after_lane_b() -> None:
-            await asyncio.wait([lane_b])  # its outcome is reported by run(), not here
+        async def after_lane_b_sent() -> None:
+            await self._lane_b_sent.wait()  # lane B's outcome is reported by run(), not here
 
-        await self.original.run(opened=opened, before_finish=after_lane_b)
+        await self.original.run(opened=opened, before_finish=after_lane_b_sent)
+        self._original_stored.set()
 
     # -- lane B ----------------------------------------------------------------------------
 
@@ -201,20 +201,28 @@ class MemoryUpload:
         return out, self.thumbhash
 
     async def _lane_b(self, made_task: asyncio.Task[tuple[list[Derived], str | None]]) -> None:
-        made, thumbhash = await made_task
-        if not made and thumbhash is None:
-            return
-        memory_id = await self._memory
-        present = await self._roles(memory_id)
-        uploads = [self._derivative_upload(memory_id, d) for d in made if d.role not in present]
-        opened: list[ChunkUpload] = []
         try:
-            await _all(self._one(u, opened) for u in uploads)
-        except asyncio.CancelledError:
-            if self._original_failed:
-                # The original will not be stored: these sessions have nothing to join.
-                await asyncio.gather(*(u.abort() for u in opened), return_exceptions=True)
-            raise
+            made, thumbhash = await made_task
+            if not made and thumbhash is None:
+                return
+            memory_id = await self._memory
+            present = await self._roles(memory_id)
+            uploads = [self._derivative_upload(memory_id, d)
+                       for d in made if d.role not in present]
+            opened: list[ChunkUpload] = []
+            try:
+                await _all(self._send(u, opened) for u in uploads)
+                self._lane_b_sent.set()
+                await self._original_stored.wait()
+                await _all(self._finish(u, opened) for u in list(opened))
+            except BaseException:
+                # Stopped (the original will not be stored) or failed: end what is open, so
+                # nothing is left pending (and the server's job makes those roles instead).
+                await asyncio.shield(
+                    asyncio.gather(*(u.abort() for u in opened), return_exceptions=True))
+                raise
+        finally:
+            self._lane_b_sent.set()  # lane A never waits for a lane B that is over
         if thumbhash is not None:
             try:
                 await self.api.call("PATCH", f"/v1/memories/{memory_id}",
@@ -233,8 +241,8 @@ class MemoryUpload:
             memory_id=memory_id, role=d.role, content_type=d.content_type, parallel=1,
             on_progress=self.on_progress, idempotency_key=key)
 
-    async def _one(self, upload: ChunkUpload, opened: list[ChunkUpload]) -> None:
-        """One derivative: begin (or resume), send, finish."""
+    async def _send(self, upload: ChunkUpload, opened: list[ChunkUpload]) -> None:
+        """One derivative: begin (or resume) and send; ``opened`` lists it until finished."""
         try:
             await upload.open()
         except Conflict as exc:
@@ -248,16 +256,15 @@ class MemoryUpload:
             await upload.open()
         opened.append(upload)
         await upload.transfer()
-        await self._finish(upload)
-        opened.remove(upload)
 
-    async def _finish(self, upload: ChunkUpload) -> None:
+    async def _finish(self, upload: ChunkUpload, opened: list[ChunkUpload]) -> None:
         try:
             await upload.finish()
         except Conflict as exc:
             if exc.extra.get("role") != upload.role:
                 raise
             await upload.abort()  # filled meanwhile by the server: keep the server's
+        opened.remove(upload)
 
     async def _abort_target(self, memory_id: str | None, role: str) -> None:
         sessions = (await self.api.call("GET", "/v1/uploads")).json()["items"]

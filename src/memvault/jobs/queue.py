@@ -37,6 +37,8 @@ class Job:
     content_type: str
     missing: tuple[str, ...]
     """Derived roles the memory lacks: the client may have uploaded some already."""
+    coming: frozenset[str] = frozenset()
+    """Of ``missing``, the roles a client's pending upload session is sending right now."""
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,8 @@ def _job(conn: sa.Connection, memory_id: str) -> Job:
     ).first()
     present = _roles(conn, memory_id)
     missing = tuple(r for r in DERIVED_ROLES if r not in present)
+    coming = frozenset(_roles_being_uploaded(conn, memory_id) & set(missing))
     if original is None:
-        return Job(memory_id, int(job.attempts), "", 0, "", missing)
+        return Job(memory_id, int(job.attempts), "", 0, "", missing, coming)
     return Job(memory_id, int(job.attempts), str(original.storage_key), int(original.size),
-               str(original.content_type), missing)
+               str(original.content_type), missing, coming)

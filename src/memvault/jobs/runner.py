@@ -119,7 +119,10 @@ class DerivativeRunner:
     async def _derive(self, job: Job) -> None:
         from memvault.derivatives import Unsupported, make_derivatives
 
-        if not job.missing:  # the client uploaded all three already
+        if set(job.missing) <= job.coming:
+            # Nothing a client is not already uploading (or nothing at all) is missing: no
+            # decode. ``complete`` defers the job while those sessions are pending, so a
+            # role whose upload is then abandoned is still made.
             await self.queue.complete(job, self.worker_id, [], None)
             return
         async with self._source(job) as path:
