@@ -165,6 +165,18 @@ def test_upload_a_folder_then_list_get_and_skip_what_is_there(cli: Cli, tmp_path
     assert (report["uploaded"], report["skipped"], report["failed"]) == (0, 3, 0)
     assert {f["memory_id"] for f in report["files"]} == {m["id"] for m in memories}
 
+    # Remembered digests: a record unused for half a year goes with the next upload run;
+    # those of the files just uploaded were used (so refreshed) and stay.
+    hashes = cli.home / "state" / "memvault" / "hashes"
+    assert len(list(hashes.glob("*.json"))) == 3
+    stale = hashes / ("0" * 64 + ".json")
+    stale.write_text('{"sha256": "' + "a" * 64 + '", "saved_at": 0}')
+    long_ago = time.time() - 200 * 86400
+    os.utime(stale, (long_ago, long_ago))
+    assert cli("upload", str(folder), "--capsule", "cli-trip").returncode == 0
+    assert not stale.exists()
+    assert len(list(hashes.glob("*.json"))) == 3
+
 
 def test_no_derivatives_and_a_failing_file_give_exit_code_1(cli: Cli, tmp_path: Path) -> None:
     cli.login()

@@ -7,6 +7,12 @@ file's fingerprint; a record whose fingerprint no longer matches the file descri
 version of it, and its session is aborted rather than resumed. Writes go through a temporary
 file and ``os.replace``, so a crash leaves the old record or the new one, never half of one.
 Records are removed when their upload finishes.
+
+The CLI also remembers each file's SHA-256 (``hashes/``), keyed by its fingerprint, so a
+second run need not read it. ``prune`` drops hash records not used for ``HASH_KEEP`` and
+upload records older than ``UPLOAD_KEEP`` (far beyond any server's session lifetime: their
+sessions are gone, and a resume would begin again anyway); ``memvault upload`` runs it once
+per invocation, so the folder does not grow for ever.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from typing import Any
 
 import platformdirs
 from pydantic import BaseModel, ValidationError
+
+HASH_KEEP = 180 * 86400.0
+UPLOAD_KEEP = 30 * 86400.0
 
 
 def default_state_dir() -> Path:
@@ -103,7 +112,27 @@ class StateStore:
     def load_hash(self, key: str) -> str | None:
         data = self._read("hashes", key)
         value = data.get("sha256") if data else None
-        return value if isinstance(value, str) else None
+        if not isinstance(value, str):
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(self._file("hashes", key))  # used: kept by prune for another while
+        return value
 
     def save_hash(self, key: str, sha256: str) -> None:
         self._write("hashes", key, {"sha256": sha256, "saved_at": time.time()})
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop hash records unused for ``HASH_KEEP`` and upload records older than
+        ``UPLOAD_KEEP`` (by file time); returns how many went."""
+        now = time.time() if now is None else now
+        dropped = 0
+        for kind, keep in (("hashes", HASH_KEEP), ("uploads", UPLOAD_KEEP)):
+            folder = self.root / kind
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < now - keep:
+                        path.unlink()
+                        dropped += 1
+        return dropped

@@ -74,6 +74,7 @@ def files_under(paths: list[Path]) -> Iterator[Path]:
 def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
            derivatives: bool, create: bool, as_json: bool) -> int:
     async def work(mv: AsyncClient) -> int:
+        await asyncio.to_thread(mv.state.prune)  # old digests and dead resume records
         capsule = await mv.capsule(capsule_name, create=create)
         files = list(dict.fromkeys(p.resolve() for p in files_under(paths)))
         run_ = _Run(mv, capsule, files, parallel=parallel, jobs=jobs, derivatives=derivatives,
