@@ -19,6 +19,17 @@ Catching up over early chunks is done off the request path: ``kick`` starts (or 
 background advancer per session, so a chunk request never waits while another chunk is hashed.
 ``digest`` (finish) joins it, and advances itself over anything still missing.
 
+Chunks in flight together are chained in memory, so the catch-up overlaps the transfers
+instead of following them. A chunk hashed as it streams hands its end state on as soon as its
+last byte is hashed (``reached``), before its fsync and its mark; a chunk still streaming at
+that offset (``expect``) *adopts* it: hashes back what it has written so far, then the rest
+as it arrives. Such a chunk cannot store its state itself (the frontier is not yet at its
+start, and the state it began from is not stored), so after its mark it leaves it here
+(``precomputed``), keyed by the exact state it continued. When the stored frontier reaches
+that chunk with that same state (byte for byte: the same prefix), ``advance`` takes the
+precomputed result instead of reading the part back; any other state (the predecessor failed
+and was sent again with other bytes) makes it hash the part as usual.
+
 Across processes on PostgreSQL, every move is announced (``handoff``): the process holding
 the part at the new frontier hashes it, and a ``digest`` stuck behind a part held elsewhere
 waits up to ``handoff_wait`` for each next move before giving up (``Behind``).
@@ -28,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,6 +56,17 @@ from memvault.sessions.model import PENDING
 from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagedUnavailable
 
 log = structlog.get_logger("memvault.sessions")
+
+
+_PRECOMPUTED_MAX = 4096  # entries kept across sessions (a few hundred bytes each)
+
+
+@dataclass(frozen=True)
+class _Precomputed:
+    parent: bytes
+    """The stored form of the state the part's hashing continued from."""
+    end: int
+    state: Sha256State
 
 
 class Behind(Exception):
@@ -65,6 +89,8 @@ class Frontier:
         self._holder = store if isinstance(store, PartHolder) else None
         self._rearmed: set[str] = set()
         self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._adopters: dict[tuple[str, int], asyncio.Future[Sha256State]] = {}
+        self._precomputed: OrderedDict[tuple[str, int], _Precomputed] = OrderedDict()
         self.handoff_wait = 0.0
         """Seconds ``digest`` waits for another process to move the frontier (0: never);
         set when moves are being heard from other processes."""
@@ -76,6 +102,43 @@ class Frontier:
             event.set()
         if self._holder is not None and self._holder.holds_staged(staging_key, offset):
             self.kick(session_id)
+
+    def expect(self, session_id: str, offset: int) -> asyncio.Future[Sha256State]:
+        """A future for the hash state at ``offset``, set if a chunk of this process hashes
+        its way there (``reached``); ``forget`` it when done. One transfer holds a range's
+        claim at a time, so one future per range."""
+        future: asyncio.Future[Sha256State] = asyncio.get_running_loop().create_future()
+        self._adopters[(session_id, offset)] = future
+        return future
+
+    def forget(self, session_id: str, offset: int, future: asyncio.Future[Sha256State]) -> None:
+        if self._adopters.get((session_id, offset)) is future:
+            del self._adopters[(session_id, offset)]
+        future.cancel()
+
+    def reached(self, session_id: str, offset: int, state: Sha256State) -> None:
+        """The hash of ``[0, offset)`` is ``state`` (stored or not): hand a copy to the chunk
+        streaming there, if there is one."""
+        future = self._adopters.pop((session_id, offset), None)
+        if future is not None and not future.done():
+            future.set_result(state.copy())
+
+    def precomputed(self, session_id: str, offset: int, parent: bytes, end: int,
+                    state: Sha256State) -> None:
+        """A received part ``[offset, end)`` hashed from the state stored as ``parent`` gives
+        ``state``: for ``advance`` to use once the stored frontier gets there with ``parent``."""
+        key = (session_id, offset)
+        self._precomputed[key] = _Precomputed(parent, end, state.copy())
+        self._precomputed.move_to_end(key)
+        while len(self._precomputed) > _PRECOMPUTED_MAX:
+            self._precomputed.popitem(last=False)
+
+    def _take_precomputed(self, session_id: str, offset: int, end: int,
+                          state: Sha256State) -> Sha256State | None:
+        found = self._precomputed.pop((session_id, offset), None)
+        if found is None or found.end != end or found.parent != state.to_bytes():
+            return None
+        return found.state
 
     def kick(self, session_id: str) -> None:
         """Advance in the background; one runner per session, re-armed if already running."""
@@ -133,6 +196,12 @@ class Frontier:
                 for part in parts:
                     if part.offset != position:
                         break
+                    end = part.offset + part.length
+                    ready = self._take_precomputed(session_id, part.offset, end, state)
+                    if ready is not None:
+                        state = ready  # hashed by the chunk itself, from this very state
+                        position = end
+                        continue
                     try:
                         await self._hash_staged(row.staging_key, part.offset, part.length,
                                                 state)
@@ -142,6 +211,7 @@ class Frontier:
                 if position == row.hashed_offset:
                     return int(position)
                 if await self._save(session_id, row, position, state):
+                    self.reached(session_id, position, state)
                     return int(position)
                 # Someone else moved the frontier meanwhile: start over from theirs.
 

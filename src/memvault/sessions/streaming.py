@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import crc32c
+import structlog
 
 from memvault.errors import ChecksumMismatch, InvalidArgument, PayloadTooLarge, RequestTimeout
 from memvault.hashing import Sha256State
 from memvault.sessions.model import ChunkChecksums, Pace
 from memvault.storage.base import PartWriter
+
+log = structlog.get_logger("memvault.sessions")
+
+CatchUp = Callable[[Sha256State, int], Awaitable[None]]
+"""Hashes the first ``n`` bytes this chunk has written into a state (read back from staging)."""
 
 
 @dataclass
@@ -27,6 +33,14 @@ class ChunkDigests:
 
     want_sha256: bool
     prefix: Sha256State | None = None
+    """The whole-object hash state, advanced over this chunk as it streams; None while the
+    chunk is past the hash frontier."""
+    adoption: asyncio.Future[Sha256State] | None = None
+    """Set with the state at this chunk's start if a chunk ahead of it hashes its way there
+    while this one streams: then ``adopt`` takes it over (see ``frontier``)."""
+    catch_up: CatchUp | None = None
+    adopted_from: bytes | None = None
+    """The stored form of the adopted state, before this chunk's bytes went into it."""
     crc: int = 0
     length: int = 0
     _sha: hashlib._Hash | None = field(default=None, repr=False)
@@ -43,6 +57,26 @@ class ChunkDigests:
             if self.prefix is not None:
                 self.prefix.update(piece)
             self.length += len(piece)
+
+    async def adopt(self) -> None:
+        """Between batches: if the state at this chunk's start has arrived, hash back what
+        was written so far and hash the rest in flight. A failure here only leaves the chunk
+        to the frontier's catch-up, as if the state had not come."""
+        future = self.adoption
+        if (self.prefix is not None or future is None or not future.done()
+                or future.cancelled() or self.catch_up is None):
+            return
+        self.adoption = None
+        state = future.result()
+        parent = state.to_bytes()
+        try:
+            if self.length:
+                await self.catch_up(state, self.length)
+        except Exception:  # an optimisation failing: logged, the chunk goes on unhashed
+            log.warning("frontier.adopt_failed", exc_info=True)
+            return
+        self.adopted_from = parent
+        self.prefix = state
 
     def check(self, expected: ChunkChecksums) -> None:
         if expected.crc32c is not None and expected.crc32c != self.crc:
@@ -108,6 +142,7 @@ async def _consume(
     seen = 0
 
     async def flush(pieces: list[bytes]) -> None:
+        await digests.adopt()  # every earlier batch is written and digested by now
         jobs = [asyncio.to_thread(digests.update, pieces)]
         if writer is not None:
             jobs.append(writer.write(pieces))

@@ -43,7 +43,7 @@ from memvault.sessions.model import (
     SessionPolicy,
 )
 from memvault.sessions.streaming import ChunkDigests, stream_chunk
-from memvault.storage.base import BlobStore, StagingGone
+from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -66,6 +66,10 @@ class ChunkReceiver:
         self.clock = clock
         self.policy = policy
         self._frontier = frontier
+        # Adoption hashes back a chunk's own bytes while it streams: only where staged bytes
+        # in progress are readable (the local store; S3 parts are in a spool file until sent).
+        self._hasher = store if isinstance(store, StagedHasher) else None
+        self._adopts = self._hasher is not None and not isinstance(store, PartHolder)
 
     async def put(
         self,
@@ -99,6 +103,26 @@ class ChunkReceiver:
                 expected=length,
             )
         claim = secrets.token_hex(8)
+        # Registered before the claim reads the frontier, so a hand-off there is never missed.
+        adoption = self._frontier.expect(session.id, offset) if self._adopts else None
+        try:
+            return await self._receive(session, index, offset, length, claim, body, checksums,
+                                       adoption)
+        finally:
+            if adoption is not None:
+                self._frontier.forget(session.id, offset, adoption)
+
+    async def _receive(
+        self,
+        session: Session,
+        index: int,
+        offset: int,
+        length: int,
+        claim: str,
+        body: AsyncIterable[bytes],
+        checksums: ChunkChecksums,
+        adoption: asyncio.Future[Sha256State] | None,
+    ) -> PutResult:
         try:
             held, prefix = await self._claim(session, offset, length, claim)
         except _Ended as exc:
@@ -110,8 +134,15 @@ class ChunkReceiver:
         if held:
             duplicate = await self._compare(session, offset, length, body, checksums)
             return await self._result(session, index, duplicate=duplicate)
+
+        async def catch_up(state: Sha256State, written: int) -> None:
+            assert self._hasher is not None
+            await self._hasher.hash_staged(session.staging_key, offset, written, state)
+
         try:
-            digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix)
+            digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix,
+                                   adoption=adoption if prefix is None else None,
+                                   catch_up=catch_up)
             writer = await self.store.open_writer(session.staging_key, offset, length=length,
                                                   part=index, hashed=prefix is not None)
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
@@ -121,18 +152,32 @@ class ChunkReceiver:
                         await stream_chunk(body, length, digests, writer,
                                            self.policy.write_batch, self.policy.pace)
                     digests.check(checksums)
+                    if digests.prefix is not None:
+                        # Every byte hashed: the next chunk, if it is streaming, continues
+                        # from here now, not after this one's fsync and mark.
+                        self._frontier.reached(session.id, offset + length, digests.prefix)
                 except BaseException:
                     await asyncio.shield(writer.abandon())
                     raise
                 # Still under the claim's lease: closing may itself be a transfer (an S3
                 # part upload), and the claim must not lapse while it runs.
-                receipt = await asyncio.shield(writer.close(durable=self.policy.fsync))
+                closing = asyncio.ensure_future(writer.close(durable=self.policy.fsync))
+                try:
+                    await self._adopt_while(closing, digests, session.id, offset + length)
+                finally:
+                    receipt = await asyncio.shield(closing)
             finally:
                 lease.cancel()
                 await asyncio.gather(lease, return_exceptions=True)
+            stored = prefix if digests.adopted_from is None else None
             count, total = await self._mark_received(
-                session, offset, length, claim, digests.crc, prefix, receipt
+                session, offset, length, claim, digests.crc, stored, receipt
             )
+            if digests.adopted_from is not None and digests.prefix is not None:
+                # Hashed from a state not (yet) stored: for the frontier to take when it
+                # gets here with exactly that state.
+                self._frontier.precomputed(session.id, offset, digests.adopted_from,
+                                           offset + length, digests.prefix)
         except (StagingGone, _Ended) as exc:
             await self._release_quietly(session, offset, claim)
             raise await self._ended(session) from exc
@@ -148,6 +193,18 @@ class ChunkReceiver:
         # in the background: this request's bytes are safe and it need not wait.
         self._frontier.kick(session.id)
         return PutResult(session, index, False, count, total)
+
+    async def _adopt_while(self, closing: asyncio.Future[str | None], digests: ChunkDigests,
+                           session_id: str, end: int) -> None:
+        """While the chunk's bytes are being synced: if the state at its start arrives
+        meanwhile, hash the chunk (from the page cache) and hand its end state on."""
+        if digests.prefix is not None or digests.adoption is None:
+            return
+        either: set[asyncio.Future[Any]] = {closing, digests.adoption}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        await digests.adopt()
+        if digests.prefix is not None:
+            self._frontier.reached(session_id, end, digests.prefix)
 
     async def _claim(
         self, session: Session, offset: int, length: int, claim: str
