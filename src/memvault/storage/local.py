@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import mmap
 import os
 import re
 import secrets
@@ -168,12 +169,18 @@ class LocalBlobStore:
 
     @staticmethod
     def _hash_sync(path: Path, offset: int, length: int, state: Sha256State) -> None:
-        # One reused buffer; pread and OpenSSL both release the GIL.
-        buf = bytearray(min(_READ_PIECE, max(length, 1)))
+        # One buffer per call, large so that the thread gives up the GIL rarely (pread and
+        # OpenSSL release it, and getting it back from a busy event loop can take a switch
+        # interval): 256 KiB pieces hashed 3-5x slower than 1 MiB under load. It is mapped
+        # anonymously, so it goes back to the system when the call ends instead of staying
+        # in this thread's malloc arena (RSS at 8 chunks in flight).
+        buf = mmap.mmap(-1, min(_READ_PIECE, max(length, 1)))
         view = memoryview(buf)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
+            view.release()
+            buf.close()
             raise StagingGone(path.name) from exc
         try:
             end = offset + length
@@ -185,6 +192,8 @@ class LocalBlobStore:
                 offset += n
         finally:
             os.close(fd)
+            view.release()
+            buf.close()
 
     async def seal(self, key: str, size: int, receipts: Sequence[str | None]) -> None:
         """Nothing to do: the staging file is already one whole, readable anywhere."""
