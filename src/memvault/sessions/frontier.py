@@ -133,12 +133,18 @@ class Frontier:
         while len(self._precomputed) > _PRECOMPUTED_MAX:
             self._precomputed.popitem(last=False)
 
-    def _take_precomputed(self, session_id: str, offset: int, end: int,
+    def _precomputed_from(self, session_id: str, offset: int, end: int,
                           state: Sha256State) -> Sha256State | None:
-        found = self._precomputed.pop((session_id, offset), None)
+        """The precomputed result for part ``[offset, end)`` hashed on from ``state``, as a
+        copy (kept until the frontier is stored past it), or None."""
+        found = self._precomputed.get((session_id, offset))
         if found is None or found.end != end or found.parent != state.to_bytes():
             return None
-        return found.state
+        return found.state.copy()
+
+    def _passed(self, session_id: str, offsets: list[int]) -> None:
+        for offset in offsets:
+            self._precomputed.pop((session_id, offset), None)
 
     def kick(self, session_id: str) -> None:
         """Advance in the background; one runner per session, re-armed if already running."""
@@ -193,24 +199,26 @@ class Frontier:
                     return 0
                 row, start, state, parts = found
                 position = start
+                passed: list[int] = []
                 for part in parts:
                     if part.offset != position:
                         break
                     end = part.offset + part.length
-                    ready = self._take_precomputed(session_id, part.offset, end, state)
+                    ready = self._precomputed_from(session_id, part.offset, end, state)
                     if ready is not None:
                         state = ready  # hashed by the chunk itself, from this very state
-                        position = end
-                        continue
-                    try:
-                        await self._hash_staged(row.staging_key, part.offset, part.length,
-                                                state)
-                    except StagedUnavailable:
-                        break  # readable only once the upload is sealed (finish does that)
-                    position = part.offset + part.length
+                    else:
+                        try:
+                            await self._hash_staged(row.staging_key, part.offset,
+                                                    part.length, state)
+                        except StagedUnavailable:
+                            break  # readable only once the upload is sealed (finish does)
+                    passed.append(part.offset)
+                    position = end
                 if position == row.hashed_offset:
                     return int(position)
                 if await self._save(session_id, row, position, state):
+                    self._passed(session_id, passed)
                     self.reached(session_id, position, state)
                     return int(position)
                 # Someone else moved the frontier meanwhile: start over from theirs.
