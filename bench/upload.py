@@ -5,8 +5,9 @@ every server itself on 127.0.0.1, writes its test files to a temporary directory
 (removed at the end) and prints figures; it asserts nothing about speed. What it measures:
 
 1. memvault as ``memvault serve`` runs it (uvicorn + httptools + uvloop, default settings:
-   8 MiB chunks, fsync per chunk) for each ``--sizes`` file, with 1 and 4 chunks in flight
-   (and 8 for files of 4 GiB and more): MB/s for begin -> every chunk -> finish, the latency of
+   8 MiB chunks, fsync per chunk) for each ``--sizes`` file, with 1, 4 and 8 chunks in
+   flight (8 for every size, so that the peak RSS at 8 can be compared across sizes): MB/s
+   for begin -> every chunk -> finish, the latency of
    begin, of each chunk PUT and of finish, the server's and the client's CPU, and the server's
    memory: idle RSS (VmRSS after start, before any upload) and peak RSS (VmHWM, reset before
    each upload), so "peak - idle" is what an upload costs.
@@ -76,10 +77,8 @@ from tus_peer import bypass_proxies_for_loopback, run_tuspyserver, tus_endpoint,
 
 DEFAULT_SIZES = "1G,4G"
 QUICK_SIZE = "256M"
-#: Chunks in flight for every size, plus EXTRA_IN_FLIGHT for files of EXTRA_FROM bytes or more.
-BASE_IN_FLIGHT = (1, 4)
-EXTRA_IN_FLIGHT = (8,)
-EXTRA_FROM = 4 * GiB
+#: Chunks in flight, for every size.
+IN_FLIGHT = (1, 4, 8)
 #: The size the tus and ASGI-server comparisons use when it is among --sizes.
 COMPARE_SIZE = 1 * GiB
 COMPARE_IN_FLIGHT = 4
@@ -390,7 +389,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        self.max_in_flight = max([*BASE_IN_FLIGHT, *EXTRA_IN_FLIGHT, COMPARE_IN_FLIGHT])
+        self.max_in_flight = max([*IN_FLIGHT, COMPARE_IN_FLIGHT])
         self.pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="chunk")
         self.configs: list[Config] = []  # section 1
         self.tus: list[Config] = []  # section 2
@@ -727,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bench.disk_refs.append((size, time.perf_counter() - t0))
                 src = Source(path, size)
                 try:
-                    in_flights = [*BASE_IN_FLIGHT, *(EXTRA_IN_FLIGHT if size >= EXTRA_FROM else ())]
+                    in_flights = list(IN_FLIGHT)
                     say(f"memvault (memvault serve: uvicorn+httptools), {format_size(size)}:")
                     configs = bench.run_memvault(
                         "uvicorn", src, in_flights, repeat, read_back_first=True
