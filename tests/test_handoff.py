@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from memvault.sessions.handoff import FrontierListener, announce, parse
+from memvault.sessions.handoff import FrontierListener, ListenUnavailable, announce, parse
 
 
 class Rollback(Exception):
@@ -107,3 +107,14 @@ def test_announcing_on_sqlite_is_a_no_op_and_payloads_parse_back() -> None:
         parse("abc notanumber k")
     with pytest.raises(ValueError, match="not enough values"):
         parse("garbage")
+
+
+def test_a_listener_that_cannot_connect_says_which_setting_to_fix() -> None:
+    listener = FrontierListener("postgresql+asyncpg://memvault:s3cret@127.0.0.1:1/db",
+                                lambda *m: None)
+    with pytest.raises(ListenUnavailable) as info:
+        asyncio.run(listener.start())
+    message = str(info.value)
+    assert "MEMVAULT_LISTEN_DATABASE_URL" in message
+    assert "127.0.0.1:1/db" in message
+    assert "s3cret" not in message

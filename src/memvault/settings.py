@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     )
     frontier_handoff_wait: float = Field(
         default=2.0,
+        ge=0,
         description="seconds a finish waits, per step, for other processes to hash the parts "
         "they hold before reading those back from the object store (PostgreSQL + S3)",
     )

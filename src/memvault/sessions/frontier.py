@@ -51,7 +51,7 @@ from memvault.errors import Internal
 from memvault.hashing import Sha256State, new_sha256
 from memvault.metadata import Database
 from memvault.metadata.schema import upload_parts, upload_sessions
-from memvault.sessions.handoff import announce
+from memvault.sessions.handoff import announce as announce_move
 from memvault.sessions.model import PENDING
 from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagedUnavailable
 
@@ -87,6 +87,10 @@ class Frontier:
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._hasher = store if isinstance(store, StagedHasher) else None  # detected once
         self._holder = store if isinstance(store, PartHolder) else None
+        self.announces = self._holder is not None
+        """Whether moves are announced to other processes: only where a received part can be
+        hashed before the seal by the process holding it alone (S3); elsewhere every process
+        reads every staged byte, and nobody listens."""
         self._rearmed: set[str] = set()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._adopters: dict[tuple[str, int], asyncio.Future[Sha256State]] = {}
@@ -235,7 +239,7 @@ class Frontier:
     async def _save(self, session_id: str, row: Any, new: int, state: Sha256State) -> bool:
         return await self._db.transact(
             lambda conn: save_frontier(conn, session_id, row.staging_key, row.size,
-                                       row.hashed_offset, new, state),
+                                       row.hashed_offset, new, state, announce=self.announces),
             durable=False,
         )
 
@@ -329,10 +333,11 @@ def _restore(blob: bytes) -> Sha256State | None:
 
 def save_frontier(
     conn: sa.Connection, session_id: str, staging_key: str, size: int, old: int, new: int,
-    state: Sha256State,
+    state: Sha256State, *, announce: bool,
 ) -> bool:
     """Move the stored frontier from ``old`` to ``new`` (compare-and-set), inside ``conn``'s
-    transaction, and announce it; False if someone else moved it first or the session ended."""
+    transaction, and, if ``announce``, tell other processes (``announce_move``); False if
+    someone else moved it first or the session ended."""
     done = conn.execute(
         sa.update(upload_sessions)
         .where(
@@ -344,5 +349,6 @@ def save_frontier(
     )
     if done.rowcount != 1:
         return False
-    announce(conn, session_id, staging_key, new, size)
+    if announce:
+        announce_move(conn, session_id, staging_key, new, size)
     return True

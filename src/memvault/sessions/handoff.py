@@ -71,6 +71,10 @@ def parse(payload: str) -> tuple[str, str, int]:
     return session_id, staging_key, int(offset)
 
 
+class ListenUnavailable(RuntimeError):
+    """The listening connection could not be made at start (a configuration error)."""
+
+
 class FrontierListener:
     """Listens on ``CHANNEL`` over a connection of its own and hands each move to ``on_move``.
 
@@ -83,6 +87,7 @@ class FrontierListener:
     def __init__(self, database_url: str, on_move: OnMove, *, retry: float = 1.0) -> None:
         url = make_url(database_url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
+        self._shown = url.render_as_string(hide_password=True)
         self._on_move = on_move
         self._retry = retry
         self._conn: Any = None
@@ -90,7 +95,15 @@ class FrontierListener:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self._connect()
+        """Connect and listen; ``ListenUnavailable`` saying why if that fails."""
+        try:
+            await self._connect()
+        except Exception as exc:  # wrapped, with the setting to fix, and re-raised
+            raise ListenUnavailable(
+                f"cannot LISTEN for hash frontier moves on {self._shown}: {exc!r}; it needs a "
+                "direct PostgreSQL connection (set MEMVAULT_LISTEN_DATABASE_URL when "
+                "MEMVAULT_DATABASE_URL goes through a pooler)"
+            ) from exc
         self._task = asyncio.create_task(self._reconnect_forever())
 
     async def close(self) -> None:
@@ -103,7 +116,7 @@ class FrontierListener:
     async def _connect(self) -> None:
         import asyncpg  # the PostgreSQL extra
 
-        conn = await asyncpg.connect(self._dsn)
+        conn = await asyncpg.connect(self._dsn, timeout=10)
         try:
             conn.add_termination_listener(lambda _conn: self._lost.set())
             await conn.add_listener(CHANNEL, self._heard)

@@ -343,7 +343,7 @@ class ChunkReceiver:
                 raise _Ended(session.id)
             if prefix is not None:
                 save_frontier(conn, session.id, session.staging_key, session.size, offset,
-                              offset + length, prefix)
+                              offset + length, prefix, announce=self._frontier.announces)
             return _received_counts(conn, session.id)
 
         return await self.db.transact(mark, durable=False)
