@@ -105,7 +105,9 @@ def race_one_upload(a: Api, b: Api, capsule: str) -> None:
     assert sorted(r.status_code for r in dup) in ([200, 200], [200, 503])
     finished = both([lambda: a.finish(session, data), lambda: b.finish(session, data)])
     assert [r.status_code for r in finished] == [200, 200], [r.text for r in finished]
-    assert finished[0].json() == finished[1].json()
+    # One commit, told to both (the memory beside it may have moved on between the reads).
+    assert [{**r.json(), "memory": None} for r in finished] == [
+        {**finished[0].json(), "memory": None}] * 2
     memory_id = finished[0].json()["memory_id"]
     for api in (a, b):
         read = api.read(memory_id)

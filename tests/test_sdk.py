@@ -489,12 +489,39 @@ async def test_upload_memory_with_given_derivatives_makes_a_four_asset_memory(
         assert memory.assets[role].filename == f"IMG_1.{role}.bin"
     assert {e.role for e in events} == {"original", "display", "thumb", "placeholder"}
     assert await mv.list_sessions() == []
-    puts = [p for m, p in faults(mv).log.passed if m == "POST" and p.endswith("/finish")]
-    assert len(puts) == 4
-    # The original is committed first, so the memory never holds derivatives without it.
-    committed = {role: datetime.fromisoformat(a.created_at or "")
-                 for role, a in memory.assets.items()}
-    assert committed["original"] <= min(committed[r] for r in given)
+    # All four are committed together, by one finish, so the memory never holds derivatives
+    # without its original, and the answer carries the memory (no read after it).
+    passed = faults(mv).log.passed
+    finishes = [i for i, (m, p) in enumerate(passed) if m == "POST" and p.endswith("/finish")]
+    assert [passed[i][1] for i in finishes] == ["/v1/uploads/finish"]
+    assert passed[finishes[0] + 1:] == [("GET", "/v1/uploads")]  # the list_sessions above
+    assert await mv.get_memory(memory.id) == memory
+
+
+async def test_upload_memory_finishes_alone_when_the_joint_finish_fails(app: InApp) -> None:
+    """A joint finish that fails (here a 507 on it) leaves each upload to finish on its own:
+    the original first, then its derivatives."""
+    def refuse_joint(method: str, path: str, seen: int) -> Fault | None:
+        return Fault(507) if (method, path) == ("POST", "/v1/uploads/finish") else None
+
+    async with app.client(rule=refuse_joint) as mv:
+        cap = await mv.create_capsule("lanes-alone")
+        original = write(app.root / "IMG_2.jpg", 5 * CHUNK)
+        given = {"display": os.urandom(2 * CHUNK), "thumb": os.urandom(9 * KiB),
+                 "placeholder": os.urandom(300)}
+        memory = await mv.upload_memory(app.root / "IMG_2.jpg", capsule=cap,
+                                        derivatives=given)
+        assert memory.assets["original"].sha256 == sha(original)
+        for role, data in given.items():
+            assert memory.assets[role].sha256 == sha(data)
+        finishes = [p for m, p in faults(mv).log.passed
+                    if m == "POST" and p.endswith("/finish")]
+        assert len(finishes) == 4
+        assert "/v1/uploads/finish" not in finishes  # refused before it reached the server
+        committed = {role: datetime.fromisoformat(a.created_at or "")
+                     for role, a in memory.assets.items()}
+        assert committed["original"] <= min(committed[r] for r in given)
+        assert await mv.list_sessions() == []
 
 
 async def test_upload_memory_auto_skips_what_is_not_an_image(app: InApp, mv: AsyncClient) -> None:

@@ -7,8 +7,9 @@ the memory as an asset; abort and expiry drop a memory the session created and n
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from memvault.metadata import Database
 from memvault.metadata.schema import assets, capsules, memories, principals, upload_sessions
 from memvault.sessions import (
     ChunkChecksums,
+    FinishItem,
     PutResult,
     Session,
     SessionService,
@@ -47,6 +49,8 @@ from memvault.settings import Settings
 from memvault.storage.base import BlobStore, PartLimits
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+MAX_FINISH_BATCH = 16
+"""Uploads one finish may commit together: an original and its derivatives, with room."""
 
 
 @dataclass(frozen=True)
@@ -295,11 +299,25 @@ class UploadService:
     async def finish(
         self, caller: Principal, session_id: str, size: int, sha256: str
     ) -> tuple[Session, Memory]:
-        if not _SHA256.fullmatch(sha256):
-            raise InvalidArgument("sha256 must be 64 hex digits")
-        session = await self.sessions.finish(session_id, caller.id, size, sha256)
-        memory = await self.capsules.get_memory(caller, session.attrs["memory_id"])
+        [(session, memory)] = await self.finish_many(caller, [FinishItem(session_id, size, sha256)])
         return session, memory
+
+    async def finish_many(
+        self, caller: Principal, items: Sequence[FinishItem]
+    ) -> list[tuple[Session, Memory]]:
+        """Finish several sessions in one commit (see ``SessionService.finish_many``); each
+        comes back with its memory as it reads after the commit."""
+        if not 1 <= len(items) <= MAX_FINISH_BATCH:
+            raise InvalidArgument(f"a finish takes 1 to {MAX_FINISH_BATCH} uploads",
+                                  given=len(items))
+        for item in items:
+            if not _SHA256.fullmatch(item.sha256):
+                raise InvalidArgument("sha256 must be 64 hex digits", upload_id=item.session_id)
+        sessions = await self.sessions.finish_many(caller.id, items)
+        ids = list(dict.fromkeys(s.attrs["memory_id"] for s in sessions))
+        read = await asyncio.gather(*(self.capsules.get_memory(caller, m) for m in ids))
+        memories = dict(zip(ids, read, strict=True))
+        return [(s, memories[s.attrs["memory_id"]]) for s in sessions]
 
     async def abort(self, caller: Principal, session_id: str) -> None:
         await self.sessions.abort(session_id, caller.id)

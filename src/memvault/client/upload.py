@@ -32,7 +32,7 @@ import base64
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import crc32c
@@ -125,6 +125,8 @@ class ChunkUpload:
         """Runs before a session that can never finish is aborted (lane B ends first)."""
         self.session: Session | None = None
         self.sha256: str | None = None
+        self.result: UploadResult | None = None
+        """Set once finished (by its own finish, or by another upload's, together)."""
         self.chunks_sent = 0
         self.chunks_skipped = 0
         self.bytes_sent = 0
@@ -137,9 +139,11 @@ class ChunkUpload:
         *,
         opened: Callable[[Session], None] | None = None,
         before_finish: Callable[[], Awaitable[None]] | None = None,
+        together: Callable[[], Sequence[ChunkUpload]] | None = None,
     ) -> UploadResult:
         """open → transfer → finish. ``opened`` learns the session (and so the memory) as
-        soon as it is known; ``before_finish`` runs between the last chunk and finish.
+        soon as it is known; ``before_finish`` runs between the last chunk and finish;
+        ``together`` then names the uploads to try to finish in the same commit.
 
         A session that expired or vanished meanwhile is begun afresh once, unless someone
         was told its memory (``opened``): then the error is raised.
@@ -152,7 +156,7 @@ class ChunkUpload:
                 await self.transfer()
                 if before_finish is not None:
                     await before_finish()
-                return await self.finish()
+                return await self.finish(together() if together is not None else ())
             except _SessionLost as lost:
                 if attempt == 2 or opened is not None or not self.source.seekable:
                     raise lost.error from None
@@ -249,10 +253,20 @@ class ChunkUpload:
             await self._discard(error)
             raise error
 
-    async def finish(self) -> UploadResult:
+    async def finish(self, together: Sequence[ChunkUpload] = ()) -> UploadResult:
+        """Finish the session; with ``together`` (other uploads whose chunks are all sent),
+        first try to commit them all in one request (``POST /v1/uploads/finish``), so an
+        original and its derivatives appear at once. If that fails for any reason, this
+        upload finishes alone and the others are left to their own ``finish``, which then
+        reports their own errors."""
+        if self.result is not None:
+            return self.result
         s = self._session()
         assert self.sha256 is not None, "transfer() comes before finish()"
         self._report("finish")
+        if together:
+            with contextlib.suppress(MemvaultError):
+                return await self._finish_together([self, *together])
         for round_ in (1, 2, 3):
             try:
                 response = await self.api.call(
@@ -269,17 +283,37 @@ class ChunkUpload:
                 raise
             except (NotFound, Expired) as exc:
                 raise _SessionLost(exc) from exc
-        body: dict[str, Any] = response.json()
+        return await self._finished(response.json())
+
+    async def _finish_together(self, uploads: list[ChunkUpload]) -> UploadResult:
+        items = []
+        for upload in uploads:
+            session = upload._session()
+            assert upload.sha256 is not None, "transfer() comes before finish()"
+            items.append({"id": session.id, "size": upload.source.size,
+                          "sha256": upload.sha256})
+        response = await self.api.call("POST", "/v1/uploads/finish", json={"uploads": items})
+        answers = response.json()["items"]
+        for upload, answer in zip(uploads, answers, strict=True):
+            await upload._finished(answer)
+        assert self.result is not None
+        return self.result
+
+    async def _finished(self, body: dict[str, Any]) -> UploadResult:
+        """Record a finish's answer (the memory comes with it; older servers: read it)."""
         if self.state is not None:
             self.state.drop_upload(self.record_key)
-        memory = Memory.model_validate(
-            (await self.api.call("GET", f"/v1/memories/{body['memory_id']}")).json())
-        self._report("done")
-        return UploadResult(
-            memory=memory, asset=memory.assets[body["role"]], session_id=s.id,
+        raw = body.get("memory")
+        if raw is None:
+            raw = (await self.api.call("GET", f"/v1/memories/{body['memory_id']}")).json()
+        memory = Memory.model_validate(raw)
+        self.result = UploadResult(
+            memory=memory, asset=memory.assets[body["role"]], session_id=self._session().id,
             chunks_sent=self.chunks_sent, chunks_skipped=self.chunks_skipped,
             bytes_sent=self.bytes_sent,
         )
+        self._report("done")
+        return self.result
 
     async def abort(self) -> None:
         """Abort the session (if any) and forget it; the server drops what it received."""
@@ -291,6 +325,7 @@ class ChunkUpload:
         if self.state is not None:
             self.state.drop_upload(self.record_key)
         self.session = None
+        self.result = None
         self.memory_id = self.target_memory
         self.chunks_sent = self.chunks_skipped = self.bytes_sent = self.bytes_done = 0
 

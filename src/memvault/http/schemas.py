@@ -121,6 +121,21 @@ class FinishOut(BaseModel):
     memory_id: str
     role: str
     asset: AssetOut
+    memory: MemoryOut = Field(description="the memory as it reads after the commit")
+
+
+class FinishItemIn(FinishIn):
+    id: str = Field(description="the upload session")
+
+
+class FinishManyIn(BaseModel):
+    uploads: list[FinishItemIn] = Field(
+        description="1 to 16 sessions, each at most once: verified, then committed in one "
+        "transaction, all or none")
+
+
+class FinishManyOut(BaseModel):
+    items: list[FinishOut] = Field(description="one per upload, in the order given")
 
 
 class SessionList(BaseModel):

@@ -7,19 +7,22 @@ from collections.abc import AsyncIterator, Mapping
 import http_sf
 from fastapi import APIRouter, Request, Response
 
+from memvault.capsules import Memory
 from memvault.errors import InvalidArgument
-from memvault.http.deps import Caller, Svc
+from memvault.http.deps import Caller, Services, Svc
 from memvault.http.schemas import (
     BeginIn,
     ChunkOut,
     FinishIn,
+    FinishManyIn,
+    FinishManyOut,
     FinishOut,
     SessionList,
     SessionOut,
-    asset_out,
+    memory_out,
     session_out,
 )
-from memvault.sessions import ChunkChecksums
+from memvault.sessions import ChunkChecksums, FinishItem, Session
 from memvault.uploads import BeginRequest
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
@@ -78,15 +81,29 @@ async def put_chunk(
                     received_count=result.received_count, bytes_received=result.bytes_received)
 
 
+@router.post("/finish", response_model=FinishManyOut)
+async def finish_many(body: FinishManyIn, caller: Caller, svc: Svc) -> FinishManyOut:
+    """Finish several uploads (an original and its derivatives) in one commit."""
+    items = [FinishItem(u.id, u.size, u.sha256) for u in body.uploads]
+    with svc.metrics.finish_seconds.time():
+        done = await svc.uploads.finish_many(caller, items)
+    return FinishManyOut(items=[_finished(svc, s, m) for s, m in done])
+
+
 @router.post("/{session_id}/finish", response_model=FinishOut)
 async def finish(session_id: str, body: FinishIn, caller: Caller, svc: Svc) -> FinishOut:
     with svc.metrics.finish_seconds.time():
         session, memory = await svc.uploads.finish(caller, session_id, body.size, body.sha256)
-    if svc.runner is not None and session.attrs["role"] == "original":
-        svc.runner.wake()  # its derivative job was enqueued with the commit
+    return _finished(svc, session, memory)
+
+
+def _finished(svc: Services, session: Session, memory: Memory) -> FinishOut:
     role = session.attrs["role"]
+    if svc.runner is not None and role == "original":
+        svc.runner.wake()  # its derivative job was enqueued with the commit
+    out = memory_out(memory)
     return FinishOut(session_id=session.id, memory_id=memory.id, role=role,
-                     asset=asset_out(memory.id, memory.assets[role]))
+                     asset=out.assets[role], memory=out)
 
 
 @router.delete("/{session_id}", status_code=204)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import secrets
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,7 +32,9 @@ from memvault.errors import (
     Expired,
     Incomplete,
     Internal,
+    InvalidArgument,
     LengthMismatch,
+    MemvaultError,
     NotFound,
 )
 from memvault.hashing import new_sha256
@@ -229,8 +232,42 @@ class SessionService:
 
     async def finish(self, session_id: str, owner: str, size: int, sha256: str) -> Session:
         """Verify and commit. Returns the committed session (the same one on a repeat)."""
-        sha256 = sha256.lower()
-        session = await self._load(session_id, owner)
+        (done,) = await self.finish_many(owner, [FinishItem(session_id, size, sha256)])
+        return done
+
+    async def finish_many(self, owner: str, items: Sequence[FinishItem]) -> list[Session]:
+        """Verify several sessions, then commit them in ONE transaction: all or none.
+
+        Every session is verified first (all chunks present, length, SHA-256); the first
+        failure is raised with its ``upload_id`` and no blob has moved, so each session stays
+        pending as a failed single finish leaves it. Then the blobs move into place and one
+        transaction commits every session with its caller's rows: a memory finished together
+        with its derivatives appears with all of them at once. A session already committed
+        with the same digest is replayed. Returns the sessions in the order given.
+        """
+        if len({item.session_id for item in items}) != len(items):
+            raise InvalidArgument("each upload may appear once in a finish")
+        checked = await asyncio.gather(*(self._check(item, owner) for item in items),
+                                       return_exceptions=True)
+        _raise_first(items, checked)
+        moved = await asyncio.gather(*(self._place(c) for c in checked
+                                       if isinstance(c, _Verified)), return_exceptions=True)
+        _raise_first([i for i, c in zip(items, checked, strict=True)
+                      if isinstance(c, _Verified)], moved)
+        ready = [m for m in moved if isinstance(m, _Placed)]
+        done = {m.id: m for m in moved if isinstance(m, Session)}
+        done.update((c.id, c) for c in checked if isinstance(c, Session))
+        done.update(await self._commit(ready))
+        for item in items:
+            log.info("session.finish", session_id=item.session_id, owner=owner,
+                     size=done[item.session_id].size, sha256=done[item.session_id].result_sha256,
+                     batch=len(items))
+        return [done[item.session_id] for item in items]
+
+    async def _check(self, item: FinishItem, owner: str) -> _Verified | Session:
+        """Everything a finish verifies, for one session; a replay if it is committed."""
+        sha256, size = item.sha256.lower(), item.size
+        session = await self._load(item.session_id, owner)
         if session.state == COMMITTED:
             return self._replay(session, size, sha256)
         session = await self._check_live(session)
@@ -262,16 +299,20 @@ class SessionService:
                                  received=total, expected=session.size)
         try:
             computed = await self._verify(session, sha256)
-            if computed is None:
-                return await self._settled(session, sha256)
-            storage_key = await self.store.commit(session.staging_key, computed, session.size)
         except (StagingGone, frontier.Behind):
             return await self._settled(session, sha256)  # aborted or expired under us
-        committed = await self._commit(session, computed, storage_key)
-        log.info("session.finish", session_id=session.id, owner=owner,
-                 scope=session.idem_scope, size=session.size,
-                 sha256=computed)
-        return committed
+        if computed is None:
+            return await self._settled(session, sha256)
+        return _Verified(session, computed)
+
+    async def _place(self, verified: _Verified) -> _Placed | Session:
+        """Move the verified bytes to their content address (durably)."""
+        session, sha256 = verified.session, verified.sha256
+        try:
+            key = await self.store.commit(session.staging_key, sha256, session.size)
+        except (StagingGone, frontier.Behind):
+            return await self._settled(session, sha256)  # aborted or expired under us
+        return _Placed(session, sha256, key)
 
     async def _verify(self, session: Session, sha256: str) -> str | None:
         """The upload's SHA-256, checked against ``sha256``, with its staged bytes sealed;
@@ -330,35 +371,48 @@ class SessionService:
             )
         return session
 
-    async def _commit(self, session: Session, sha256: str, storage_key: str) -> Session:
-        now = self.clock.now()
-        committed = dataclasses.replace(
-            session, state=COMMITTED, result_sha256=sha256, ended_at=now
-        )
+    async def _commit(self, placed: list[_Placed]) -> dict[str, Session]:
+        """One transaction that commits every placed session, or none of them. A session
+        that a concurrent finish or an abort ended meanwhile rolls the transaction back; it
+        is settled on its own and the transaction is run again without it."""
+        done: dict[str, Session] = {}
+        while placed:
+            now = self.clock.now()
+            try:
+                kept = await self.db.transact(functools.partial(self._commit_all, placed, now))
+            except _Lost as lost:
+                done[lost.placed.session.id] = await self._settled(lost.placed.session,
+                                                                   lost.placed.sha256)
+                placed = [p for p in placed if p is not lost.placed]
+                continue
+            for p, key in zip(placed, kept, strict=True):
+                done[p.session.id] = p.committed(now)
+                if key != p.storage_key:
+                    # The same content was stored before under another key (a store that
+                    # does not address by content): the bytes just committed are a second
+                    # copy. Dropped only now, so a crash before this leaks an object and
+                    # never loses one.
+                    await self.store.discard(p.session.staging_key)
+            break
+        return done
 
-        def commit(conn: sa.Connection) -> str | None:
+    def _commit_all(self, placed: list[_Placed], now: float, conn: sa.Connection) -> list[str]:
+        """Inside the transaction: each session pending → committed, its blob row, its
+        caller's rows. Returns the storage key each blob is kept under."""
+        kept = []
+        for p in placed:
             won = conn.execute(
                 sa.update(upload_sessions)
-                .where(upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING)
-                .values(state=COMMITTED, result_sha256=sha256, ended_at=now,
+                .where(upload_sessions.c.id == p.session.id, upload_sessions.c.state == PENDING)
+                .values(state=COMMITTED, result_sha256=p.sha256, ended_at=now,
                         exclusive_key=None, hash_state=b"")
             )
             if won.rowcount != 1:
-                return None  # a concurrent finish or an abort got there first
-            kept = record_blob(conn, sha256, session.size, storage_key, now)
-            conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == session.id))
-            self._on_commit(conn, committed)
-            return kept
-
-        kept = await self.db.transact(commit)
-        if kept is None:
-            return await self._settled(session, sha256)
-        if kept != storage_key:
-            # The same content was stored before under another key (a store that does not
-            # address by content): the bytes just committed are a second copy. Dropped only
-            # now, so a crash before this leaks an object and never loses one.
-            await self.store.discard(session.staging_key)
-        return committed
+                raise _Lost(p)  # a concurrent finish or an abort got there first
+            kept.append(record_blob(conn, p.sha256, p.session.size, p.storage_key, now))
+            conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == p.session.id))
+            self._on_commit(conn, p.committed(now))
+        return kept
 
     @property
     def hash_frontier(self) -> frontier.Frontier:
@@ -538,3 +592,46 @@ _FIELDS = tuple(Session.__dataclass_fields__)
 
 def _session(row: Any) -> Session:
     return Session(**{name: row[name] for name in _FIELDS})
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishItem:
+    """One session to finish, with the length and SHA-256 its client computed."""
+
+    session_id: str
+    size: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verified:
+    session: Session
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    session: Session
+    sha256: str
+    storage_key: str
+
+    def committed(self, now: float) -> Session:
+        return dataclasses.replace(self.session, state=COMMITTED, result_sha256=self.sha256,
+                                   ended_at=now)
+
+
+class _Lost(Exception):
+    """Raised inside the commit transaction to roll it back: ``placed`` was ended under us."""
+
+    def __init__(self, placed: _Placed) -> None:
+        super().__init__(placed.session.id)
+        self.placed = placed
+
+
+def _raise_first(items: Sequence[FinishItem], outcomes: Sequence[object]) -> None:
+    """Raise the first failure among ``outcomes``, naming its upload when there are several."""
+    for item, outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, MemvaultError) and len(items) > 1:
+                outcome.extra.setdefault("upload_id", item.session_id)
+            raise outcome
