@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from memvault.errors import Conflict, MemvaultError, ResourceExhausted, Unavailable
 from memvault.metadata.schema import blobs, memories
-from memvault.sessions import ChunkChecksums
+from memvault.sessions import ChunkChecksums, FinishItem
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
 
 ROUNDS = 5
@@ -147,3 +147,86 @@ async def test_one_capsule_name_is_taken_once(database_url: str | None) -> None:
         made = [r for r in results if not isinstance(r, BaseException)]
         assert len(made) == 1
         assert all(isinstance(r, Conflict) for r in results if r not in made)
+
+
+async def _three_sent(ip: InProcess, key: str) -> tuple[str, list[tuple[Any, bytes]]]:
+    """An original and two derivatives of one memory, every chunk received, none finished."""
+    sessions: list[tuple[Any, bytes]] = []
+    memory_id = ""
+    for role in ("original", "display", "thumb"):
+        data = os.urandom(CHUNK + 7)
+        extra = {"role": role} | ({"memory_id": memory_id} if memory_id else {})
+        session, _ = await ip.uploads.begin(
+            ip.caller, ip.begin_request(len(data), f"{key}-{role}", **extra))
+        memory_id = session.attrs["memory_id"]
+        for index in range(session.chunk_count):
+            offset, length = session.chunk_range(index)
+            await ip.uploads.put_chunk(ip.caller, session.id, index, length,
+                                       pieces(data[offset:offset + length], Random(0)),
+                                       ChunkChecksums())
+        sessions.append((session, data))
+    return memory_id, sessions
+
+
+def _items(sessions: list[tuple[Any, bytes]]) -> list[FinishItem]:
+    return [FinishItem(s.id, len(d), hashlib.sha256(d).hexdigest()) for s, d in sessions]
+
+
+async def _all_or_nothing(ip: InProcess, memory_id: str, sessions: list[tuple[Any, bytes]],
+                          finish: Any, victim: str) -> None:
+    states = [(await ip.session_row(s.id) or {}).get("state") for s, _ in sessions]
+    memory = await ip.capsules.get_memory(ip.caller, memory_id)
+    if isinstance(finish, BaseException):
+        assert memory.assets == {}, memory.assets
+        assert [st for (s, _), st in zip(sessions, states, strict=True)
+                if s.id != victim] == ["pending", "pending"]
+    else:
+        assert set(memory.assets) == {"original", "display", "thumb"}
+        assert states == ["committed"] * 3
+
+
+async def test_a_joint_finish_racing_an_abort_commits_all_or_nothing(
+    database_url: str | None,
+) -> None:
+    """One of three sessions finished together is aborted at the same moment: either the
+    abort loses (all three are committed) or the finish fails (none is)."""
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            memory_id, sessions = await _three_sent(ip, f"j{round_}")
+            victim = sessions[1 + round_ % 2][0].id
+            finish, _ = await _outcomes([ip.uploads.finish_many(ip.caller, _items(sessions)),
+                                         ip.uploads.abort(ip.caller, victim)])
+            await _all_or_nothing(ip, memory_id, sessions, finish, victim)
+
+
+async def test_an_abort_between_placing_and_committing_rolls_the_joint_finish_back(
+    database_url: str | None,
+) -> None:
+    """The abort lands after every blob of a joint finish is in place and before its one
+    transaction: the transaction finds the session ended, rolls back, and nothing of the
+    three is committed; the finish answers with the victim's ``expired``."""
+    async with inprocess(database_url=database_url) as ip:
+        memory_id, sessions = await _three_sent(ip, "placed")
+        victim = sessions[1][0]
+        store = ip.uploads.sessions.store
+        commit = store.commit
+        placed = 0
+
+        async def place_then_abort(key: str, sha256: str, size: int) -> str:
+            nonlocal placed
+            stored = await commit(key, sha256, size)
+            placed += 1
+            if placed == len(sessions):  # the last one in place: abort before the commit
+                await ip.uploads.abort(ip.caller, victim.id)
+            return stored
+
+        store.commit = place_then_abort  # type: ignore[method-assign]
+        finish = (await _outcomes([ip.uploads.finish_many(ip.caller, _items(sessions))]))[0]
+        store.commit = commit  # type: ignore[method-assign]
+        assert isinstance(finish, MemvaultError), finish
+        assert finish.code in ("expired", "not_found"), finish
+        await _all_or_nothing(ip, memory_id, sessions, finish, victim.id)
+        # The two left pending finish on their own afterwards (their blobs already in place).
+        rest = [(s, d) for s, d in sessions if s.id != victim.id]
+        done = await ip.uploads.finish_many(ip.caller, _items(rest))
+        assert [s.state for s, _ in done] == ["committed", "committed"]
