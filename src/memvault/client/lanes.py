@@ -215,7 +215,7 @@ class MemoryUpload:
             if not made and thumbhash is None:
                 return
             memory_id = await self._memory
-            present = await self._roles(memory_id)
+            present = await self._roles(memory_id) if self._may_hold_assets() else set()
             uploads = [self._derivative_upload(memory_id, d)
                        for d in made if d.role not in present]
             opened: list[ChunkUpload] = []
@@ -241,6 +241,14 @@ class MemoryUpload:
             except MethodNotAllowed:
                 log.info("server does not take a ThumbHash from clients (PATCH "
                          "/v1/memories/{id}); it computes its own when it derives")
+
+    def _may_hold_assets(self) -> bool:
+        """False when the memory is the one lane A's still pending session made: nothing can
+        be committed to it before that session (this SDK commits derivatives with or after
+        the original), so asking the server which roles it holds is a wasted request."""
+        session = self.original.session
+        return not (self.original.target_memory is None and session is not None
+                    and session.state == "pending")
 
     def _derivative_upload(self, memory_id: str, d: Derived) -> ChunkUpload:
         stem = os.path.splitext(self.source.name)[0] or "memory"
