@@ -15,7 +15,7 @@ from random import Random
 import pytest
 
 from memvault.jobs.queue import FAILED, PENDING, UNSUPPORTED, JobQueue, StoredDerivative
-from memvault.sessions import ChunkChecksums
+from memvault.sessions import ChunkChecksums, FinishItem
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
 
 
@@ -257,3 +257,25 @@ async def test_a_claimed_job_knows_which_missing_roles_clients_are_sending(
         assert again is not None
         assert again.attempts == 1  # the deferral used no attempt
         assert set(again.missing) - again.coming == {"thumb"}  # abandoned: the job makes it
+
+
+async def test_no_job_for_a_memory_whose_derivatives_commit_with_its_original(
+    database_url: str | None,
+) -> None:
+    """A joint finish that lists the derivatives before the original (as the SDK does) adds
+    their rows first, so the original's commit finds them all and queues nothing."""
+    async with inprocess(database_url=database_url) as ip:
+        items, memory_id = [], ""
+        for role in ("original", "display", "thumb", "placeholder"):
+            data = os.urandom(500)
+            extra = {"role": role} | ({"memory_id": memory_id} if memory_id else {})
+            session, _ = await ip.uploads.begin(
+                ip.caller, ip.begin_request(len(data), f"nojob-{role}", **extra))
+            memory_id = session.attrs["memory_id"]
+            await ip.uploads.put_chunk(ip.caller, session.id, 0, len(data),
+                                       pieces(data, Random(0)), ChunkChecksums())
+            items.append(FinishItem(session.id, len(data), hashlib.sha256(data).hexdigest()))
+        await ip.uploads.finish_many(ip.caller, items[1:] + items[:1])
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+        assert await _queue(ip).claim("w") is None

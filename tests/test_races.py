@@ -225,8 +225,54 @@ async def test_an_abort_between_placing_and_committing_rolls_the_joint_finish_ba
         store.commit = commit  # type: ignore[method-assign]
         assert isinstance(finish, MemvaultError), finish
         assert finish.code in ("expired", "not_found"), finish
+        assert finish.extra["upload_id"] == victim.id, finish.extra
         await _all_or_nothing(ip, memory_id, sessions, finish, victim.id)
         # The two left pending finish on their own afterwards (their blobs already in place).
         rest = [(s, d) for s, d in sessions if s.id != victim.id]
         done = await ip.uploads.finish_many(ip.caller, _items(rest))
         assert [s.state for s, _ in done] == ["committed", "committed"]
+
+
+async def test_joint_finishes_over_the_same_sessions_in_opposite_orders_both_answer(
+    database_url: str | None,
+) -> None:
+    """Two joint finishes name the same sessions in opposite orders: row locks are taken in
+    one order whatever the request's, so on PostgreSQL neither deadlocks (a 500); one commits
+    and the other replays the same commit."""
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            memory_id, sessions = await _three_sent(ip, f"o{round_}")
+            items = _items(sessions)
+            forward, backward = await _outcomes([ip.uploads.finish_many(ip.caller, items),
+                                                 ip.uploads.finish_many(ip.caller, items[::-1])])
+            assert not isinstance(forward, BaseException), forward
+            assert not isinstance(backward, BaseException), backward
+            assert [s.id for s, _ in forward] == [s.id for s, _ in backward][::-1]
+            memory = await ip.capsules.get_memory(ip.caller, memory_id)
+            assert set(memory.assets) == {"original", "display", "thumb"}
+
+
+async def test_joint_finishes_of_crossed_contents_share_blobs_without_deadlock(
+    database_url: str | None,
+) -> None:
+    """{A: x, B: y} and {C: y, D: x} finished at once lock the same two blob rows; in one
+    order for both, so both commit and each blob is counted twice."""
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            x, y = os.urandom(CHUNK + 3), os.urandom(CHUNK + 5)
+            sent = []
+            for name, data in (("a", x), ("b", y), ("c", y), ("d", x)):
+                session, _ = await ip.uploads.begin(
+                    ip.caller, ip.begin_request(len(data), f"x{round_}-{name}"))
+                for index in range(session.chunk_count):
+                    offset, length = session.chunk_range(index)
+                    await ip.uploads.put_chunk(
+                        ip.caller, session.id, index, length,
+                        pieces(data[offset:offset + length], Random(index)), ChunkChecksums())
+                sent.append((session, data))
+            first, second = await _outcomes([ip.uploads.finish_many(ip.caller, _items(sent[:2])),
+                                             ip.uploads.finish_many(ip.caller, _items(sent[2:]))])
+            assert not isinstance(first, BaseException), first
+            assert not isinstance(second, BaseException), second
+            for data in (x, y):
+                assert await _refcount(ip, hashlib.sha256(data).hexdigest()) == 2

@@ -31,6 +31,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -53,6 +54,8 @@ from memvault.errors import (
 )
 
 ProgressCallback = Callable[[Progress], None]
+
+log = logging.getLogger("memvault.client")
 
 
 class _SessionLost(Exception):
@@ -265,8 +268,13 @@ class ChunkUpload:
         assert self.sha256 is not None, "transfer() comes before finish()"
         self._report("finish")
         if together:
-            with contextlib.suppress(MemvaultError):
-                return await self._finish_together([self, *together])
+            try:
+                # The derivatives first: the server adds rows in the order given, and the
+                # original's row then finds them all there and queues no derivative job.
+                return await self._finish_together([*together, self])
+            except MemvaultError as exc:
+                log.debug("joint finish of %s failed (%s: %s); finishing it alone",
+                          self.source.name, exc.code, exc.detail)
         for round_ in (1, 2, 3):
             try:
                 response = await self.api.call(
@@ -292,6 +300,8 @@ class ChunkUpload:
             assert upload.sha256 is not None, "transfer() comes before finish()"
             items.append({"id": session.id, "size": upload.source.size,
                           "sha256": upload.sha256})
+            if upload is not self:
+                upload._report("finish")
         response = await self.api.call("POST", "/v1/uploads/finish", json={"uploads": items})
         answers = response.json()["items"]
         for upload, answer in zip(uploads, answers, strict=True):

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from memvault.capsules import Asset, Memory
 from memvault.clock import iso
 from memvault.sessions import Session
+from memvault.uploads import MAX_FINISH_BATCH
 
 
 class CapsuleIn(BaseModel):
@@ -130,6 +131,7 @@ class FinishItemIn(FinishIn):
 
 class FinishManyIn(BaseModel):
     uploads: list[FinishItemIn] = Field(
+        min_length=1, max_length=MAX_FINISH_BATCH,
         description="1 to 16 sessions, each at most once: verified, then committed in one "
         "transaction, all or none")
 

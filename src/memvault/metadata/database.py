@@ -23,8 +23,10 @@ on an ordinary async pool, where row locks and conditional updates decide races.
 COMMITTED two transactions can both see "no row yet" and both insert it; the unique index lets
 one through and the other fails with an integrity error. ``transact`` then runs the loser's
 function again, in a new transaction that sees the winner's row and takes the path for "it
-exists" (hand back the same session, answer ``conflict``, count one more use). So a
-transaction function must be re-runnable: it reads and writes through its connection only.
+exists" (hand back the same session, answer ``conflict``, count one more use). A deadlock
+or serialization failure (SQLSTATE 40P01, 40001) is retried the same way: PostgreSQL rolled
+the loser back whole. So a transaction function must be re-runnable: it reads and writes
+through its connection only.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ Work = Callable[[sa.Connection], T]
 
 _READ_THREADS = 4
 _RACE_RETRIES = 3
+_RETRY_STATES = {"40P01", "40001"}
+"""deadlock_detected, serialization_failure: the transaction was rolled back whole."""
 
 
 def is_sqlite(url: str) -> bool:
@@ -128,7 +132,15 @@ class Database:
                 # docstring); a real constraint violation fails the same way again.
                 if attempt == _RACE_RETRIES:
                     raise
+            except sa.exc.DBAPIError as exc:
+                if attempt == _RACE_RETRIES or _sqlstate(exc) not in _RETRY_STATES:
+                    raise
         raise AssertionError("unreachable")
+
+
+def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return str(code) if code is not None else None
 
 
 async def _settle(pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:

@@ -257,11 +257,7 @@ class SessionService:
         ready = [m for m in moved if isinstance(m, _Placed)]
         done = {m.id: m for m in moved if isinstance(m, Session)}
         done.update((c.id, c) for c in checked if isinstance(c, Session))
-        done.update(await self._commit(ready))
-        for item in items:
-            log.info("session.finish", session_id=item.session_id, owner=owner,
-                     size=done[item.session_id].size, sha256=done[item.session_id].result_sha256,
-                     batch=len(items))
+        done.update(await self._commit(ready, len(items)))
         return [done[item.session_id] for item in items]
 
     async def _check(self, item: FinishItem, owner: str) -> _Verified | Session:
@@ -371,7 +367,7 @@ class SessionService:
             )
         return session
 
-    async def _commit(self, placed: list[_Placed]) -> dict[str, Session]:
+    async def _commit(self, placed: list[_Placed], batch: int) -> dict[str, Session]:
         """One transaction that commits every placed session, or none of them. A session
         that a concurrent finish or an abort ended meanwhile rolls the transaction back; it
         is settled on its own and the transaction is run again without it."""
@@ -379,14 +375,22 @@ class SessionService:
         while placed:
             now = self.clock.now()
             try:
-                kept = await self.db.transact(functools.partial(self._commit_all, placed, now))
+                kept = await self.db.transact(
+                    functools.partial(self._commit_all, placed, now, batch))
             except _Lost as lost:
-                done[lost.placed.session.id] = await self._settled(lost.placed.session,
-                                                                   lost.placed.sha256)
+                try:
+                    done[lost.placed.session.id] = await self._settled(lost.placed.session,
+                                                                       lost.placed.sha256)
+                except MemvaultError as exc:
+                    _name(exc, lost.placed.session.id, batch)
+                    raise
                 placed = [p for p in placed if p is not lost.placed]
                 continue
             for p, key in zip(placed, kept, strict=True):
                 done[p.session.id] = p.committed(now)
+                log.info("session.finish", session_id=p.session.id, owner=p.session.owner,
+                         scope=p.session.idem_scope, size=p.session.size, sha256=p.sha256,
+                         batch=batch)
                 if key != p.storage_key:
                     # The same content was stored before under another key (a store that
                     # does not address by content): the bytes just committed are a second
@@ -396,11 +400,15 @@ class SessionService:
             break
         return done
 
-    def _commit_all(self, placed: list[_Placed], now: float, conn: sa.Connection) -> list[str]:
-        """Inside the transaction: each session pending → committed, its blob row, its
-        caller's rows. Returns the storage key each blob is kept under."""
-        kept = []
-        for p in placed:
+    def _commit_all(self, placed: list[_Placed], now: float, batch: int,
+                    conn: sa.Connection) -> list[str]:
+        """Inside the transaction: every session pending → committed, then every blob row,
+        then each session's parts dropped and its caller's rows added, in the order given.
+        Rows are locked in one order whatever the caller's (sessions by id, then blobs by
+        SHA-256), so two finishes over overlapping sessions or crossed contents cannot
+        deadlock each other on PostgreSQL. Returns the storage key each blob is kept under,
+        in the order given."""
+        for p in sorted(placed, key=lambda p: p.session.id):
             won = conn.execute(
                 sa.update(upload_sessions)
                 .where(upload_sessions.c.id == p.session.id, upload_sessions.c.state == PENDING)
@@ -409,10 +417,16 @@ class SessionService:
             )
             if won.rowcount != 1:
                 raise _Lost(p)  # a concurrent finish or an abort got there first
-            kept.append(record_blob(conn, p.sha256, p.session.size, p.storage_key, now))
+        kept = {p.session.id: record_blob(conn, p.sha256, p.session.size, p.storage_key, now)
+                for p in sorted(placed, key=lambda p: (p.sha256, p.session.id))}
+        for p in placed:
             conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == p.session.id))
-            self._on_commit(conn, p.committed(now))
-        return kept
+            try:
+                self._on_commit(conn, p.committed(now))
+            except MemvaultError as exc:
+                _name(exc, p.session.id, batch)
+                raise
+        return [kept[p.session.id] for p in placed]
 
     @property
     def hash_frontier(self) -> frontier.Frontier:
@@ -632,6 +646,12 @@ def _raise_first(items: Sequence[FinishItem], outcomes: Sequence[object]) -> Non
     """Raise the first failure among ``outcomes``, naming its upload when there are several."""
     for item, outcome in zip(items, outcomes, strict=True):
         if isinstance(outcome, BaseException):
-            if isinstance(outcome, MemvaultError) and len(items) > 1:
-                outcome.extra.setdefault("upload_id", item.session_id)
+            if isinstance(outcome, MemvaultError):
+                _name(outcome, item.session_id, len(items))
             raise outcome
+
+
+def _name(error: MemvaultError, session_id: str, batch: int) -> None:
+    """In a finish of several sessions, say which one ``error`` is about."""
+    if batch > 1:
+        error.extra.setdefault("upload_id", session_id)
