@@ -15,7 +15,7 @@ Exceptions::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -36,9 +36,14 @@ class BlobMissing(Exception):
     """A committed blob the metadata refers to is not in the store: data loss, never normal."""
 
 
+Digest = Callable[[list[bytes]], None]
+"""What the core runs over each batch of a chunk after it is written (its digests)."""
+
+
 class PartWriter(Protocol):
-    async def write(self, pieces: Sequence[bytes]) -> None:
-        """Write ``pieces`` back to back at the writer's current position."""
+    async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
+        """Write ``pieces`` back to back at the writer's current position; then, if given,
+        run ``then(pieces)`` in the same worker thread (one hand-off per batch, not two)."""
         ...
 
     async def close(self, *, durable: bool) -> str | None:

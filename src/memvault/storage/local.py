@@ -33,7 +33,7 @@ import structlog
 
 from memvault.errors import InsufficientStorage
 from memvault.hashing import Sha256State
-from memvault.storage.base import BlobMissing, StagingGone
+from memvault.storage.base import BlobMissing, Digest, StagingGone
 from memvault.storage.writeback import start_writeback
 
 _READ_PIECE = 1024 * 1024
@@ -69,10 +69,16 @@ class LocalPartWriter:
         self._offset = offset
         self._closed = False
 
-    async def write(self, pieces: Sequence[bytes]) -> None:
+    async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
-            written = await asyncio.to_thread(self._pwritev_all, list(pieces), self._offset)
+            written = await asyncio.to_thread(self._write_sync, list(pieces), self._offset, then)
         self._offset += written
+
+    def _write_sync(self, pieces: list[bytes], offset: int, then: Digest | None) -> int:
+        written = self._pwritev_all(pieces, offset)
+        if then is not None:
+            then(pieces)
+        return written
 
     def _pwritev_all(self, pieces: list[bytes], offset: int) -> int:
         total = 0

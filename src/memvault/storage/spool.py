@@ -27,6 +27,7 @@ from pathlib import Path
 import crc32c
 
 from memvault.hashing import Sha256State
+from memvault.storage.base import Digest
 from memvault.storage.local import out_of_space_is_typed
 
 _READ_PIECE = 1024 * 1024
@@ -59,11 +60,11 @@ class SpooledPart:
         self._written = 0
         self._crc = 0
 
-    async def write(self, pieces: Sequence[bytes]) -> None:
+    async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
-            self._written += await asyncio.to_thread(self._append, list(pieces))
+            self._written += await asyncio.to_thread(self._append, list(pieces), then)
 
-    def _append(self, pieces: list[bytes]) -> int:
+    def _append(self, pieces: list[bytes], then: Digest | None = None) -> int:
         assert self._fd is not None
         total = 0
         for piece in pieces:
@@ -73,6 +74,8 @@ class SpooledPart:
                 view = view[n:]
                 total += n
             self._crc = crc32c.crc32c(piece, self._crc)
+        if then is not None:
+            then(pieces)
         return total
 
     async def close(self, *, durable: bool) -> str | None:
