@@ -12,7 +12,6 @@ import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
-from random import Random
 
 import pytest
 import sqlalchemy as sa
@@ -20,17 +19,7 @@ import sqlalchemy as sa
 from memvault.errors import Conflict, NotFound
 from memvault.metadata.schema import assets, blobs, upload_parts
 from memvault.sessions import ChunkChecksums
-from tests.inprocess import CHUNK, InProcess, inprocess, pieces
-
-
-async def _received_session(ip: InProcess, data: bytes, key: str = "crash") -> str:
-    session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), key))
-    rng = Random(3)
-    for index in range(session.chunk_count):
-        offset, length = session.chunk_range(index)
-        await ip.uploads.put_chunk(ip.caller, session.id, index, length,
-                                   pieces(data[offset:offset + length], rng), ChunkChecksums())
-    return session.id
+from tests.inprocess import CHUNK, InProcess, inprocess
 
 
 async def _asset_rows(ip: InProcess) -> int:
@@ -46,7 +35,7 @@ async def test_crash_after_blob_moved_before_transaction(database_url: str | Non
     data = os.urandom(3 * CHUNK + 5)
     sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        session_id = await _received_session(ip, data)
+        session_id = await ip.sent(data, "crash")
         session = await ip.uploads.sessions.get(session_id, ip.caller.id)
         # The dead process got as far as moving the bytes into place:
         await ip.store.commit(session.staging_key, sha, len(data))
@@ -69,7 +58,7 @@ async def test_crash_before_blob_moved(database_url: str | None) -> None:
     data = os.urandom(2 * CHUNK)
     sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        session_id = await _received_session(ip, data)
+        session_id = await ip.sent(data, "crash")
         # The dead process verified the digest and stopped: nothing changed on disk or in
         # the database, so a new finish simply does it all.
         assert await ip.uploads.sessions._frontier.digest(session_id, len(data)) == sha
@@ -83,7 +72,7 @@ async def test_finish_repeated_after_commit_returns_the_same_asset(
     data = os.urandom(CHUNK + 1)
     sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        session_id = await _received_session(ip, data)
+        session_id = await ip.sent(data, "crash")
         first, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
         again, memory_again = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
         assert again.id == first.id
@@ -101,7 +90,7 @@ async def test_two_finishes_at_once_commit_once(database_url: str | None) -> Non
         for round_ in range(8):
             data = os.urandom(3 * CHUNK)
             sha = hashlib.sha256(data).hexdigest()
-            session_id = await _received_session(ip, data, key=f"race-{round_}")
+            session_id = await ip.sent(data, f"race-{round_}")
             results = await asyncio.gather(
                 *(ip.uploads.finish(ip.caller, session_id, len(data), sha) for _ in range(4))
             )
@@ -128,7 +117,7 @@ async def test_a_chunk_that_outlives_its_session_is_told_why(
     the state; one racing an abort answers ``not_found``, as the aborted session does."""
     data = os.urandom(3 * CHUNK)
     async with inprocess(database_url=database_url) as ip:
-        session_id = await _received_session(ip, data)
+        session_id = await ip.sent(data, "crash")
         if ending == "abort":  # the chunk in flight is a missing one, being written
             await ip.db.transact(lambda conn: conn.execute(
                 sa.delete(upload_parts).where(upload_parts.c.session_id == session_id,
