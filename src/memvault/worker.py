@@ -25,7 +25,8 @@ log = structlog.get_logger("memvault")
 
 
 async def reap_forever(services: Services, interval: float) -> None:
-    """Every ``interval`` seconds: expire sessions past their TTL, sweep orphaned staging."""
+    """Every ``interval`` seconds: expire sessions past their TTL, sweep orphaned staging,
+    collect placed blobs no commit came to use."""
     while True:
         await asyncio.sleep(interval)
         services.metrics.reaper_runs.inc()
@@ -40,6 +41,10 @@ async def reap_forever(services: Services, interval: float) -> None:
             await services.uploads.sessions.sweep_staging()
         except Exception:
             log.exception("reaper.sweep_failed")
+        try:
+            await services.uploads.sessions.placements.collect()
+        except Exception:
+            log.exception("reaper.collect_failed")
         if expired:
             log.info("reaper.run", expired=expired)
 

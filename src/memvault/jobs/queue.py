@@ -48,6 +48,8 @@ class StoredDerivative:
     size: int
     storage_key: str
     content_type: str
+    # Its blob row was reserved before the bytes were placed (``memvault.placement``).
+    reserved: bool = False
 
 
 def enqueue(conn: sa.Connection, memory_id: str, now: float) -> None:
@@ -138,7 +140,7 @@ class JobQueue:
             for d in made:
                 if d.role in present or d.role in coming:
                     continue  # never overwrite, nor race, what a client uploads
-                record_blob(conn, d.sha256, d.size, d.storage_key, now)
+                record_blob(conn, d.sha256, d.size, d.storage_key, now, reserved=d.reserved)
                 add_asset(conn, job.memory_id, d.role, d.size, d.sha256, d.content_type,
                           None, now)
             if thumbhash is not None:  # a client's ThumbHash (PATCH) is kept, like its roles

@@ -27,6 +27,7 @@ from pebble import ProcessExpired, ProcessPool
 
 from memvault.derivatives.model import DerivativeOptions
 from memvault.jobs.queue import UNSUPPORTED, Job, JobQueue, StoredDerivative
+from memvault.placement import Placements
 from memvault.storage.base import BlobStore, LocalPaths
 
 log = structlog.get_logger("memvault.jobs")
@@ -39,6 +40,7 @@ class DerivativeRunner:
         self.queue = queue
         self.options = options or DerivativeOptions()
         self.store = store
+        self.placements = Placements(queue.db, store, queue.clock)
         self.workers = workers
         self.timeout = timeout
         self.memory_limit = memory_limit
@@ -194,11 +196,13 @@ class DerivativeRunner:
                 raise
             receipt = await writer.close(durable=True)
             await self.store.seal(key, len(data), [receipt] if data else [])
+            await self.placements.reserve([(sha, len(data))])
             storage_key = await self.store.commit(key, sha, len(data))
         except BaseException:
             await asyncio.shield(self.store.discard(key))
             raise
-        return key, StoredDerivative(role, sha, len(data), storage_key, content_type)
+        return key, StoredDerivative(role, sha, len(data), storage_key, content_type,
+                                     reserved=self.placements.reserving)
 
 
 def _limit_memory(limit: int) -> None:

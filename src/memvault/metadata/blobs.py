@@ -1,26 +1,115 @@
-"""Blob rows: one per stored content (SHA-256), counted by the assets that use it."""
+"""Blob rows: one per stored content (SHA-256), counted by the assets that use it.
+
+Where a store keeps one file per content (the local folder), a row is *reserved* (refcount 0)
+before bytes are moved into place, so that bytes a commit never came to use are found by their
+row and collected (``memvault.placement``). Statements here run in the caller's transaction.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 
 from memvault.metadata.schema import blobs
 
 
+class BlobCollected(Exception):
+    """The content's row is being (or was) collected: the bytes placed for it may be gone."""
+
+    def __init__(self, sha256: str) -> None:
+        super().__init__(sha256)
+        self.sha256 = sha256
+
+
+class BlobBusy(Exception):
+    """The content's file is being deleted right now; placing it must wait until it is."""
+
+    def __init__(self, sha256: str) -> None:
+        super().__init__(sha256)
+        self.sha256 = sha256
+
+
+def reserve_blobs(conn: sa.Connection, contents: Sequence[tuple[str, int, str]],
+                  now: float) -> None:
+    """Before bytes are placed: a row for each ``(sha256, size, storage_key)``, new with
+    refcount 0 or an existing one marked as placed ``now`` (which keeps it from being
+    collected). ``BlobBusy`` if one is being collected. Rows are taken in SHA-256 order."""
+    for sha256, size, storage_key in sorted(contents):
+        held = conn.execute(
+            sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
+            .values(placed_at=now)
+        )
+        if held.rowcount == 1:
+            continue
+        if _exists(conn, sha256):
+            raise BlobBusy(sha256)
+        conn.execute(sa.insert(blobs).values(
+            sha256=sha256, size=size, storage_key=storage_key, refcount=0, created_at=now,
+            placed_at=now, collecting=False))
+
+
 def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
-                now: float) -> str:
+                now: float, *, reserved: bool = False) -> str:
     """Count one more use of a committed blob, adding its row on first use (in ``conn``'s
     transaction, together with the asset that uses it). Returns the storage key the blob row
-    names: ``storage_key``, or that of the same content stored before."""
+    names: ``storage_key``, or that of the same content stored before.
+
+    ``reserved``: the caller reserved the row before placing the bytes; if it is gone or being
+    collected, the placed bytes may be too, and ``BlobCollected`` is raised.
+    """
     bumped = conn.execute(
-        sa.update(blobs).where(blobs.c.sha256 == sha256).values(refcount=blobs.c.refcount + 1)
+        sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
+        .values(refcount=blobs.c.refcount + 1,
+                # A reserved row names no bytes anyone uses yet: the first commit's count.
+                storage_key=sa.case((blobs.c.refcount == 0, storage_key),
+                                    else_=blobs.c.storage_key))
     )
     if bumped.rowcount == 0:
+        if reserved or _exists(conn, sha256):
+            raise BlobCollected(sha256)
         conn.execute(
             sa.insert(blobs).values(sha256=sha256, size=size, storage_key=storage_key,
-                                    refcount=1, created_at=now)
+                                    refcount=1, created_at=now, collecting=False)
         )
         return storage_key
     return str(conn.execute(
         sa.select(blobs.c.storage_key).where(blobs.c.sha256 == sha256)
     ).scalar_one())
+
+
+def unused_blobs(conn: sa.Connection, placed_before: float,
+                 limit: int) -> list[tuple[str, str]]:
+    """``(sha256, storage_key)`` of rows no asset uses that were last placed before
+    ``placed_before``, and of those a collection left half done."""
+    return [(r.sha256, r.storage_key) for r in conn.execute(
+        sa.select(blobs.c.sha256, blobs.c.storage_key)
+        .where(blobs.c.refcount == 0, _collectable(placed_before))
+        .order_by(blobs.c.sha256).limit(limit)
+    )]
+
+
+def start_collecting(conn: sa.Connection, sha256: str, placed_before: float) -> bool:
+    """Mark an unused row as being collected, if it still is unused and unplaced since
+    ``placed_before``; from then on nothing places or commits its content."""
+    marked = conn.execute(
+        sa.update(blobs)
+        .where(blobs.c.sha256 == sha256, blobs.c.refcount == 0, _collectable(placed_before))
+        .values(collecting=True)
+    )
+    return bool(marked.rowcount == 1)
+
+
+def forget_blob(conn: sa.Connection, sha256: str) -> None:
+    """Drop a collected row, once its file is deleted."""
+    conn.execute(sa.delete(blobs).where(blobs.c.sha256 == sha256,
+                                        blobs.c.collecting.is_(True), blobs.c.refcount == 0))
+
+
+def _collectable(placed_before: float) -> sa.ColumnElement[bool]:
+    return sa.or_(blobs.c.collecting.is_(True), blobs.c.placed_at < placed_before)
+
+
+def _exists(conn: sa.Connection, sha256: str) -> bool:
+    found = conn.execute(sa.select(blobs.c.sha256).where(blobs.c.sha256 == sha256))
+    return found.first() is not None

@@ -75,8 +75,15 @@ blobs = sa.Table(
     sa.Column("sha256", sa.String(64), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("storage_key", sa.String(300), nullable=False),
+    # Assets using it. 0 while bytes are being placed for a commit that has not happened
+    # (yet, or ever: a crash, an abort, a refused commit); such rows are collected.
     sa.Column("refcount", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
+    # When bytes were last placed for this content (``memvault.placement``).
+    sa.Column("placed_at", sa.Double, nullable=True),
+    # Set while its file is being deleted: nothing may place or commit this content then.
+    sa.Column("collecting", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("ix_blobs_refcount", "refcount"),
 )
 
 assets = sa.Table(

@@ -39,8 +39,9 @@ from memvault.errors import (
 )
 from memvault.hashing import new_sha256
 from memvault.metadata import Database
-from memvault.metadata.blobs import record_blob
+from memvault.metadata.blobs import BlobCollected, record_blob
 from memvault.metadata.schema import upload_parts, upload_sessions
+from memvault.placement import Placements
 from memvault.sessions import frontier
 from memvault.sessions.model import (
     ABORTED,
@@ -82,6 +83,7 @@ class SessionService:
         self._on_commit = on_commit
         self._on_end = on_end
         self._frontier = frontier.Frontier(db, store)
+        self.placements = Placements(db, store, clock)
         self._chunks = ChunkReceiver(db, store, clock, policy, self._frontier)
 
     # -- begin -----------------------------------------------------------------------------
@@ -240,9 +242,10 @@ class SessionService:
 
         Every session is verified first (all chunks present, length, SHA-256); the first
         failure is raised with its ``upload_id`` and no blob has moved, so each session stays
-        pending as a failed single finish leaves it. Then the blobs move into place and one
-        transaction commits every session with its caller's rows: a memory finished together
-        with its derivatives appears with all of them at once. A session already committed
+        pending as a failed single finish leaves it. Then the blobs move into place (their
+        rows reserved first: ``memvault.placement``) and one transaction commits every
+        session with its caller's rows: a memory finished together with its derivatives
+        appears with all of them at once. A session already committed
         with the same digest is replayed. Returns the sessions in the order given.
         """
         if len({item.session_id for item in items}) != len(items):
@@ -250,8 +253,10 @@ class SessionService:
         checked = await asyncio.gather(*(self._check(item, owner) for item in items),
                                        return_exceptions=True)
         _raise_first(items, checked)
-        moved = await asyncio.gather(*(self._place(c) for c in checked
-                                       if isinstance(c, _Verified)), return_exceptions=True)
+        verified = [c for c in checked if isinstance(c, _Verified)]
+        await self.placements.reserve([(v.sha256, v.session.size) for v in verified])
+        moved = await asyncio.gather(*(self._place(v) for v in verified),
+                                     return_exceptions=True)
         _raise_first([i for i, c in zip(items, checked, strict=True)
                       if isinstance(c, _Verified)], moved)
         ready = [m for m in moved if isinstance(m, _Placed)]
@@ -386,6 +391,13 @@ class SessionService:
                     raise
                 placed = [p for p in placed if p is not lost.placed]
                 continue
+            except BlobCollected as gone:
+                # Only if placing and committing were more than the collection grace apart.
+                error = Internal("the bytes placed for this upload were removed before it "
+                                 "was committed; upload the file again", sha256=gone.sha256)
+                _name(error, next(p.session.id for p in placed if p.sha256 == gone.sha256),
+                      batch)
+                raise error from None
             for p, key in zip(placed, kept, strict=True):
                 done[p.session.id] = p.committed(now)
                 log.info("session.finish", session_id=p.session.id, owner=p.session.owner,
@@ -417,7 +429,9 @@ class SessionService:
             )
             if won.rowcount != 1:
                 raise _Lost(p)  # a concurrent finish or an abort got there first
-        kept = {p.session.id: record_blob(conn, p.sha256, p.session.size, p.storage_key, now)
+        reserved = self.placements.reserving
+        kept = {p.session.id: record_blob(conn, p.sha256, p.session.size, p.storage_key, now,
+                                          reserved=reserved)
                 for p in sorted(placed, key=lambda p: (p.sha256, p.session.id))}
         for p in placed:
             conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == p.session.id))

@@ -155,6 +155,23 @@ class LocalPaths(Protocol):
 
 
 @runtime_checkable
+class ContentAddressed(Protocol):
+    """Optional capability: ``commit`` moves bytes to the one place kept for their content
+    (the local folder), shared by every commit of the same bytes. Bytes placed for a commit
+    that never happens are then nobody's staging area to discard; the core reserves a blob
+    row before placing them and deletes unused ones with ``delete_blob``
+    (``memvault.placement``)."""
+
+    def blob_key(self, sha256: str) -> str:
+        """The storage key ``commit`` gives the content ``sha256``."""
+        ...
+
+    async def delete_blob(self, storage_key: str) -> None:
+        """Delete a blob no row uses any more (idempotent)."""
+        ...
+
+
+@runtime_checkable
 class PartLimits(Protocol):
     """Optional capability: the store bounds part sizes and counts (S3: every part but the
     last at least 5 MiB, at most 5 GiB, at most 10,000 parts). ``begin`` chooses a chunk size

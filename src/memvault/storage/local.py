@@ -204,10 +204,13 @@ class LocalBlobStore:
     async def seal(self, key: str, size: int, receipts: Sequence[str | None]) -> None:
         """Nothing to do: the staging file is already one whole, readable anywhere."""
 
-    async def commit(self, key: str, sha256: str, size: int) -> str:
+    def blob_key(self, sha256: str) -> str:
         if not _SHA.match(sha256):
             raise ValueError(f"bad sha256 {sha256!r}")
-        storage_key = _blob_key(sha256)
+        return _blob_key(sha256)
+
+    async def commit(self, key: str, sha256: str, size: int) -> str:
+        storage_key = self.blob_key(sha256)
         doomed = await asyncio.to_thread(self._commit_sync, self._staged(key),
                                          self.root / storage_key, size)
         if doomed is not None:
@@ -257,12 +260,17 @@ class LocalBlobStore:
         if doomed is not None:
             self._unlink_later(doomed)
 
-    def _throw_away(self, staged: Path) -> Path | None:
-        """Move a staging file into trash/ (a rename: instant); the path to unlink later, or
-        None if it was gone already."""
-        doomed = self._trash / f"{staged.name}.{secrets.token_hex(4)}"
+    async def delete_blob(self, storage_key: str) -> None:
+        doomed = await asyncio.to_thread(self._throw_away, self._blob(storage_key))
+        if doomed is not None:
+            self._unlink_later(doomed)
+
+    def _throw_away(self, path: Path) -> Path | None:
+        """Move a file into trash/ (a rename: instant); the path to unlink later, or None if
+        it was gone already."""
+        doomed = self._trash / f"{path.name}.{secrets.token_hex(4)}"
         try:
-            os.replace(staged, doomed)
+            os.replace(path, doomed)
         except FileNotFoundError:
             return None
         return doomed

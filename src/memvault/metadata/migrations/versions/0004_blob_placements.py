@@ -1,0 +1,31 @@
+"""blobs.placed_at and blobs.collecting: a row is written before bytes are placed, so bytes
+that no commit came to use can be found and collected
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("blobs") as batch:
+        batch.add_column(sa.Column("placed_at", sa.Double(), nullable=True))
+        batch.add_column(sa.Column("collecting", sa.Boolean(), nullable=False,
+                                   server_default=sa.false()))
+    op.create_index("ix_blobs_refcount", "blobs", ["refcount"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_blobs_refcount", table_name="blobs")
+    with op.batch_alter_table("blobs") as batch:
+        batch.drop_column("collecting")
+        batch.drop_column("placed_at")

@@ -1,0 +1,176 @@
+"""Bytes placed for a commit that never came are collected, and never bytes someone uses.
+
+finish moves a verified upload to its content address, then commits. If the session is
+aborted in between (or the process dies, or the commit is refused), the local folder keeps a
+file no row would ever name. The blob row reserved before the move finds it: after the grace
+period the reaper's ``collect`` deletes it. Each test drives the steps in one order that a
+real interleaving can take, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from memvault.errors import MemvaultError, Unavailable
+from memvault.metadata.blobs import start_collecting
+from memvault.metadata.schema import blobs
+from memvault.placement import GRACE
+from memvault.storage.local import LocalBlobStore
+from tests.inprocess import CHUNK, InProcess, inprocess
+
+
+async def _row(ip: InProcess, sha: str) -> dict[str, Any] | None:
+    query = sa.select(blobs).where(blobs.c.sha256 == sha)
+    row = await ip.db.query(lambda conn: conn.execute(query).mappings().first())
+    return dict(row) if row is not None else None
+
+
+def _file(ip: InProcess, sha: str) -> bool:
+    assert isinstance(ip.store, LocalBlobStore)
+    return ip.store.blob_path(ip.store.blob_key(sha)).exists()
+
+
+async def _collect(ip: InProcess) -> int:
+    count = await ip.uploads.sessions.placements.collect()
+    assert isinstance(ip.store, LocalBlobStore)
+    await ip.store.drained()  # the unlinks it started
+    return count
+
+
+async def _placed_then_aborted(ip: InProcess, data: bytes, key: str) -> str:
+    """A finish whose session is aborted after its bytes are in place, before its commit."""
+    session_id = await ip.sent(data, key)
+    store = ip.uploads.sessions.store
+    commit = store.commit
+
+    async def place_then_abort(staging: str, sha256: str, size: int) -> str:
+        stored = await commit(staging, sha256, size)
+        await ip.uploads.abort(ip.caller, session_id)
+        return stored
+
+    store.commit = place_then_abort  # type: ignore[method-assign]
+    try:
+        with pytest.raises(MemvaultError):
+            await ip.uploads.finish(ip.caller, session_id, len(data),
+                                    hashlib.sha256(data).hexdigest())
+    finally:
+        store.commit = commit  # type: ignore[method-assign]
+    return session_id
+
+
+async def test_bytes_no_commit_came_to_use_are_collected_after_the_grace_period(
+    database_url: str | None,
+) -> None:
+    data = os.urandom(2 * CHUNK + 3)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        row = await _row(ip, sha)
+        assert row is not None
+        assert row["refcount"] == 0, row
+        assert _file(ip, sha), "the placed bytes are where finish put them"
+        assert await _collect(ip) == 0, "collected before the grace period"
+        assert _file(ip, sha)
+
+        ip.clock.advance(GRACE + 1)
+        assert await _collect(ip) == 1
+        assert not _file(ip, sha)
+        assert await _row(ip, sha) is None
+        assert await _collect(ip) == 0
+
+        # The same content uploaded again is placed anew and reads back.
+        session_id = await ip.sent(data, "again")
+        _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        asset = memory.assets["original"]
+        assert await ip.read_asset(asset.storage_key, len(data)) == data
+        assert (await _row(ip, sha) or {})["refcount"] == 1
+
+
+async def test_a_collection_after_a_new_placement_leaves_the_bytes(
+    database_url: str | None,
+) -> None:
+    """The unused row is past its grace period when a new finish of the same content places
+    the bytes again; a collection between that placement and its commit keeps them."""
+    data = os.urandom(CHUNK + 11)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        ip.clock.advance(GRACE + 1)
+        session_id = await ip.sent(data, "second")
+        store = ip.uploads.sessions.store
+        commit = store.commit
+        collected: list[int] = []
+
+        async def collect_then_place(staging: str, sha256: str, size: int) -> str:
+            collected.append(await _collect(ip))
+            return await commit(staging, sha256, size)
+
+        store.commit = collect_then_place  # type: ignore[method-assign]
+        try:
+            _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        finally:
+            store.commit = commit  # type: ignore[method-assign]
+        assert collected == [0]
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+        ip.clock.advance(GRACE + 1)
+        assert await _collect(ip) == 0, "a blob in use is never collected"
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
+async def test_a_finish_during_a_collection_is_told_to_retry_and_then_commits(
+    database_url: str | None,
+) -> None:
+    """A finish of the same content arrives while the collector deletes the file: it answers
+    ``unavailable`` with Retry-After and keeps its session; retried, it commits the bytes."""
+    data = os.urandom(CHUNK)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        ip.clock.advance(GRACE + 1)
+        session_id = await ip.sent(data, "during")
+        assert isinstance(ip.store, LocalBlobStore)
+        delete = ip.store.delete_blob
+        refused: list[BaseException] = []
+
+        async def finish_then_delete(storage_key: str) -> None:
+            try:
+                await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+            except MemvaultError as exc:
+                refused.append(exc)
+            await delete(storage_key)
+
+        ip.store.delete_blob = finish_then_delete  # type: ignore[method-assign]
+        try:
+            assert await _collect(ip) == 1
+        finally:
+            ip.store.delete_blob = delete  # type: ignore[method-assign]
+        assert len(refused) == 1, refused
+        assert isinstance(refused[0], Unavailable), refused
+        assert refused[0].headers() == {"Retry-After": "1"}
+        assert (await ip.session_row(session_id) or {})["state"] == "pending"
+        assert ip.staged_files() == {session_id}, "the session's bytes are untouched"
+
+        _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
+async def test_a_collection_cut_short_is_finished_by_the_next(
+    database_url: str | None,
+) -> None:
+    """A collector that died after marking the row (its file may or may not be gone) leaves
+    it marked: the next collection, whatever the time, deletes the file and the row."""
+    data = os.urandom(CHUNK + 1)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        cutoff = ip.clock.now() + 1  # as a collector GRACE seconds later would have it
+        assert await ip.db.transact(
+            lambda conn: start_collecting(conn, sha256=sha, placed_before=cutoff))
+        assert await _collect(ip) == 1
+        assert not _file(ip, sha)
+        assert await _row(ip, sha) is None
