@@ -9,15 +9,21 @@ real interleaving can take, on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.util import await_only
 
 from memvault.errors import MemvaultError, Unavailable
-from memvault.metadata.blobs import start_collecting
+from memvault.metadata import Database
+from memvault.metadata.blobs import record_blob, reserve_blobs, start_collecting
+from memvault.metadata.migrate import upgrade
 from memvault.metadata.schema import blobs
 from memvault.placement import GRACE
 from memvault.storage.local import LocalBlobStore
@@ -174,3 +180,53 @@ async def test_a_collection_cut_short_is_finished_by_the_next(
         assert await _collect(ip) == 1
         assert not _file(ip, sha)
         assert await _row(ip, sha) is None
+
+
+@pytest.mark.parametrize("step", ["reserve", "record"])
+def test_a_row_committed_between_two_statements_is_counted_not_refused(
+    postgres_url: str, step: str,
+) -> None:
+    """On PostgreSQL each statement sees what was committed before it: another transaction's
+    new row can appear after an update found nothing and before the look that follows. It is
+    a row like any other (first seen in CI, where two finishes of one session at once had
+    one answered 503): the update runs again. Driven here by committing the row from a
+    second connection right after the first update."""
+    sha = hashlib.sha256(step.encode()).hexdigest()
+    key = f"blobs/{sha[:2]}/{sha[2:4]}/{sha}"
+
+    async def scenario() -> None:
+        await upgrade(postgres_url)
+        db = Database.open(postgres_url)
+        other = create_async_engine(db.url)
+
+        async def commit_the_row() -> None:
+            async with other.begin() as conn:
+                await conn.execute(sa.insert(blobs).values(
+                    sha256=sha, size=1, storage_key=key, refcount=1, created_at=0.0,
+                    collecting=False))
+
+        def work(conn: sa.Connection) -> str:
+            fired: list[bool] = []
+
+            def meanwhile(_conn: Any, statement: Any, *_: Any) -> None:
+                if not fired and isinstance(statement, sa.Update):
+                    fired.append(True)
+                    await_only(commit_the_row())
+
+            event.listen(conn, "after_execute", meanwhile)
+            if step == "reserve":
+                reserve_blobs(conn, [(sha, 1, key)], now=5.0)
+                return "reserved"
+            return record_blob(conn, sha, 1, key, now=5.0)
+
+        try:
+            assert await db.transact(work) in ("reserved", key)
+            row = await db.query(lambda conn: conn.execute(
+                sa.select(blobs).where(blobs.c.sha256 == sha)).mappings().one())
+            assert (row["refcount"], row["placed_at"]) == (
+                (1, 5.0) if step == "reserve" else (2, None))
+        finally:
+            await other.dispose()
+            await db.dispose()
+
+    asyncio.run(scenario())

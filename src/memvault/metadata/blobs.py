@@ -36,17 +36,16 @@ def reserve_blobs(conn: sa.Connection, contents: Sequence[tuple[str, int, str]],
     refcount 0 or an existing one marked as placed ``now`` (which keeps it from being
     collected). ``BlobBusy`` if one is being collected. Rows are taken in SHA-256 order."""
     for sha256, size, storage_key in sorted(contents):
-        held = conn.execute(
-            sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
-            .values(placed_at=now)
-        )
-        if held.rowcount == 1:
-            continue
-        if _exists(conn, sha256):
+        mark = (sa.update(blobs)
+                .where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
+                .values(placed_at=now))
+        state = _settle(conn, sha256, mark)
+        if state is None:
+            conn.execute(sa.insert(blobs).values(
+                sha256=sha256, size=size, storage_key=storage_key, refcount=0,
+                created_at=now, placed_at=now, collecting=False))
+        elif state == _COLLECTING:
             raise BlobBusy(sha256)
-        conn.execute(sa.insert(blobs).values(
-            sha256=sha256, size=size, storage_key=storage_key, refcount=0, created_at=now,
-            placed_at=now, collecting=False))
 
 
 def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
@@ -58,24 +57,48 @@ def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
     ``reserved``: the caller reserved the row before placing the bytes; if it is gone or being
     collected, the placed bytes may be too, and ``BlobCollected`` is raised.
     """
-    bumped = conn.execute(
+    count = (
         sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
         .values(refcount=blobs.c.refcount + 1,
                 # A reserved row names no bytes anyone uses yet: the first commit's count.
                 storage_key=sa.case((blobs.c.refcount == 0, storage_key),
                                     else_=blobs.c.storage_key))
     )
-    if bumped.rowcount == 0:
-        if reserved or _exists(conn, sha256):
-            raise BlobCollected(sha256)
+    state = _settle(conn, sha256, count)
+    if state == _DONE:
+        return str(conn.execute(
+            sa.select(blobs.c.storage_key).where(blobs.c.sha256 == sha256)
+        ).scalar_one())
+    if state is None and not reserved:
         conn.execute(
             sa.insert(blobs).values(sha256=sha256, size=size, storage_key=storage_key,
                                     refcount=1, created_at=now, collecting=False)
         )
         return storage_key
-    return str(conn.execute(
-        sa.select(blobs.c.storage_key).where(blobs.c.sha256 == sha256)
-    ).scalar_one())
+    raise BlobCollected(sha256)
+
+
+_DONE, _COLLECTING = "done", "collecting"
+
+
+def _settle(conn: sa.Connection, sha256: str, update: sa.Update) -> str | None:
+    """Run ``update`` (conditional on the row not being collected): ``_DONE`` if it changed
+    the row, ``_COLLECTING`` if the row is being collected, None if there is no row.
+
+    On PostgreSQL each statement sees what was committed before it started, so a row another
+    transaction adds between the update and the look that follows is found by the look: the
+    update is then run again, and changes it."""
+    for _ in range(3):
+        if conn.execute(update).rowcount == 1:
+            return _DONE
+        collecting = conn.execute(
+            sa.select(blobs.c.collecting).where(blobs.c.sha256 == sha256)
+        ).scalar_one_or_none()
+        if collecting is None:
+            return None
+        if collecting:
+            return _COLLECTING
+    raise RuntimeError(f"blob row {sha256} changes under every update")
 
 
 def unused_blobs(conn: sa.Connection, placed_before: float,
@@ -109,7 +132,3 @@ def forget_blob(conn: sa.Connection, sha256: str) -> None:
 def _collectable(placed_before: float) -> sa.ColumnElement[bool]:
     return sa.or_(blobs.c.collecting.is_(True), blobs.c.placed_at < placed_before)
 
-
-def _exists(conn: sa.Connection, sha256: str) -> bool:
-    found = conn.execute(sa.select(blobs.c.sha256).where(blobs.c.sha256 == sha256))
-    return found.first() is not None
