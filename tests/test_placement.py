@@ -97,6 +97,34 @@ async def test_bytes_no_commit_came_to_use_are_collected_after_the_grace_period(
         assert (await _row(ip, sha) or {})["refcount"] == 1
 
 
+async def test_bytes_placed_for_a_pending_session_are_kept_while_it_is_pending(
+    database_url: str | None,
+) -> None:
+    """The process died between placing a session's bytes and committing them, and its
+    client comes back hours later: the bytes are only in the blob folder now (the staging
+    file was renamed), so they are kept until the session ends, then collected."""
+    data = os.urandom(2 * CHUNK)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url, session_ttl=4 * GRACE) as ip:
+        kept = await ip.sent(data, "kept")
+        ended = await ip.sent(data[::-1], "ended")
+        for session_id, content in ((kept, data), (ended, data[::-1])):
+            # What the dead process did: reserve, then move the bytes into place.
+            digest = hashlib.sha256(content).hexdigest()
+            await ip.uploads.sessions.placements.reserve([(digest, len(content))],
+                                                         holders=[(session_id, digest)])
+            await ip.store.commit(session_id, digest, len(content))
+        assert ip.staged_files() == set()
+        await ip.uploads.abort(ip.caller, ended)
+
+        ip.clock.advance(2 * GRACE)
+        assert await _collect(ip) == 1, "only the aborted session's bytes go"
+        assert not _file(ip, hashlib.sha256(data[::-1]).hexdigest())
+        assert _file(ip, sha)
+        _, memory = await ip.uploads.finish(ip.caller, kept, len(data), sha)
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
 async def test_a_collection_after_a_new_placement_leaves_the_bytes(
     database_url: str | None,
 ) -> None:

@@ -4,8 +4,10 @@ A finish (or a derivative job) moves bytes into place, then commits the rows tha
 Between the two it can crash, be aborted, or have its commit refused; where the store keeps
 one file per content (``ContentAddressed``: the local folder) those bytes are then nobody's
 staging area, and nothing would ever remove them. So a blob row is *reserved* first (refcount
-0, ``placed_at``), and ``collect`` deletes the files of rows still unused ``grace`` seconds
-after their last placement.
+0, ``placed_at``; the session it is placed for notes the content), and ``collect`` deletes
+the files of rows still unused ``grace`` seconds after their last placement, unless a session
+they were placed for is still pending (its client may finish it tomorrow: its staging area
+is empty now, the bytes are only there).
 
 Collection never races a placement: a row is marked ``collecting`` (under its row lock, only
 if unused and not placed since the cutoff) before its file is deleted, a placement that finds
@@ -52,10 +54,13 @@ class Placements:
         """Whether placements are recorded (and commits must find their reservation)."""
         return isinstance(self.store, ContentAddressed)
 
-    async def reserve(self, contents: Sequence[tuple[str, int]]) -> None:
-        """Record that bytes of each ``(sha256, size)`` are about to be placed. Call before
-        ``BlobStore.commit``; commit the rows with ``record_blob(..., reserved=True)``.
-        ``Unavailable`` if one of them is being deleted right now (retry in a moment)."""
+    async def reserve(self, contents: Sequence[tuple[str, int]],
+                      holders: Sequence[tuple[str, str]] = ()) -> None:
+        """Record that bytes of each ``(sha256, size)`` are about to be placed, for the
+        pending upload sessions ``holders`` (``(session_id, sha256)``, if any: their content
+        is kept while they are pending). Call before ``BlobStore.commit``; commit the rows
+        with ``record_blob(..., reserved=True)``. ``Unavailable`` if one of them is being
+        deleted right now (retry in a moment)."""
         store = self.store
         if not contents or not isinstance(store, ContentAddressed):
             return
@@ -64,7 +69,8 @@ class Placements:
             # Not durable on its own: the commit that follows syncs it; a power loss in
             # between leaves at most an unrecorded file, the case this narrows to that.
             await self.db.transact(
-                functools.partial(reserve_blobs, contents=rows, now=self.clock.now()),
+                functools.partial(reserve_blobs, contents=rows, now=self.clock.now(),
+                                  holders=holders),
                 durable=False)
         except BlobBusy as busy:
             raise Unavailable(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from memvault.metadata.schema import blobs
+from memvault.metadata.schema import blobs, upload_sessions
 
 
 class BlobCollected(Exception):
@@ -31,10 +31,19 @@ class BlobBusy(Exception):
 
 
 def reserve_blobs(conn: sa.Connection, contents: Sequence[tuple[str, int, str]],
-                  now: float) -> None:
+                  now: float, holders: Sequence[tuple[str, str]] = ()) -> None:
     """Before bytes are placed: a row for each ``(sha256, size, storage_key)``, new with
     refcount 0 or an existing one marked as placed ``now`` (which keeps it from being
-    collected). ``BlobBusy`` if one is being collected. Rows are taken in SHA-256 order."""
+    collected). ``BlobBusy`` if one is being collected. Rows are taken in SHA-256 order.
+
+    ``holders``: ``(session_id, sha256)`` of pending upload sessions the bytes are placed
+    for; while one of them is pending, its content is not collected however long it waits.
+    """
+    for session_id, sha256 in sorted(holders):
+        conn.execute(sa.update(upload_sessions)
+                     .where(upload_sessions.c.id == session_id,
+                            upload_sessions.c.state == "pending")
+                     .values(placed_sha256=sha256))
     for sha256, size, storage_key in sorted(contents):
         mark = (sa.update(blobs)
                 .where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
@@ -104,7 +113,8 @@ def _settle(conn: sa.Connection, sha256: str, update: sa.Update) -> str | None:
 def unused_blobs(conn: sa.Connection, placed_before: float,
                  limit: int) -> list[tuple[str, str]]:
     """``(sha256, storage_key)`` of rows no asset uses that were last placed before
-    ``placed_before``, and of those a collection left half done."""
+    ``placed_before`` for no upload session still pending, and of those a collection left
+    half done."""
     return [(r.sha256, r.storage_key) for r in conn.execute(
         sa.select(blobs.c.sha256, blobs.c.storage_key)
         .where(blobs.c.refcount == 0, _collectable(placed_before))
@@ -113,8 +123,9 @@ def unused_blobs(conn: sa.Connection, placed_before: float,
 
 
 def start_collecting(conn: sa.Connection, sha256: str, placed_before: float) -> bool:
-    """Mark an unused row as being collected, if it still is unused and unplaced since
-    ``placed_before``; from then on nothing places or commits its content."""
+    """Mark an unused row as being collected, if it still is unused, unplaced since
+    ``placed_before`` and held by no pending session; from then on nothing places or commits
+    its content."""
     marked = conn.execute(
         sa.update(blobs)
         .where(blobs.c.sha256 == sha256, blobs.c.refcount == 0, _collectable(placed_before))
@@ -130,5 +141,8 @@ def forget_blob(conn: sa.Connection, sha256: str) -> None:
 
 
 def _collectable(placed_before: float) -> sa.ColumnElement[bool]:
-    return sa.or_(blobs.c.collecting.is_(True), blobs.c.placed_at < placed_before)
+    held = sa.exists().where(upload_sessions.c.placed_sha256 == blobs.c.sha256,
+                             upload_sessions.c.state == "pending")
+    return sa.and_(sa.or_(blobs.c.collecting.is_(True), blobs.c.placed_at < placed_before),
+                   ~held)
 

@@ -121,6 +121,9 @@ upload_sessions = sa.Table(
     sa.Column("hashed_offset", sa.BigInteger, nullable=False),
     sa.Column("hash_state", sa.LargeBinary, nullable=False),
     sa.Column("result_sha256", sa.String(64), nullable=True),
+    # While pending: the content whose bytes a finish has moved into place for this session
+    # (they are no longer in its staging area), so they are not collected under it.
+    sa.Column("placed_sha256", sa.String(64), nullable=True),
     sa.Column("attrs", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("last_seen", sa.Double, nullable=False),
@@ -131,6 +134,7 @@ upload_sessions = sa.Table(
     sa.Index("ix_upload_sessions_state_expires", "state", "expires_at"),
     # The staging sweep looks sessions up by the staging areas the store lists.
     sa.Index("ix_upload_sessions_staging_key", "staging_key"),
+    sa.Index("ix_upload_sessions_placed_sha256", "placed_sha256"),
     sa.Index(
         "uq_upload_sessions_pending_idem", "owner", "idem_scope", "idem_key",
         unique=True,

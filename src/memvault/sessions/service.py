@@ -254,7 +254,8 @@ class SessionService:
                                        return_exceptions=True)
         _raise_first(items, checked)
         verified = [c for c in checked if isinstance(c, _Verified)]
-        await self.placements.reserve([(v.sha256, v.session.size) for v in verified])
+        await self.placements.reserve([(v.sha256, v.session.size) for v in verified],
+                                      holders=[(v.session.id, v.sha256) for v in verified])
         moved = await asyncio.gather(*(self._place(v) for v in verified),
                                      return_exceptions=True)
         _raise_first([i for i, c in zip(items, checked, strict=True)
@@ -425,7 +426,7 @@ class SessionService:
                 sa.update(upload_sessions)
                 .where(upload_sessions.c.id == p.session.id, upload_sessions.c.state == PENDING)
                 .values(state=COMMITTED, result_sha256=p.sha256, ended_at=now,
-                        exclusive_key=None, hash_state=b"")
+                        exclusive_key=None, hash_state=b"", placed_sha256=None)
             )
             if won.rowcount != 1:
                 raise _Lost(p)  # a concurrent finish or an abort got there first
@@ -527,7 +528,8 @@ class SessionService:
                     return False  # mid-chunk: never expired under a transfer
             done = conn.execute(
                 sa.update(upload_sessions).where(*condition)
-                .values(state=state, ended_at=now, exclusive_key=None, hash_state=b"")
+                .values(state=state, ended_at=now, exclusive_key=None, hash_state=b"",
+                        placed_sha256=None)
             )
             if done.rowcount != 1:
                 return False

@@ -1,5 +1,5 @@
-"""blobs.placed_at and blobs.collecting: a row is written before bytes are placed, so bytes
-that no commit came to use can be found and collected
+"""blobs.placed_at and blobs.collecting, upload_sessions.placed_sha256: a row is written
+before bytes are placed, so bytes that no commit came to use can be found and collected
 
 Revision ID: 0004
 Revises: 0003
@@ -22,9 +22,15 @@ def upgrade() -> None:
         batch.add_column(sa.Column("collecting", sa.Boolean(), nullable=False,
                                    server_default=sa.false()))
     op.create_index("ix_blobs_refcount", "blobs", ["refcount"])
+    with op.batch_alter_table("upload_sessions") as batch:
+        batch.add_column(sa.Column("placed_sha256", sa.String(length=64), nullable=True))
+    op.create_index("ix_upload_sessions_placed_sha256", "upload_sessions", ["placed_sha256"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_upload_sessions_placed_sha256", table_name="upload_sessions")
+    with op.batch_alter_table("upload_sessions") as batch:
+        batch.drop_column("placed_sha256")
     op.drop_index("ix_blobs_refcount", table_name="blobs")
     with op.batch_alter_table("blobs") as batch:
         batch.drop_column("collecting")
