@@ -196,11 +196,17 @@ class Frontier:
 
     async def advance(self, session_id: str) -> int:
         """Move the frontier as far as received chunks allow; returns the new offset."""
+        reached = await self._advance(session_id)
+        return 0 if reached is None else reached[0]
+
+    async def _advance(self, session_id: str) -> tuple[int, Sha256State] | None:
+        """``advance``, returning the frontier and the hash state there, or None if the
+        session is not pending."""
         async with self._lock(session_id):
             while True:
                 found = await self._db.query(lambda conn: _received_from(conn, session_id))
                 if found is None:
-                    return 0
+                    return None
                 row, start, state, parts = found
                 position = start
                 passed: list[int] = []
@@ -220,11 +226,11 @@ class Frontier:
                     passed.append(part.offset)
                     position = end
                 if position == row.hashed_offset:
-                    return int(position)
+                    return int(position), state
                 if await self._save(session_id, row, position, state):
                     self._passed(session_id, passed)
                     self.reached(session_id, position, state)
-                    return int(position)
+                    return int(position), state
                 # Someone else moved the frontier meanwhile: start over from theirs.
 
     async def _hash_staged(
@@ -260,7 +266,12 @@ class Frontier:
             while True:
                 moved.clear()
                 await self.join(session_id)
-                await self.advance(session_id)
+                reached = await self._advance(session_id)
+                if reached is None:
+                    return None
+                if reached[0] == size:
+                    # The common case: no second look at the row for the state it just had.
+                    return reached[1].hexdigest()
                 row = await self._db.query(lambda conn: conn.execute(query).first())
                 if row is None or row.state != PENDING:
                     return None
