@@ -195,13 +195,8 @@ class SessionService:
 
     async def received(self, session: Session) -> tuple[list[int], int]:
         """Indices of received chunks, and the bytes they hold."""
-        query = (
-            sa.select(upload_parts.c.offset, upload_parts.c.length)
-            .where(upload_parts.c.session_id == session.id, upload_parts.c.state == "received")
-            .order_by(upload_parts.c.offset)
-        )
-        rows = await self.db.query(lambda conn: conn.execute(query).all())
-        return [r.offset // session.chunk_size for r in rows], sum(r.length for r in rows)
+        query = _received_parts(session.id)
+        return _tally(session, await self.db.query(lambda conn: conn.execute(query).all()))
 
     async def list_pending(self, owner: str | None) -> list[Session]:
         """``owner``'s pending sessions, oldest first; everyone's when ``owner`` is None."""
@@ -269,10 +264,10 @@ class SessionService:
     async def _check(self, item: FinishItem, owner: str) -> _Verified | Session:
         """Everything a finish verifies, for one session; a replay if it is committed."""
         sha256, size = item.sha256.lower(), item.size
-        session = await self._load(item.session_id, owner)
+        session, parts = await self._load_with_parts(item.session_id, owner)
         if session.state == COMMITTED:
             return self._replay(session, size, sha256)
-        session = await self._check_live(session)
+        loaded, session = session, await self._check_live(session)
         if size != session.size:
             raise LengthMismatch(
                 f"finish says {size} bytes; the session was begun for {session.size}",
@@ -283,7 +278,10 @@ class SessionService:
                 "finish gives a different SHA-256 than begin declared",
                 declared=session.declared_sha256, given=sha256,
             )
-        indices, total = await self.received(session)
+        if session is loaded:
+            indices, total = _tally(session, parts)
+        else:  # looked at again by the TTL check: so are its parts
+            indices, total = await self.received(session)
         if len(indices) != session.chunk_count or total != session.size:
             # A concurrent finish may have committed (and dropped the parts) since we loaded.
             current = await self._load(session.id, session.owner)
@@ -585,11 +583,38 @@ class SessionService:
             raise NotFound(f"upload session {session_id} not found")
         return _session(row)
 
+    async def _load_with_parts(self, session_id: str,
+                               owner: str) -> tuple[Session, Sequence[sa.Row[Any]]]:
+        """``_load`` and the session's received parts, in one round trip."""
+        query = _received_parts(session_id)
+
+        def read(conn: sa.Connection) -> tuple[sa.RowMapping | None, Sequence[sa.Row[Any]]]:
+            row = _session_row(conn, session_id)
+            return row, (conn.execute(query).all() if row is not None else [])
+
+        row, parts = await self.db.query(read)
+        if row is None or row["owner"] != owner:
+            raise NotFound(f"upload session {session_id} not found")
+        return _session(row), parts
+
 
 def _session_row(conn: sa.Connection, session_id: str) -> sa.RowMapping | None:
     return conn.execute(
         sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
     ).mappings().first()
+
+
+def _received_parts(session_id: str) -> sa.Select[tuple[int, int]]:
+    return (
+        sa.select(upload_parts.c.offset, upload_parts.c.length)
+        .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
+        .order_by(upload_parts.c.offset)
+    )
+
+
+def _tally(session: Session, parts: Sequence[Any]) -> tuple[list[int], int]:
+    """Indices of the received ``parts`` (offset, length), and the bytes they hold."""
+    return [p.offset // session.chunk_size for p in parts], sum(p.length for p in parts)
 
 
 def _pending_with_key(conn: sa.Connection, spec: SessionSpec) -> Session | None:
