@@ -22,10 +22,17 @@ from sqlalchemy.util import await_only
 
 from memvault.errors import MemvaultError, Unavailable
 from memvault.metadata import Database
-from memvault.metadata.blobs import record_blob, reserve_blobs, start_collecting
+from memvault.metadata.blobs import (
+    forget_blob,
+    record_blob,
+    reserve_blobs,
+    start_collecting,
+    unused_blobs,
+)
 from memvault.metadata.migrate import upgrade
 from memvault.metadata.schema import blobs
-from memvault.placement import GRACE
+from memvault.placement import GRACE, LEASE
+from memvault.sessions import FinishItem
 from memvault.storage.local import LocalBlobStore
 from tests.inprocess import CHUNK, InProcess, inprocess
 
@@ -159,21 +166,24 @@ async def test_a_collection_after_a_new_placement_leaves_the_bytes(
 async def test_a_finish_during_a_collection_is_told_to_retry_and_then_commits(
     database_url: str | None,
 ) -> None:
-    """A finish of the same content arrives while the collector deletes the file: it answers
-    ``unavailable`` with Retry-After and keeps its session; retried, it commits the bytes."""
-    data = os.urandom(CHUNK)
+    """A joint finish that includes the same content arrives while the collector deletes the
+    file: it answers ``unavailable`` with Retry-After, naming that upload, and keeps both
+    sessions; retried, it commits the bytes."""
+    data, other = os.urandom(CHUNK), os.urandom(CHUNK + 9)
     sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
         await _placed_then_aborted(ip, data, "orphan")
         ip.clock.advance(GRACE + 1)
-        session_id = await ip.sent(data, "during")
+        session_id, other_id = await ip.sent(data, "during"), await ip.sent(other, "other")
+        items = [FinishItem(other_id, len(other), hashlib.sha256(other).hexdigest()),
+                 FinishItem(session_id, len(data), sha)]
         assert isinstance(ip.store, LocalBlobStore)
         delete = ip.store.delete_blob
         refused: list[BaseException] = []
 
         async def finish_then_delete(storage_key: str) -> None:
             try:
-                await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+                await ip.uploads.finish_many(ip.caller, items)
             except MemvaultError as exc:
                 refused.append(exc)
             await delete(storage_key)
@@ -186,28 +196,98 @@ async def test_a_finish_during_a_collection_is_told_to_retry_and_then_commits(
         assert len(refused) == 1, refused
         assert isinstance(refused[0], Unavailable), refused
         assert refused[0].headers() == {"Retry-After": "1"}
-        assert (await ip.session_row(session_id) or {})["state"] == "pending"
-        assert ip.staged_files() == {session_id}, "the session's bytes are untouched"
+        assert refused[0].extra["upload_id"] == session_id
+        for sid in (session_id, other_id):
+            assert (await ip.session_row(sid) or {})["state"] == "pending"
+        assert ip.staged_files() == {session_id, other_id}, "the sessions' bytes are untouched"
 
-        _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        done = await ip.uploads.finish_many(ip.caller, items)
+        memory = await ip.capsules.get_memory(ip.caller, done[1][0].attrs["memory_id"])
         assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
 
 
-async def test_a_collection_cut_short_is_finished_by_the_next(
+async def test_a_row_another_collector_holds_is_left_to_it_until_its_lease_ends(
     database_url: str | None,
 ) -> None:
-    """A collector that died after marking the row (its file may or may not be gone) leaves
-    it marked: the next collection, whatever the time, deletes the file and the row."""
+    """A collector that died after taking the row (its file may or may not be gone) leaves
+    it taken: other collections leave it alone for the lease, then one finishes the job."""
     data = os.urandom(CHUNK + 1)
     sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
         await _placed_then_aborted(ip, data, "orphan")
-        cutoff = ip.clock.now() + 1  # as a collector GRACE seconds later would have it
-        assert await ip.db.transact(
-            lambda conn: start_collecting(conn, sha256=sha, placed_before=cutoff))
+        ip.clock.advance(GRACE + 1)
+        now = ip.clock.now()
+        assert await ip.db.transact(lambda conn: start_collecting(
+            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
+            collector="dead", now=now))
+        ip.clock.advance(LEASE - 1)
+        assert await _collect(ip) == 0, "taken over before the lease ended"
+        assert (await _row(ip, sha) or {})["collector"] == "dead"
+        assert _file(ip, sha)
+        ip.clock.advance(2)
         assert await _collect(ip) == 1
         assert not _file(ip, sha)
         assert await _row(ip, sha) is None
+
+
+async def test_a_collector_that_looked_before_another_finished_takes_nothing_new(
+    database_url: str | None,
+) -> None:
+    """Two reapers list the same unused row; the first deletes it, then a finish places and
+    commits the same content anew; the second's take finds a different row (placed since its
+    cutoff, in use) and deletes nothing. (Found by review: when a second collector could take
+    a row the first had taken, it deleted the new file under the committed asset.)"""
+    data = os.urandom(CHUNK + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        ip.clock.advance(GRACE + 1)
+        now = ip.clock.now()
+        looked = await ip.db.query(lambda conn: unused_blobs(
+            conn, placed_before=now - GRACE, stale_before=now - LEASE, limit=10))
+        assert [s for s, _ in looked] == [sha]
+        # Meanwhile the first collector takes the same row: the second cannot take it now.
+        assert await ip.db.transact(lambda conn: start_collecting(
+            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
+            collector="first", now=now))
+        assert not await ip.db.transact(lambda conn: start_collecting(
+            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
+            collector="second", now=now))
+        assert await ip.db.transact(lambda conn: forget_blob(conn, sha, "first"))
+        session_id = await ip.sent(data, "late")
+        _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        assert not await ip.db.transact(lambda conn: start_collecting(
+            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
+            collector="second", now=now))
+        assert not await ip.db.transact(lambda conn: forget_blob(conn, sha, "second"))
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
+async def test_a_file_that_cannot_be_deleted_is_given_back(database_url: str | None) -> None:
+    """The delete fails: the row is given back at once (a finish of the content is not
+    refused while the file stays) and the next collection tries again."""
+    data = os.urandom(CHUNK + 2)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        ip.clock.advance(GRACE + 1)
+        assert isinstance(ip.store, LocalBlobStore)
+        delete = ip.store.delete_blob
+
+        async def failing(storage_key: str) -> None:
+            raise PermissionError(13, "Permission denied", storage_key)
+
+        ip.store.delete_blob = failing  # type: ignore[method-assign]
+        try:
+            assert await _collect(ip) == 0
+        finally:
+            ip.store.delete_blob = delete  # type: ignore[method-assign]
+        row = await _row(ip, sha)
+        assert row is not None
+        assert (row["collector"], row["refcount"]) == (None, 0)
+        assert _file(ip, sha)
+        assert await _collect(ip) == 1
+        assert not _file(ip, sha)
 
 
 @pytest.mark.parametrize("step", ["reserve", "record"])
@@ -230,8 +310,7 @@ def test_a_row_committed_between_two_statements_is_counted_not_refused(
         async def commit_the_row() -> None:
             async with other.begin() as conn:
                 await conn.execute(sa.insert(blobs).values(
-                    sha256=sha, size=1, storage_key=key, refcount=1, created_at=0.0,
-                    collecting=False))
+                    sha256=sha, size=1, storage_key=key, refcount=1, created_at=0.0))
 
         def work(conn: sa.Connection) -> str:
             fired: list[bool] = []

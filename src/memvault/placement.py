@@ -9,15 +9,21 @@ the files of rows still unused ``grace`` seconds after their last placement, unl
 they were placed for is still pending (its client may finish it tomorrow: its staging area
 is empty now, the bytes are only there).
 
-Collection never races a placement: a row is marked ``collecting`` (under its row lock, only
-if unused and not placed since the cutoff) before its file is deleted, a placement that finds
-it marked waits (``Unavailable``), and the row goes only after the file. Stores whose blobs
-are their sealed staging areas (S3) need none of this: abort and expiry discard those.
+Collection never races a placement: a collector takes a row (its own token in ``collector``,
+under the row lock, only if unused, not placed since the cutoff and held by no pending
+session) before it deletes the file; a placement or commit that finds the row taken waits
+(``Unavailable``), and the row goes only after the file, by the collector that took it. Any
+number of reapers may collect at once: a taken row is left to its collector, and taken over
+only after ``lease`` (its collector died), by a conditional update that one of them wins.
+
+Stores whose blobs are their sealed staging areas (S3) need none of this: abort and expiry
+discard those.
 """
 
 from __future__ import annotations
 
 import functools
+import secrets
 from collections.abc import Sequence
 
 import structlog
@@ -30,6 +36,7 @@ from memvault.metadata.blobs import (
     forget_blob,
     reserve_blobs,
     start_collecting,
+    stop_collecting,
     unused_blobs,
 )
 from memvault.storage.base import BlobStore, ContentAddressed
@@ -40,14 +47,19 @@ GRACE = 3600.0
 """Seconds an unused blob row is kept after its last placement: far longer than any finish
 takes from placing its bytes to committing them."""
 
+LEASE = 600.0
+"""Seconds after which a row another collector took is presumed abandoned (that collector
+died) and taken over: far longer than moving one file to the trash takes."""
+
 
 class Placements:
     def __init__(self, db: Database, store: BlobStore, clock: Clock, *,
-                 grace: float = GRACE) -> None:
+                 grace: float = GRACE, lease: float = LEASE) -> None:
         self.db = db
         self.store = store
         self.clock = clock
         self.grace = grace
+        self.lease = lease
 
     @property
     def reserving(self) -> bool:
@@ -66,12 +78,12 @@ class Placements:
             return
         rows = [(sha256, size, store.blob_key(sha256)) for sha256, size in contents]
         try:
-            # Not durable on its own: the commit that follows syncs it; a power loss in
-            # between leaves at most an unrecorded file, the case this narrows to that.
+            # Durable before the rename: after a power loss the session must still be seen
+            # holding the content it placed, or an old unused row of the same content would
+            # have its file, now the session's only copy, collected.
             await self.db.transact(
                 functools.partial(reserve_blobs, contents=rows, now=self.clock.now(),
-                                  holders=holders),
-                durable=False)
+                                  holders=holders))
         except BlobBusy as busy:
             raise Unavailable(
                 "the same content is being removed from storage at this moment; "
@@ -79,22 +91,33 @@ class Placements:
 
     async def collect(self, limit: int = 100) -> int:
         """Delete the files of blob rows unused ``grace`` seconds after their last placement
-        (and finish collections a crash interrupted); returns how many."""
+        (and of rows whose collector died mid-way, after ``lease``); returns how many."""
         store = self.store
         if not isinstance(store, ContentAddressed):
             return 0
-        cutoff = self.clock.now() - self.grace
-        unused = await self.db.query(
-            functools.partial(unused_blobs, placed_before=cutoff, limit=limit))
+        now = self.clock.now()
+        cutoff, stale = now - self.grace, now - self.lease
+        token = secrets.token_hex(8)  # this collection's own: its marks are told apart
+        unused = await self.db.query(functools.partial(
+            unused_blobs, placed_before=cutoff, stale_before=stale, limit=limit))
         count = 0
         for sha256, storage_key in unused:
-            marked = await self.db.transact(
-                functools.partial(start_collecting, sha256=sha256, placed_before=cutoff))
-            if not marked:
-                continue  # placed or committed again since we looked
-            await store.delete_blob(storage_key)
-            await self.db.transact(functools.partial(forget_blob, sha256=sha256))
-            log.info("blob.collected", sha256=sha256, storage_key=storage_key)
-            count += 1
+            taken = await self.db.transact(functools.partial(
+                start_collecting, sha256=sha256, placed_before=cutoff, stale_before=stale,
+                collector=token, now=now))
+            if not taken:
+                continue  # placed, committed or taken by another collector since we looked
+            try:
+                await store.delete_blob(storage_key)
+            except Exception:
+                # Given back, so finishes of this content are not refused while the file
+                # stays; the next collection tries again.
+                log.exception("blob.collect_failed", sha256=sha256, storage_key=storage_key)
+                await self.db.transact(
+                    functools.partial(stop_collecting, sha256=sha256, collector=token))
+                continue
+            if await self.db.transact(
+                    functools.partial(forget_blob, sha256=sha256, collector=token)):
+                log.info("blob.collected", sha256=sha256, storage_key=storage_key)
+                count += 1
         return count
-

@@ -26,27 +26,28 @@ log = structlog.get_logger("memvault")
 
 async def reap_forever(services: Services, interval: float) -> None:
     """Every ``interval`` seconds: expire sessions past their TTL, sweep orphaned staging,
-    collect placed blobs no commit came to use."""
+    collect placed blobs no commit came to use. Each duty runs whatever the others did."""
+    sessions = services.uploads.sessions
     while True:
         await asyncio.sleep(interval)
         services.metrics.reaper_runs.inc()
         try:
-            expired = await services.uploads.sessions.expire_due()
+            expired = await sessions.expire_due()
         except Exception:
             # Logged with its traceback and retried next round; never silently swallowed.
             log.exception("reaper.failed")
-            continue
-        services.metrics.expired.inc(expired)
+        else:
+            services.metrics.expired.inc(expired)
+            if expired:
+                log.info("reaper.run", expired=expired)
         try:
-            await services.uploads.sessions.sweep_staging()
+            await sessions.sweep_staging()
         except Exception:
             log.exception("reaper.sweep_failed")
         try:
-            await services.uploads.sessions.placements.collect()
+            await sessions.placements.collect()
         except Exception:
             log.exception("reaper.collect_failed")
-        if expired:
-            log.info("reaper.run", expired=expired)
 
 
 def derivative_runner(settings: Settings, services: Services) -> DerivativeRunner:

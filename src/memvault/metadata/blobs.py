@@ -46,13 +46,13 @@ def reserve_blobs(conn: sa.Connection, contents: Sequence[tuple[str, int, str]],
                      .values(placed_sha256=sha256))
     for sha256, size, storage_key in sorted(contents):
         mark = (sa.update(blobs)
-                .where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
+                .where(blobs.c.sha256 == sha256, blobs.c.collector.is_(None))
                 .values(placed_at=now))
         state = _settle(conn, sha256, mark)
         if state is None:
             conn.execute(sa.insert(blobs).values(
                 sha256=sha256, size=size, storage_key=storage_key, refcount=0,
-                created_at=now, placed_at=now, collecting=False))
+                created_at=now, placed_at=now))
         elif state == _COLLECTING:
             raise BlobBusy(sha256)
 
@@ -67,7 +67,7 @@ def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
     collected, the placed bytes may be too, and ``BlobCollected`` is raised.
     """
     count = (
-        sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collecting.is_(False))
+        sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collector.is_(None))
         .values(refcount=blobs.c.refcount + 1,
                 # A reserved row names no bytes anyone uses yet: the first commit's count.
                 storage_key=sa.case((blobs.c.refcount == 0, storage_key),
@@ -81,7 +81,7 @@ def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
     if state is None and not reserved:
         conn.execute(
             sa.insert(blobs).values(sha256=sha256, size=size, storage_key=storage_key,
-                                    refcount=1, created_at=now, collecting=False)
+                                    refcount=1, created_at=now)
         )
         return storage_key
     raise BlobCollected(sha256)
@@ -100,49 +100,62 @@ def _settle(conn: sa.Connection, sha256: str, update: sa.Update) -> str | None:
     for _ in range(3):
         if conn.execute(update).rowcount == 1:
             return _DONE
-        collecting = conn.execute(
-            sa.select(blobs.c.collecting).where(blobs.c.sha256 == sha256)
-        ).scalar_one_or_none()
-        if collecting is None:
+        row = conn.execute(
+            sa.select(blobs.c.collector).where(blobs.c.sha256 == sha256)
+        ).first()
+        if row is None:
             return None
-        if collecting:
+        if row.collector is not None:
             return _COLLECTING
     raise RuntimeError(f"blob row {sha256} changes under every update")
 
 
-def unused_blobs(conn: sa.Connection, placed_before: float,
+def unused_blobs(conn: sa.Connection, placed_before: float, stale_before: float,
                  limit: int) -> list[tuple[str, str]]:
     """``(sha256, storage_key)`` of rows no asset uses that were last placed before
-    ``placed_before`` for no upload session still pending, and of those a collection left
-    half done."""
+    ``placed_before`` for no upload session still pending, and of those whose collector
+    took them before ``stale_before`` and did not finish (it died)."""
     return [(r.sha256, r.storage_key) for r in conn.execute(
         sa.select(blobs.c.sha256, blobs.c.storage_key)
-        .where(blobs.c.refcount == 0, _collectable(placed_before))
+        .where(_collectable(placed_before, stale_before))
         .order_by(blobs.c.sha256).limit(limit)
     )]
 
 
-def start_collecting(conn: sa.Connection, sha256: str, placed_before: float) -> bool:
-    """Mark an unused row as being collected, if it still is unused, unplaced since
-    ``placed_before`` and held by no pending session; from then on nothing places or commits
-    its content."""
+def start_collecting(conn: sa.Connection, sha256: str, placed_before: float,
+                     stale_before: float, collector: str, now: float) -> bool:
+    """Take an unused row for ``collector`` (a token of its own), if it still is one
+    ``unused_blobs`` would list. From then on nothing places or commits its content, and
+    no other collector takes it until ``now`` is older than their ``stale_before``."""
     marked = conn.execute(
         sa.update(blobs)
-        .where(blobs.c.sha256 == sha256, blobs.c.refcount == 0, _collectable(placed_before))
-        .values(collecting=True)
+        .where(blobs.c.sha256 == sha256, _collectable(placed_before, stale_before))
+        .values(collector=collector, collecting_since=now)
     )
     return bool(marked.rowcount == 1)
 
 
-def forget_blob(conn: sa.Connection, sha256: str) -> None:
-    """Drop a collected row, once its file is deleted."""
-    conn.execute(sa.delete(blobs).where(blobs.c.sha256 == sha256,
-                                        blobs.c.collecting.is_(True), blobs.c.refcount == 0))
+def stop_collecting(conn: sa.Connection, sha256: str, collector: str) -> None:
+    """Give a taken row back (its file could not be deleted): finishes may place it again,
+    and a later collection retries it."""
+    conn.execute(sa.update(blobs)
+                 .where(blobs.c.sha256 == sha256, blobs.c.collector == collector)
+                 .values(collector=None, collecting_since=None))
 
 
-def _collectable(placed_before: float) -> sa.ColumnElement[bool]:
+def forget_blob(conn: sa.Connection, sha256: str, collector: str) -> bool:
+    """Drop a row ``collector`` took, once its file is deleted; False if another collector
+    took it over meanwhile (this one was presumed dead)."""
+    gone = conn.execute(sa.delete(blobs).where(blobs.c.sha256 == sha256,
+                                               blobs.c.collector == collector,
+                                               blobs.c.refcount == 0))
+    return bool(gone.rowcount == 1)
+
+
+def _collectable(placed_before: float, stale_before: float) -> sa.ColumnElement[bool]:
     held = sa.exists().where(upload_sessions.c.placed_sha256 == blobs.c.sha256,
                              upload_sessions.c.state == "pending")
-    return sa.and_(sa.or_(blobs.c.collecting.is_(True), blobs.c.placed_at < placed_before),
-                   ~held)
-
+    unused = sa.and_(blobs.c.collector.is_(None), blobs.c.placed_at < placed_before, ~held)
+    abandoned = sa.and_(blobs.c.collector.is_not(None),
+                        blobs.c.collecting_since < stale_before)
+    return sa.and_(blobs.c.refcount == 0, sa.or_(unused, abandoned))

@@ -81,8 +81,10 @@ blobs = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     # When bytes were last placed for this content (``memvault.placement``).
     sa.Column("placed_at", sa.Double, nullable=True),
-    # Set while its file is being deleted: nothing may place or commit this content then.
-    sa.Column("collecting", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Set while its file is being deleted (the collector's token, and since when): nothing
+    # may place or commit this content then, nor another collector take it before a lease.
+    sa.Column("collector", sa.String(40), nullable=True),
+    sa.Column("collecting_since", sa.Double, nullable=True),
     sa.Index("ix_blobs_refcount", "refcount"),
 )
 

@@ -36,6 +36,7 @@ from memvault.errors import (
     LengthMismatch,
     MemvaultError,
     NotFound,
+    Unavailable,
 )
 from memvault.hashing import new_sha256
 from memvault.metadata import Database
@@ -249,8 +250,13 @@ class SessionService:
                                        return_exceptions=True)
         _raise_first(items, checked)
         verified = [c for c in checked if isinstance(c, _Verified)]
-        await self.placements.reserve([(v.sha256, v.session.size) for v in verified],
-                                      holders=[(v.session.id, v.sha256) for v in verified])
+        try:
+            await self.placements.reserve([(v.sha256, v.session.size) for v in verified],
+                                          holders=[(v.session.id, v.sha256) for v in verified])
+        except Unavailable as busy:  # that content's unused file is being deleted right now
+            _name(busy, next(v.session.id for v in verified
+                             if v.sha256 == busy.extra.get("sha256")), len(items))
+            raise
         moved = await asyncio.gather(*(self._place(v) for v in verified),
                                      return_exceptions=True)
         _raise_first([i for i, c in zip(items, checked, strict=True)

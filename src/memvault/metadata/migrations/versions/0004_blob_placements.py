@@ -1,5 +1,5 @@
-"""blobs.placed_at and blobs.collecting, upload_sessions.placed_sha256: a row is written
-before bytes are placed, so bytes that no commit came to use can be found and collected
+"""blobs.placed_at, .collector and .collecting_since, upload_sessions.placed_sha256: a row
+is written before bytes are placed, so bytes that no commit came to use can be collected
 
 Revision ID: 0004
 Revises: 0003
@@ -19,8 +19,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("blobs") as batch:
         batch.add_column(sa.Column("placed_at", sa.Double(), nullable=True))
-        batch.add_column(sa.Column("collecting", sa.Boolean(), nullable=False,
-                                   server_default=sa.false()))
+        batch.add_column(sa.Column("collector", sa.String(length=40), nullable=True))
+        batch.add_column(sa.Column("collecting_since", sa.Double(), nullable=True))
     op.create_index("ix_blobs_refcount", "blobs", ["refcount"])
     with op.batch_alter_table("upload_sessions") as batch:
         batch.add_column(sa.Column("placed_sha256", sa.String(length=64), nullable=True))
@@ -33,5 +33,6 @@ def downgrade() -> None:
         batch.drop_column("placed_sha256")
     op.drop_index("ix_blobs_refcount", table_name="blobs")
     with op.batch_alter_table("blobs") as batch:
-        batch.drop_column("collecting")
+        batch.drop_column("collecting_since")
+        batch.drop_column("collector")
         batch.drop_column("placed_at")
