@@ -31,7 +31,7 @@ from memvault.metadata.blobs import (
 )
 from memvault.metadata.migrate import upgrade
 from memvault.metadata.schema import blobs
-from memvault.placement import GRACE, LEASE
+from memvault.placement import GRACE, LEASE, Placements
 from memvault.sessions import FinishItem
 from memvault.storage.local import LocalBlobStore
 from tests.inprocess import CHUNK, InProcess, inprocess
@@ -288,6 +288,62 @@ async def test_a_file_that_cannot_be_deleted_is_given_back(database_url: str | N
         assert _file(ip, sha)
         assert await _collect(ip) == 1
         assert not _file(ip, sha)
+
+
+async def test_each_take_is_stamped_with_its_own_time(database_url: str | None) -> None:
+    """A collection whose first delete took longer than the lease takes the next row now:
+    another reaper starting at that moment leaves that row alone. (Found by review: stamped
+    with the time the collection began, it counted as abandoned the moment it was taken.)"""
+    contents = [os.urandom(CHUNK + n) for n in (1, 2)]
+    async with inprocess(database_url=database_url) as ip:
+        for n, data in enumerate(contents):
+            await _placed_then_aborted(ip, data, f"orphan-{n}")
+        ip.clock.advance(GRACE + 1)
+        assert isinstance(ip.store, LocalBlobStore)
+        delete = ip.store.delete_blob
+        other = Placements(ip.db, ip.store, ip.clock)  # another server's reaper
+        deletes: list[str] = []
+        taken_over: list[int] = []
+
+        async def slow_then_watched(storage_key: str) -> None:
+            deletes.append(storage_key)
+            if len(deletes) == 1:
+                ip.clock.advance(LEASE + 1)  # this delete took longer than the lease
+            elif len(deletes) == 2:
+                taken_over.append(await other.collect())
+            await delete(storage_key)
+
+        ip.store.delete_blob = slow_then_watched  # type: ignore[method-assign]
+        try:
+            assert await _collect(ip) == 2
+        finally:
+            ip.store.delete_blob = delete  # type: ignore[method-assign]
+        assert taken_over == [0]
+        assert len(deletes) == 2
+
+
+async def test_a_cancelled_collection_gives_its_row_back(database_url: str | None) -> None:
+    data = os.urandom(CHUNK + 3)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        ip.clock.advance(GRACE + 1)
+        assert isinstance(ip.store, LocalBlobStore)
+        delete = ip.store.delete_blob
+
+        async def shutting_down(storage_key: str) -> None:
+            raise asyncio.CancelledError
+
+        ip.store.delete_blob = shutting_down  # type: ignore[method-assign]
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await ip.uploads.sessions.placements.collect()
+        finally:
+            ip.store.delete_blob = delete  # type: ignore[method-assign]
+        assert (await _row(ip, sha) or {})["collector"] is None
+        session_id = await ip.sent(data, "after")
+        _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
 
 
 @pytest.mark.parametrize("step", ["reserve", "record"])

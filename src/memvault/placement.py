@@ -11,10 +11,13 @@ is empty now, the bytes are only there).
 
 Collection never races a placement: a collector takes a row (its own token in ``collector``,
 under the row lock, only if unused, not placed since the cutoff and held by no pending
-session) before it deletes the file; a placement or commit that finds the row taken waits
-(``Unavailable``), and the row goes only after the file, by the collector that took it. Any
-number of reapers may collect at once: a taken row is left to its collector, and taken over
-only after ``lease`` (its collector died), by a conditional update that one of them wins.
+session; on PostgreSQL only ``placed_at`` and ``refcount`` are looked at again after waiting
+for the lock, which is enough because a reservation always stamps ``placed_at`` in the
+transaction that records the holder) before it deletes the file; a placement or commit that
+finds the row taken waits (``Unavailable``), and the row goes only after the file, by the
+collector that took it. Any number of reapers may collect at once: a taken row is left to its
+collector, and taken over only after ``lease`` (its collector died), by a conditional update
+that one of them wins.
 
 Stores whose blobs are their sealed staging areas (S3) need none of this: abort and expiry
 discard those.
@@ -22,6 +25,7 @@ discard those.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets
 from collections.abc import Sequence
@@ -49,7 +53,8 @@ takes from placing its bytes to committing them."""
 
 LEASE = 600.0
 """Seconds after which a row another collector took is presumed abandoned (that collector
-died) and taken over: far longer than moving one file to the trash takes."""
+died) and taken over: far longer than moving one file to the trash takes. Times are each
+server's clock: servers whose clocks differ by minutes (no NTP) shorten it."""
 
 
 class Placements:
@@ -95,26 +100,32 @@ class Placements:
         store = self.store
         if not isinstance(store, ContentAddressed):
             return 0
+        token = secrets.token_hex(8)  # this collection's own: its takes are told apart
         now = self.clock.now()
-        cutoff, stale = now - self.grace, now - self.lease
-        token = secrets.token_hex(8)  # this collection's own: its marks are told apart
         unused = await self.db.query(functools.partial(
-            unused_blobs, placed_before=cutoff, stale_before=stale, limit=limit))
+            unused_blobs, placed_before=now - self.grace, stale_before=now - self.lease,
+            limit=limit))
         count = 0
         for sha256, storage_key in unused:
+            # The time of each take, not of the listing: a take stamped earlier would be
+            # taken over sooner than ``lease`` after it (a long run of slow deletes).
+            now = self.clock.now()
             taken = await self.db.transact(functools.partial(
-                start_collecting, sha256=sha256, placed_before=cutoff, stale_before=stale,
-                collector=token, now=now))
+                start_collecting, sha256=sha256, placed_before=now - self.grace,
+                stale_before=now - self.lease, collector=token, now=now))
             if not taken:
                 continue  # placed, committed or taken by another collector since we looked
             try:
                 await store.delete_blob(storage_key)
-            except Exception:
-                # Given back, so finishes of this content are not refused while the file
-                # stays; the next collection tries again.
+            except BaseException as exc:
+                # Given back (also when cancelled: a row whose file did go is harmless, the
+                # next collection forgets it), so finishes of this content are not refused
+                # for a lease while the file stays.
+                await asyncio.shield(self.db.transact(
+                    functools.partial(stop_collecting, sha256=sha256, collector=token)))
+                if not isinstance(exc, Exception):
+                    raise
                 log.exception("blob.collect_failed", sha256=sha256, storage_key=storage_key)
-                await self.db.transact(
-                    functools.partial(stop_collecting, sha256=sha256, collector=token))
                 continue
             if await self.db.transact(
                     functools.partial(forget_blob, sha256=sha256, collector=token)):
