@@ -241,8 +241,8 @@ class SessionService:
         pending as a failed single finish leaves it. Then the blobs move into place (their
         rows reserved first: ``memvault.placement``) and one transaction commits every
         session with its caller's rows: a memory finished together with its derivatives
-        appears with all of them at once. A session already committed
-        with the same digest is replayed. Returns the sessions in the order given.
+        appears with all of them at once. A session already committed with the same digest
+        is replayed. Returns the sessions in the order given.
         """
         if len({item.session_id for item in items}) != len(items):
             raise InvalidArgument("each upload may appear once in a finish")
@@ -397,7 +397,8 @@ class SessionService:
                 placed = [p for p in placed if p is not lost.placed]
                 continue
             except BlobCollected as gone:
-                # Only if placing and committing were more than the collection grace apart.
+                # Not expected: a pending session holds the content it placed, so no
+                # collector takes it; seen only if something deleted the row regardless.
                 error = Internal("the bytes placed for this upload were removed before it "
                                  "was committed; upload the file again", sha256=gone.sha256)
                 _name(error, next(p.session.id for p in placed if p.sha256 == gone.sha256),
