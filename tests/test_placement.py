@@ -10,8 +10,10 @@ real interleaving can take, on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +37,18 @@ from memvault.placement import GRACE, LEASE, Placements
 from memvault.sessions import FinishItem
 from memvault.storage.local import LocalBlobStore
 from tests.inprocess import CHUNK, InProcess, inprocess
+
+
+@contextlib.contextmanager
+def _instead(store: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    """The store's method ``name`` is ``replacement`` inside the block (which may call the
+    original, taken before it): one interleaving of the real store, driven in order."""
+    original = getattr(store, name)
+    setattr(store, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(store, name, original)
 
 
 async def _row(ip: InProcess, sha: str) -> dict[str, Any] | None:
@@ -66,13 +80,9 @@ async def _placed_then_aborted(ip: InProcess, data: bytes, key: str) -> str:
         await ip.uploads.abort(ip.caller, session_id)
         return stored
 
-    store.commit = place_then_abort  # type: ignore[method-assign]
-    try:
-        with pytest.raises(MemvaultError):
-            await ip.uploads.finish(ip.caller, session_id, len(data),
-                                    hashlib.sha256(data).hexdigest())
-    finally:
-        store.commit = commit  # type: ignore[method-assign]
+    with _instead(store, "commit", place_then_abort), pytest.raises(MemvaultError):
+        await ip.uploads.finish(ip.caller, session_id, len(data),
+                                hashlib.sha256(data).hexdigest())
     return session_id
 
 
@@ -151,11 +161,8 @@ async def test_a_collection_after_a_new_placement_leaves_the_bytes(
             collected.append(await _collect(ip))
             return await commit(staging, sha256, size)
 
-        store.commit = collect_then_place  # type: ignore[method-assign]
-        try:
+        with _instead(store, "commit", collect_then_place):
             _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
-        finally:
-            store.commit = commit  # type: ignore[method-assign]
         assert collected == [0]
         assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
         ip.clock.advance(GRACE + 1)
@@ -188,11 +195,8 @@ async def test_a_finish_during_a_collection_is_told_to_retry_and_then_commits(
                 refused.append(exc)
             await delete(storage_key)
 
-        ip.store.delete_blob = finish_then_delete  # type: ignore[method-assign]
-        try:
+        with _instead(ip.store, "delete_blob", finish_then_delete):
             assert await _collect(ip) == 1
-        finally:
-            ip.store.delete_blob = delete  # type: ignore[method-assign]
         assert len(refused) == 1, refused
         assert isinstance(refused[0], Unavailable), refused
         assert refused[0].headers() == {"Retry-After": "1"}
@@ -246,19 +250,19 @@ async def test_a_collector_that_looked_before_another_finished_takes_nothing_new
         looked = await ip.db.query(lambda conn: unused_blobs(
             conn, placed_before=now - GRACE, stale_before=now - LEASE, limit=10))
         assert [s for s, _ in looked] == [sha]
+
+        async def take(collector: str) -> bool:
+            return await ip.db.transact(lambda conn: start_collecting(
+                conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
+                collector=collector, now=now))
+
         # Meanwhile the first collector takes the same row: the second cannot take it now.
-        assert await ip.db.transact(lambda conn: start_collecting(
-            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
-            collector="first", now=now))
-        assert not await ip.db.transact(lambda conn: start_collecting(
-            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
-            collector="second", now=now))
+        assert await take("first")
+        assert not await take("second")
         assert await ip.db.transact(lambda conn: forget_blob(conn, sha, "first"))
         session_id = await ip.sent(data, "late")
         _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
-        assert not await ip.db.transact(lambda conn: start_collecting(
-            conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
-            collector="second", now=now))
+        assert not await take("second")
         assert not await ip.db.transact(lambda conn: forget_blob(conn, sha, "second"))
         assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
 
@@ -271,17 +275,12 @@ async def test_a_file_that_cannot_be_deleted_is_given_back(database_url: str | N
     async with inprocess(database_url=database_url) as ip:
         await _placed_then_aborted(ip, data, "orphan")
         ip.clock.advance(GRACE + 1)
-        assert isinstance(ip.store, LocalBlobStore)
-        delete = ip.store.delete_blob
 
         async def failing(storage_key: str) -> None:
             raise PermissionError(13, "Permission denied", storage_key)
 
-        ip.store.delete_blob = failing  # type: ignore[method-assign]
-        try:
+        with _instead(ip.store, "delete_blob", failing):
             assert await _collect(ip) == 0
-        finally:
-            ip.store.delete_blob = delete  # type: ignore[method-assign]
         row = await _row(ip, sha)
         assert row is not None
         assert (row["collector"], row["refcount"]) == (None, 0)
@@ -313,11 +312,8 @@ async def test_each_take_is_stamped_with_its_own_time(database_url: str | None) 
                 taken_over.append(await other.collect())
             await delete(storage_key)
 
-        ip.store.delete_blob = slow_then_watched  # type: ignore[method-assign]
-        try:
+        with _instead(ip.store, "delete_blob", slow_then_watched):
             assert await _collect(ip) == 2
-        finally:
-            ip.store.delete_blob = delete  # type: ignore[method-assign]
         assert taken_over == [0]
         assert len(deletes) == 2
 
@@ -328,18 +324,13 @@ async def test_a_cancelled_collection_gives_its_row_back(database_url: str | Non
     async with inprocess(database_url=database_url) as ip:
         await _placed_then_aborted(ip, data, "orphan")
         ip.clock.advance(GRACE + 1)
-        assert isinstance(ip.store, LocalBlobStore)
-        delete = ip.store.delete_blob
 
         async def shutting_down(storage_key: str) -> None:
             raise asyncio.CancelledError
 
-        ip.store.delete_blob = shutting_down  # type: ignore[method-assign]
-        try:
-            with pytest.raises(asyncio.CancelledError):
-                await ip.uploads.sessions.placements.collect()
-        finally:
-            ip.store.delete_blob = delete  # type: ignore[method-assign]
+        with (_instead(ip.store, "delete_blob", shutting_down),
+              pytest.raises(asyncio.CancelledError)):
+            await ip.uploads.sessions.placements.collect()
         assert (await _row(ip, sha) or {})["collector"] is None
         session_id = await ip.sent(data, "after")
         _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
