@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -37,6 +37,8 @@ from memvault.placement import GRACE, LEASE, Placements
 from memvault.sessions import FinishItem
 from memvault.storage.local import LocalBlobStore
 from tests.inprocess import CHUNK, InProcess, inprocess
+
+Confirm = Callable[[], Awaitable[bool]]
 
 
 @contextlib.contextmanager
@@ -188,12 +190,12 @@ async def test_a_finish_during_a_collection_is_told_to_retry_and_then_commits(
         delete = ip.store.delete_blob
         refused: list[BaseException] = []
 
-        async def finish_then_delete(storage_key: str) -> None:
+        async def finish_then_delete(storage_key: str, confirm: Confirm) -> bool:
             try:
                 await ip.uploads.finish_many(ip.caller, items)
             except MemvaultError as exc:
                 refused.append(exc)
-            await delete(storage_key)
+            return await delete(storage_key, confirm)
 
         with _instead(ip.store, "delete_blob", finish_then_delete):
             assert await _collect(ip) == 1
@@ -276,7 +278,7 @@ async def test_a_file_that_cannot_be_deleted_is_given_back(database_url: str | N
         await _placed_then_aborted(ip, data, "orphan")
         ip.clock.advance(GRACE + 1)
 
-        async def failing(storage_key: str) -> None:
+        async def failing(storage_key: str, confirm: Confirm) -> bool:
             raise PermissionError(13, "Permission denied", storage_key)
 
         with _instead(ip.store, "delete_blob", failing):
@@ -304,18 +306,77 @@ async def test_each_take_is_stamped_with_its_own_time(database_url: str | None) 
         deletes: list[str] = []
         taken_over: list[int] = []
 
-        async def slow_then_watched(storage_key: str) -> None:
+        async def slow_then_watched(storage_key: str, confirm: Confirm) -> bool:
             deletes.append(storage_key)
             if len(deletes) == 1:
                 ip.clock.advance(LEASE + 1)  # this delete took longer than the lease
             elif len(deletes) == 2:
                 taken_over.append(await other.collect())
-            await delete(storage_key)
+            return await delete(storage_key, confirm)
 
         with _instead(ip.store, "delete_blob", slow_then_watched):
             assert await _collect(ip) == 2
         assert taken_over == [0]
         assert len(deletes) == 2
+
+
+async def _place_and_commit_again(ip: InProcess, data: bytes, key: str) -> str:
+    """A later upload of the same content, finished: returns the asset's storage key."""
+    session_id = await ip.sent(data, key)
+    _, memory = await ip.uploads.finish(ip.caller, session_id, len(data),
+                                        hashlib.sha256(data).hexdigest())
+    return memory.assets["original"].storage_key
+
+
+@pytest.mark.parametrize("stall", ["before the move", "between the move and the row"])
+async def test_a_collector_that_stood_still_past_its_lease_leaves_committed_bytes(
+    database_url: str | None, stall: str,
+) -> None:
+    """A collector takes a row, then stands still for longer than the lease (a paused VM);
+    another reaper takes the row over and deletes the file, and the same content is uploaded
+    and committed again. When the first one goes on, it must not delete the new file: it
+    moves it aside, finds the row is no longer its own, and puts it back (or, if it had moved
+    the old file aside before the stall, finds the new copy in place and drops its own)."""
+    data = os.urandom(CHUNK + 7)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        await _placed_then_aborted(ip, data, "orphan")
+        ip.clock.advance(GRACE + 1)
+        assert isinstance(ip.store, LocalBlobStore)
+        delete = ip.store.delete_blob
+        other = Placements(ip.db, ip.store, ip.clock)  # another server's reaper
+        keys: list[str] = []
+        seen: dict[str, Any] = {}
+
+        async def meanwhile() -> None:
+            ip.clock.advance(LEASE + 1)
+            seen["taken over"] = await other.collect()
+            keys.append(await _place_and_commit_again(ip, data, "again"))
+
+        async def stalled(storage_key: str, confirm: Confirm) -> bool:
+            if seen:  # the other reaper's own delete
+                return await delete(storage_key, confirm)
+            seen["stalled"] = True
+            if stall == "before the move":
+                await meanwhile()
+                return await delete(storage_key, confirm)
+
+            async def late_confirm() -> bool:
+                await meanwhile()
+                return await confirm()
+
+            return await delete(storage_key, late_confirm)
+
+        with _instead(ip.store, "delete_blob", stalled):
+            assert await _collect(ip) == 0
+        assert seen["taken over"] == 1
+        row = await _row(ip, sha)
+        assert row is not None
+        assert (row["refcount"], row["collector"]) == (1, None)
+        assert _file(ip, sha), "the committed asset's bytes were deleted"
+        assert await ip.read_asset(keys[0], len(data)) == data
+        await ip.store.drained()
+        assert list((ip.store.root / "trash").iterdir()) == []
 
 
 async def test_a_cancelled_collection_gives_its_row_back(database_url: str | None) -> None:
@@ -325,7 +386,7 @@ async def test_a_cancelled_collection_gives_its_row_back(database_url: str | Non
         await _placed_then_aborted(ip, data, "orphan")
         ip.clock.advance(GRACE + 1)
 
-        async def shutting_down(storage_key: str) -> None:
+        async def shutting_down(storage_key: str, confirm: Confirm) -> bool:
             raise asyncio.CancelledError
 
         with (_instead(ip.store, "delete_blob", shutting_down),

@@ -19,6 +19,11 @@ collector that took it. Any number of reapers may collect at once: a taken row i
 collector, and taken over only after ``lease`` (its collector died), by a conditional update
 that one of them wins.
 
+A collector that did not die but stood still for longer than the lease (a paused VM, a hung
+disk) is fenced: the store first moves the file aside, then the transaction that drops the
+row runs only if this collector still holds it; if another took the row over meanwhile (and
+a new finish may have placed and committed the same content since), the file is put back.
+
 Stores whose blobs are their sealed staging areas (S3) need none of this: abort and expiry
 discard those.
 """
@@ -115,20 +120,25 @@ class Placements:
                 stale_before=now - self.lease, collector=token, now=now))
             if not taken:
                 continue  # placed, committed or taken by another collector since we looked
+            forget = functools.partial(self.db.transact, functools.partial(
+                forget_blob, sha256=sha256, collector=token))
             try:
-                await store.delete_blob(storage_key)
+                deleted = await store.delete_blob(storage_key, forget)
             except BaseException as exc:
-                # Given back (also when cancelled: a row whose file did go is harmless, the
-                # next collection forgets it), so finishes of this content are not refused
-                # for a lease while the file stays.
+                # The file stays (or is back); the row is given back too (also when
+                # cancelled), so finishes of this content are not refused for a lease.
                 await asyncio.shield(self.db.transact(
                     functools.partial(stop_collecting, sha256=sha256, collector=token)))
                 if not isinstance(exc, Exception):
                     raise
                 log.exception("blob.collect_failed", sha256=sha256, storage_key=storage_key)
                 continue
-            if await self.db.transact(
-                    functools.partial(forget_blob, sha256=sha256, collector=token)):
+            if deleted:
                 log.info("blob.collected", sha256=sha256, storage_key=storage_key)
                 count += 1
+            else:
+                # This collection stood still for longer than the lease: another took the
+                # row over, and the content may have been placed and committed again since.
+                # The file it had set aside is back (or a newer copy is there).
+                log.warning("blob.collect_lease_lost", sha256=sha256, storage_key=storage_key)
         return count

@@ -15,7 +15,7 @@ Exceptions::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -166,8 +166,13 @@ class ContentAddressed(Protocol):
         """The storage key ``commit`` gives the content ``sha256``."""
         ...
 
-    async def delete_blob(self, storage_key: str) -> None:
-        """Delete a blob no row uses any more (idempotent)."""
+    async def delete_blob(self, storage_key: str,
+                          confirm: Callable[[], Awaitable[bool]]) -> bool:
+        """Delete a blob no row uses any more, fenced by ``confirm``: the bytes are first
+        made unreachable (moved aside), then ``confirm()`` (the transaction that drops the
+        caller's row, if the caller still holds it) decides. True: they go. False, or an
+        error: they are put back, unless a new copy of the content was placed meanwhile.
+        Returns what ``confirm`` returned (also when the bytes were gone already)."""
         ...
 
 

@@ -4,7 +4,7 @@ Layout under the root::
 
     staging/<key>              one sparse file per upload session, written at offsets
     blobs/ab/cd/<sha256>       committed blobs, immutable, named by content
-    trash/<key>.<random>       staging files on their way out
+    trash/<key>.<random>       staging files (and unused blobs) on their way out
 
 Writes use ``pwritev`` so many requests can fill one staging file at once without sharing a
 file position. Commit fsyncs the file, renames it into place and fsyncs the directory, so a
@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -260,10 +260,40 @@ class LocalBlobStore:
         if doomed is not None:
             self._unlink_later(doomed)
 
-    async def delete_blob(self, storage_key: str) -> None:
-        doomed = await asyncio.to_thread(self._throw_away, self._blob(storage_key))
-        if doomed is not None:
-            self._unlink_later(doomed)
+    async def delete_blob(self, storage_key: str,
+                          confirm: Callable[[], Awaitable[bool]]) -> bool:
+        path = self._blob(storage_key)
+        aside = await asyncio.to_thread(self._throw_away, path)
+        try:
+            confirmed = await confirm()
+        except BaseException:
+            if aside is not None:
+                await asyncio.shield(asyncio.to_thread(self._put_back, aside, path))
+            raise
+        if aside is not None:
+            if confirmed:
+                self._unlink_later(aside)
+            else:
+                await asyncio.to_thread(self._put_back, aside, path)
+        return confirmed
+
+    @staticmethod
+    def _put_back(aside: Path, path: Path) -> None:
+        """Return a file set aside to ``path``, unless a new copy of the same content was
+        placed there meanwhile (then that one stays and this one goes)."""
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            # Swept from trash/ while its collector stood still for longer than the sweep's
+            # grace: the one case the fence does not cover.
+            log.error("storage.put_back_lost", path=str(path), aside=str(aside))
+            return
+        else:
+            _fsync_dir(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
 
     def _throw_away(self, path: Path) -> Path | None:
         """Move a file into trash/ (a rename: instant); the path to unlink later, or None if
@@ -292,7 +322,7 @@ class LocalBlobStore:
             await asyncio.gather(*self._unlinking, return_exceptions=True)
 
     async def staged_keys(self, older_than: float) -> list[str]:
-        await asyncio.to_thread(self._empty_trash)
+        await asyncio.to_thread(self._empty_trash, older_than)
 
         def scan() -> list[str]:
             keys = []
@@ -319,13 +349,16 @@ class LocalBlobStore:
         finally:
             os.close(fd)
 
-    def _empty_trash(self) -> None:
-        """What a crash (or a failed unlink) left in trash/; an unlink racing one of ours
-        finds the file gone, which is fine."""
+    def _empty_trash(self, older_than: float) -> None:
+        """What a crash (or a failed unlink) left in trash/ before ``older_than`` (by the time
+        it was moved there: a rename sets ``st_ctime``). Younger files may be a collector's,
+        set aside until its transaction decides whether they go or return. An unlink racing
+        one of ours finds the file gone, which is fine."""
         with os.scandir(self._trash) as entries:
             for entry in entries:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+                    if entry.stat().st_ctime < older_than:
+                        os.unlink(entry.path)
 
     async def free_bytes(self) -> int | None:
         usage = await asyncio.to_thread(shutil.disk_usage, self.root)
