@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -396,6 +400,72 @@ async def test_a_cancelled_collection_gives_its_row_back(database_url: str | Non
         session_id = await ip.sent(data, "after")
         _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
         assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
+async def _files_rows_and_damage(ip: InProcess) -> tuple[bytes, bytes, bytes, str]:
+    """Three contents: one stored as it should be; one whose file no row names (what a
+    version before migration 0004 left after an abort between rename and commit); one in use
+    whose file is gone (a disk fault). Returns them and the damaged one's memory id."""
+    kept, orphan, lost = (os.urandom(CHUNK + n) for n in (11, 12, 13))
+    await _place_and_commit_again(ip, kept, "kept")
+    await _placed_then_aborted(ip, orphan, "orphan")
+    orphan_sha = hashlib.sha256(orphan).hexdigest()
+    await ip.db.transact(lambda conn: conn.execute(
+        sa.delete(blobs).where(blobs.c.sha256 == orphan_sha)))
+    session_id = await ip.sent(lost, "lost")
+    _, memory = await ip.uploads.finish(ip.caller, session_id, len(lost),
+                                        hashlib.sha256(lost).hexdigest())
+    assert isinstance(ip.store, LocalBlobStore)
+    os.unlink(ip.store.blob_path(memory.assets["original"].storage_key))
+    return kept, orphan, lost, str(memory.id)
+
+
+async def test_check_registers_files_no_row_names_and_lists_assets_without_bytes(
+    database_url: str | None,
+) -> None:
+    async with inprocess(database_url=database_url) as ip:
+        kept, orphan, lost, lost_memory = await _files_rows_and_damage(ip)
+        orphan_sha = hashlib.sha256(orphan).hexdigest()
+        placements = ip.uploads.sessions.placements
+
+        report = await placements.check(batch=2)  # several pages of rows
+        assert (report.files, report.in_use) == (2, 2)
+        assert report.registered == [orphan_sha]
+        assert report.missing == [(hashlib.sha256(lost).hexdigest(), lost_memory, "original")]
+        row = await _row(ip, orphan_sha)
+        assert row is not None
+        assert (row["refcount"], row["size"]) == (0, len(orphan))
+
+        # Registered, the orphan goes the way of any unused placement: after the grace.
+        assert await _collect(ip) == 0
+        assert _file(ip, orphan_sha)
+        ip.clock.advance(GRACE + 1)
+        assert await _collect(ip) == 1
+        assert not _file(ip, orphan_sha)
+        assert _file(ip, hashlib.sha256(kept).hexdigest())
+        again = await placements.check()
+        assert (again.files, again.registered, len(again.missing)) == (1, [], 1)
+
+
+def test_blobs_check_command_reports_and_exits_1_on_missing_bytes(tmp_path: Path) -> None:
+    async def damaged() -> tuple[bytes, bytes, bytes, str]:
+        async with inprocess(root=tmp_path) as ip:
+            return await _files_rows_and_damage(ip)
+
+    _, orphan, lost, lost_memory = asyncio.run(damaged())
+    command = [sys.executable, "-m", "memvault", "blobs", "check", "--data", str(tmp_path)]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout) == {
+        "files": 2, "in_use": 2, "registered": [hashlib.sha256(orphan).hexdigest()],
+        "missing": [{"sha256": hashlib.sha256(lost).hexdigest(), "memory_id": lost_memory,
+                     "role": "original"}],
+    }
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ["2 blob files, 2 blobs in use"]
+    assert f"the original of memory {lost_memory}" in done.stderr
+    assert "upload it again" in done.stderr
 
 
 @pytest.mark.parametrize("step", ["reserve", "record"])

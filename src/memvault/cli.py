@@ -17,14 +17,17 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="memvault: resumable uploads of memories into capsules.")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 db_app = typer.Typer(no_args_is_help=True, help="The metadata database.")
+blobs_app = typer.Typer(no_args_is_help=True, help="Stored blobs (the local data folder).")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(blobs_app, name="blobs")
 capsule_app = typer.Typer(no_args_is_help=True, help="Capsules on the server you logged in to.")
 admin_app = typer.Typer(no_args_is_help=True, help="Operator views (an admin token).")
 app.add_typer(capsule_app, name="capsule", rich_help_panel="Client")
 app.add_typer(admin_app, name="admin", rich_help_panel="Client")
 
 DataOpt = Annotated[Path | None, typer.Option("--data", help="data folder (MEMVAULT_DATA_DIR)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON document on stdout, for scripts")]
 
 
 def _settings(data: Path | None, **flags: Any) -> Settings:
@@ -111,9 +114,53 @@ def db_upgrade(data: DataOpt = None) -> None:
     typer.echo("schema is current")
 
 
-# -- client commands (over the SDK; logic in memvault.commands) ------------------------------
+@blobs_app.command("check")
+def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
+    """Compare the blob files with the database, both ways (safe while servers run).
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON document on stdout, for scripts")]
+    Files no row names are registered as unused, and the reaper deletes them after an hour
+    unless an upload uses them first; assets whose file is gone are listed (exit code 1).
+    """
+    import json
+
+    from memvault.clock import SystemClock
+    from memvault.http.app import open_services
+    from memvault.placement import BlobCheck
+
+    settings = _settings(data)
+
+    async def run() -> BlobCheck:
+        db, services = await open_services(settings, SystemClock())
+        try:
+            return await services.uploads.sessions.placements.check()
+        finally:
+            await services.uploads.sessions.close()
+            await db.dispose()
+
+    report = asyncio.run(run())
+    missing = [{"sha256": sha, "memory_id": memory, "role": role}
+               for sha, memory, role in report.missing]
+    if as_json:
+        typer.echo(json.dumps({"files": report.files, "in_use": report.in_use,
+                               "registered": report.registered, "missing": missing}))
+    else:
+        typer.echo(f"{report.files} blob files, {report.in_use} blobs in use")
+        if report.registered:
+            typer.echo(f"{len(report.registered)} files no row named are now registered as "
+                       "unused; the reaper deletes them after an hour unless an upload uses "
+                       "them first:")
+            for sha in report.registered:
+                typer.echo(f"  {sha}")
+        for m in missing:
+            typer.echo(f"missing: the {m['role']} of memory {m['memory_id']} "
+                       f"(blob {m['sha256']}) has no file: upload it again", err=True)
+        if not report.registered and not missing:
+            typer.echo("everything matches")
+    if missing:
+        raise typer.Exit(1)
+
+
+# -- client commands (over the SDK; logic in memvault.commands) ------------------------------
 
 
 @app.command(rich_help_panel="Client")

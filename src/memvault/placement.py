@@ -34,6 +34,7 @@ import asyncio
 import functools
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -42,11 +43,14 @@ from memvault.errors import Unavailable
 from memvault.metadata import Database
 from memvault.metadata.blobs import (
     BlobBusy,
+    blob_users,
     forget_blob,
+    named_blobs,
     reserve_blobs,
     start_collecting,
     stop_collecting,
     unused_blobs,
+    used_blobs,
 )
 from memvault.storage.base import BlobStore, ContentAddressed
 
@@ -60,6 +64,22 @@ LEASE = 600.0
 """Seconds after which a row another collector took is presumed abandoned (that collector
 died) and taken over: far longer than moving one file to the trash takes. Times are each
 server's clock: servers whose clocks differ by minutes (no NTP) shorten it."""
+
+
+@dataclass
+class BlobCheck:
+    """What ``Placements.check`` found."""
+
+    files: int = 0
+    """Blob files in the store."""
+    in_use: int = 0
+    """Blob rows that assets use."""
+    registered: list[str] = field(default_factory=list)
+    """Contents whose file no row named (left by a version before rows were reserved, or
+    by a fenced collector): now reserved, so ``collect`` deletes them after ``grace``
+    unless an upload uses them first."""
+    missing: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(sha256, memory_id, role)`` of assets whose bytes are not in the store."""
 
 
 class Placements:
@@ -98,6 +118,41 @@ class Placements:
             raise Unavailable(
                 "the same content is being removed from storage at this moment; "
                 "retry in a second", retry_after=1, sha256=busy.sha256) from None
+
+    async def check(self, batch: int = 500) -> BlobCheck:
+        """Compare the store with the rows, both ways (``memvault blobs check``). A file no
+        row names is reserved like a placement, so the reaper collects it once unused for
+        ``grace``; an asset whose file is gone is reported. Safe while servers run: a finish
+        of the same content meanwhile only stamps the row again."""
+        report = BlobCheck()
+        store = self.store
+        if not isinstance(store, ContentAddressed):
+            return report
+        async for found in store.blob_files():
+            report.files += len(found)
+            for start in range(0, len(found), batch):
+                part = found[start:start + batch]
+                named = await self.db.query(functools.partial(
+                    named_blobs, shas=[sha for sha, _ in part]))
+                for sha256, size in part:
+                    if sha256 in named:
+                        continue
+                    try:
+                        await self.reserve([(sha256, size)])
+                    except Unavailable:
+                        continue  # a row appeared and is being collected: its collector's
+                    report.registered.append(sha256)
+        after = ""
+        while rows := await self.db.query(functools.partial(used_blobs, after=after,
+                                                            limit=batch)):
+            after = rows[-1][0]
+            report.in_use += len(rows)
+            gone = set(await store.missing_blobs([key for _, key in rows]))
+            shas = [sha for sha, key in rows if key in gone]
+            if shas:
+                report.missing += await self.db.query(functools.partial(blob_users,
+                                                                        shas=shas))
+        return report
 
     async def collect(self, limit: int = 100) -> int:
         """Delete the files of blob rows unused ``grace`` seconds after their last placement

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from memvault.metadata.schema import blobs, upload_sessions
+from memvault.metadata.schema import assets, blobs, upload_sessions
 
 
 class BlobCollected(Exception):
@@ -150,6 +150,30 @@ def forget_blob(conn: sa.Connection, sha256: str, collector: str) -> bool:
                                                blobs.c.collector == collector,
                                                blobs.c.refcount == 0))
     return bool(gone.rowcount == 1)
+
+
+def named_blobs(conn: sa.Connection, shas: Sequence[str]) -> set[str]:
+    """Those of ``shas`` that have a row."""
+    return set(conn.execute(sa.select(blobs.c.sha256).where(blobs.c.sha256.in_(shas)))
+               .scalars())
+
+
+def used_blobs(conn: sa.Connection, after: str, limit: int) -> list[tuple[str, str]]:
+    """``(sha256, storage_key)`` of rows in use, in SHA-256 order after ``after``."""
+    return [(r.sha256, r.storage_key) for r in conn.execute(
+        sa.select(blobs.c.sha256, blobs.c.storage_key)
+        .where(blobs.c.refcount > 0, blobs.c.sha256 > after)
+        .order_by(blobs.c.sha256).limit(limit)
+    )]
+
+
+def blob_users(conn: sa.Connection, shas: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(sha256, memory_id, role)`` of the assets that use those contents."""
+    return [(r.blob_sha256, r.memory_id, r.role) for r in conn.execute(
+        sa.select(assets.c.blob_sha256, assets.c.memory_id, assets.c.role)
+        .where(assets.c.blob_sha256.in_(shas))
+        .order_by(assets.c.blob_sha256, assets.c.memory_id, assets.c.role)
+    )]
 
 
 def _collectable(placed_before: float, stale_before: float) -> sa.ColumnElement[bool]:

@@ -175,6 +175,15 @@ class ContentAddressed(Protocol):
         Returns what ``confirm`` returned (also when the bytes were gone already)."""
         ...
 
+    def blob_files(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """Every stored content as ``(sha256, size)``, in batches (for ``memvault blobs
+        check``: contents no row names)."""
+        ...
+
+    async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
+        """Those of ``storage_keys`` whose bytes are not there."""
+        ...
+
 
 @runtime_checkable
 class PartLimits(Protocol):

@@ -277,6 +277,18 @@ class LocalBlobStore:
                 await asyncio.to_thread(self._put_back, aside, path)
         return confirmed
 
+    async def blob_files(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """One batch per ``blobs/ab/`` folder (1/256 of the contents)."""
+        tops = await asyncio.to_thread(_subfolders, self._blobs)
+        for top in tops:
+            batch = await asyncio.to_thread(_blob_files_under, top)
+            if batch:
+                yield batch
+
+    async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
+        return await asyncio.to_thread(
+            lambda: [k for k in storage_keys if not self._blob(k).exists()])
+
     @staticmethod
     def _put_back(aside: Path, path: Path) -> None:
         """Return a file set aside to ``path``, unless a new copy of the same content was
@@ -370,6 +382,25 @@ class LocalBlobStore:
     def blob_path(self, storage_key: str) -> Path:
         """Local-only capability: the file behind a blob (for zero-copy serving)."""
         return self._blob(storage_key)
+
+
+def _subfolders(path: Path) -> list[Path]:
+    with os.scandir(path) as entries:
+        return sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+
+
+def _blob_files_under(top: Path) -> list[tuple[str, int]]:
+    """``(sha256, size)`` of the blob files in ``top``'s ``cd/`` folders (other names are
+    not blobs and are left out)."""
+    found = []
+    for folder in _subfolders(top):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if _SHA.match(entry.name) and _blob_key(entry.name) == str(
+                        Path("blobs") / top.name / folder.name / entry.name):
+                    with contextlib.suppress(FileNotFoundError):  # collected meanwhile
+                        found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+    return found
 
 
 def _blob_key(sha256: str) -> str:
