@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from memvault.metadata.migrate import upgrade
 from memvault.metadata.schema import blobs
 from memvault.placement import GRACE, LEASE, Placements
 from memvault.sessions import FinishItem
+from memvault.storage import local as local_store
 from memvault.storage.local import LocalBlobStore
 from tests.inprocess import CHUNK, InProcess, inprocess
 
@@ -90,6 +92,15 @@ async def _placed_then_aborted(ip: InProcess, data: bytes, key: str) -> str:
         await ip.uploads.finish(ip.caller, session_id, len(data),
                                 hashlib.sha256(data).hexdigest())
     return session_id
+
+
+async def _orphan_past_grace(ip: InProcess, size: int) -> tuple[bytes, str]:
+    """New bytes placed for a finish that never committed, the grace period over: ready to
+    be collected. Returns them and their SHA-256."""
+    data = os.urandom(size)
+    await _placed_then_aborted(ip, data, "orphan")
+    ip.clock.advance(GRACE + 1)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 async def test_bytes_no_commit_came_to_use_are_collected_after_the_grace_period(
@@ -153,11 +164,8 @@ async def test_a_collection_after_a_new_placement_leaves_the_bytes(
 ) -> None:
     """The unused row is past its grace period when a new finish of the same content places
     the bytes again; a collection between that placement and its commit keeps them."""
-    data = os.urandom(CHUNK + 11)
-    sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        await _placed_then_aborted(ip, data, "orphan")
-        ip.clock.advance(GRACE + 1)
+        data, sha = await _orphan_past_grace(ip, CHUNK + 11)
         session_id = await ip.sent(data, "second")
         store = ip.uploads.sessions.store
         commit = store.commit
@@ -221,11 +229,8 @@ async def test_a_row_another_collector_holds_is_left_to_it_until_its_lease_ends(
 ) -> None:
     """A collector that died after taking the row (its file may or may not be gone) leaves
     it taken: other collections leave it alone for the lease, then one finishes the job."""
-    data = os.urandom(CHUNK + 1)
-    sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        await _placed_then_aborted(ip, data, "orphan")
-        ip.clock.advance(GRACE + 1)
+        _, sha = await _orphan_past_grace(ip, CHUNK + 1)
         now = ip.clock.now()
         assert await ip.db.transact(lambda conn: start_collecting(
             conn, sha256=sha, placed_before=now - GRACE, stale_before=now - LEASE,
@@ -247,11 +252,8 @@ async def test_a_collector_that_looked_before_another_finished_takes_nothing_new
     commits the same content anew; the second's take finds a different row (placed since its
     cutoff, in use) and deletes nothing. (Found by review: when a second collector could take
     a row the first had taken, it deleted the new file under the committed asset.)"""
-    data = os.urandom(CHUNK + 5)
-    sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        await _placed_then_aborted(ip, data, "orphan")
-        ip.clock.advance(GRACE + 1)
+        data, sha = await _orphan_past_grace(ip, CHUNK + 5)
         now = ip.clock.now()
         looked = await ip.db.query(lambda conn: unused_blobs(
             conn, placed_before=now - GRACE, stale_before=now - LEASE, limit=10))
@@ -276,11 +278,8 @@ async def test_a_collector_that_looked_before_another_finished_takes_nothing_new
 async def test_a_file_that_cannot_be_deleted_is_given_back(database_url: str | None) -> None:
     """The delete fails: the row is given back at once (a finish of the content is not
     refused while the file stays) and the next collection tries again."""
-    data = os.urandom(CHUNK + 2)
-    sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        await _placed_then_aborted(ip, data, "orphan")
-        ip.clock.advance(GRACE + 1)
+        _, sha = await _orphan_past_grace(ip, CHUNK + 2)
 
         async def failing(storage_key: str, confirm: Confirm) -> bool:
             raise PermissionError(13, "Permission denied", storage_key)
@@ -341,11 +340,8 @@ async def test_a_collector_that_stood_still_past_its_lease_leaves_committed_byte
     and committed again. When the first one goes on, it must not delete the new file: it
     moves it aside, finds the row is no longer its own, and puts it back (or, if it had moved
     the old file aside before the stall, finds the new copy in place and drops its own)."""
-    data = os.urandom(CHUNK + 7)
-    sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        await _placed_then_aborted(ip, data, "orphan")
-        ip.clock.advance(GRACE + 1)
+        data, sha = await _orphan_past_grace(ip, CHUNK + 7)
         assert isinstance(ip.store, LocalBlobStore)
         delete = ip.store.delete_blob
         other = Placements(ip.db, ip.store, ip.clock)  # another server's reaper
@@ -380,15 +376,90 @@ async def test_a_collector_that_stood_still_past_its_lease_leaves_committed_byte
         assert _file(ip, sha), "the committed asset's bytes were deleted"
         assert await ip.read_asset(keys[0], len(data)) == data
         await ip.store.drained()
-        assert list((ip.store.root / "trash").iterdir()) == []
+        assert list((ip.store.root / "aside").iterdir()) == []
+
+
+async def test_a_failed_decision_puts_the_file_back_and_gives_the_row_back(
+    database_url: str | None,
+) -> None:
+    """The transaction that drops the row fails (the database went away): the file the
+    store moved aside is back in place and the row is free again, so the next collection
+    can do it."""
+    async with inprocess(database_url=database_url) as ip:
+        _, sha = await _orphan_past_grace(ip, CHUNK + 4)
+        assert isinstance(ip.store, LocalBlobStore)
+        delete = ip.store.delete_blob
+
+        async def database_gone() -> bool:
+            assert not _file(ip, sha), "the file is aside while the row is decided"
+            raise ConnectionResetError("database went away")
+
+        async def failing_decision(storage_key: str, confirm: Confirm) -> bool:
+            return await delete(storage_key, database_gone)
+
+        with _instead(ip.store, "delete_blob", failing_decision):
+            assert await _collect(ip) == 0
+        assert _file(ip, sha)
+        row = await _row(ip, sha)
+        assert row is not None
+        assert (row["collector"], row["refcount"]) == (None, 0)
+        assert list((ip.store.root / "aside").iterdir()) == []
+        assert await _collect(ip) == 1
+        assert not _file(ip, sha)
+
+
+@pytest.mark.parametrize("when", ["moving the file aside", "dropping the row"])
+async def test_a_collection_cancelled_mid_delete_finishes_that_delete_first(
+    database_url: str | None, when: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shutdown cancels the reaper in the middle of one delete. That delete is carried
+    through before the cancellation is raised: the file and its row both go. (Found by
+    review: a move interrupted by cancellation left the file in aside/ with nobody to put it
+    back; a row dropped just before the cancellation came back had its file put back,
+    a file no row names.)"""
+    async with inprocess(database_url=database_url) as ip:
+        _, sha = await _orphan_past_grace(ip, CHUNK + 6)
+        assert isinstance(ip.store, LocalBlobStore)
+        reached, go_on = asyncio.Event(), threading.Event()
+        loop = asyncio.get_running_loop()
+        if when == "moving the file aside":
+            move = local_store._move
+
+            def slow_move(path: Path, to: Path) -> bool:
+                loop.call_soon_threadsafe(reached.set)
+                go_on.wait(10)
+                return move(path, to)
+
+            monkeypatch.setattr(local_store, "_move", slow_move)
+            replaced: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:
+            delete = ip.store.delete_blob
+
+            async def slow_decision(storage_key: str, confirm: Confirm) -> bool:
+                async def decide() -> bool:
+                    reached.set()
+                    await asyncio.to_thread(go_on.wait, 10)
+                    return await confirm()
+
+                return await delete(storage_key, decide)
+
+            replaced = _instead(ip.store, "delete_blob", slow_decision)
+        with replaced:
+            collection = asyncio.create_task(ip.uploads.sessions.placements.collect())
+            await reached.wait()
+            collection.cancel()
+            go_on.set()
+            with pytest.raises(asyncio.CancelledError):
+                await collection
+        await ip.store.drained()
+        assert not _file(ip, sha)
+        assert await _row(ip, sha) is None
+        assert list((ip.store.root / "aside").iterdir()) == []
 
 
 async def test_a_cancelled_collection_gives_its_row_back(database_url: str | None) -> None:
-    data = os.urandom(CHUNK + 3)
-    sha = hashlib.sha256(data).hexdigest()
     async with inprocess(database_url=database_url) as ip:
-        await _placed_then_aborted(ip, data, "orphan")
-        ip.clock.advance(GRACE + 1)
+        data, sha = await _orphan_past_grace(ip, CHUNK + 3)
 
         async def shutting_down(storage_key: str, confirm: Confirm) -> bool:
             raise asyncio.CancelledError

@@ -23,6 +23,9 @@ A collector that did not die but stood still for longer than the lease (a paused
 disk) is fenced: the store first moves the file aside, then the transaction that drops the
 row runs only if this collector still holds it; if another took the row over meanwhile (and
 a new finish may have placed and committed the same content since), the file is put back.
+A file set aside by a collector that then crashed is put back by the store's sweep: a file
+no row names is only a leak, which ``check`` (``memvault blobs check``) finds; a file a row
+names that is gone would be a loss.
 
 Stores whose blobs are their sealed staging areas (S3) need none of this: abort and expiry
 discard those.
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from memvault.aio import uncancelled
 from memvault.clock import Clock
 from memvault.errors import Unavailable
 from memvault.metadata import Database
@@ -178,7 +182,9 @@ class Placements:
             forget = functools.partial(self.db.transact, functools.partial(
                 forget_blob, sha256=sha256, collector=token))
             try:
-                deleted = await store.delete_blob(storage_key, forget)
+                # Whole even if cancelled (shutdown): a file moved aside is dropped or put
+                # back according to what the transaction did, never left between the two.
+                deleted = await uncancelled(store.delete_blob(storage_key, forget))
             except BaseException as exc:
                 # The file stays (or is back); the row is given back too (also when
                 # cancelled), so finishes of this content are not refused for a lease.

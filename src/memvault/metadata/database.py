@@ -42,6 +42,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from memvault.aio import uncancelled
+
 T = TypeVar("T")
 
 Work = Callable[[sa.Connection], T]
@@ -144,25 +146,10 @@ def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
 
 
 async def _settle(pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:
-    """Run ``job`` on ``pool``; if the caller is cancelled, still wait for it to end.
-
-    A thread cannot be interrupted, so a transaction that started will finish (commit or roll
-    back) whatever happens to the request; waiting for it means that when this returns or
-    raises, the outcome is settled and a cleanup that follows sees it.
-    """
-    future = asyncio.get_running_loop().run_in_executor(pool, job)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(future)
-            break
-        except asyncio.CancelledError:
-            if future.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+    """Run ``job`` on ``pool``; if the caller is cancelled, still wait for it to end: a
+    thread cannot be interrupted, so a transaction that started will finish (commit or roll
+    back) whatever happens to the request."""
+    return await uncancelled(asyncio.get_running_loop().run_in_executor(pool, job))
 
 
 def _read(engine: sa.Engine, work: Work[T]) -> T:

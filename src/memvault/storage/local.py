@@ -4,7 +4,8 @@ Layout under the root::
 
     staging/<key>              one sparse file per upload session, written at offsets
     blobs/ab/cd/<sha256>       committed blobs, immutable, named by content
-    trash/<key>.<random>       staging files (and unused blobs) on their way out
+    trash/<key>.<random>       staging files on their way out
+    aside/<sha256>.<t>.<rand>  blob files a collector moved aside while it drops their row
 
 Writes use ``pwritev`` so many requests can fill one staging file at once without sharing a
 file position. Commit fsyncs the file, renames it into place and fsyncs the directory, so a
@@ -26,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -124,7 +126,8 @@ class LocalBlobStore:
         self._staging = root / "staging"
         self._blobs = root / "blobs"
         self._trash = root / "trash"
-        for folder in (self._staging, self._blobs, self._trash):
+        self._aside = root / "aside"
+        for folder in (self._staging, self._blobs, self._trash, self._aside):
             folder.mkdir(parents=True, exist_ok=True)
         self._unlinking: set[asyncio.Task[None]] = set()
 
@@ -262,19 +265,22 @@ class LocalBlobStore:
 
     async def delete_blob(self, storage_key: str,
                           confirm: Callable[[], Awaitable[bool]]) -> bool:
+        """The file is moved to ``aside/`` (named with the time, for the sweep), so that no
+        one reads or reuses it while ``confirm`` decides."""
         path = self._blob(storage_key)
-        aside = await asyncio.to_thread(self._throw_away, path)
+        aside = self._aside / f"{path.name}.{int(time.time())}.{secrets.token_hex(4)}"
+        moved = await asyncio.to_thread(_move, path, aside)
         try:
             confirmed = await confirm()
         except BaseException:
-            if aside is not None:
-                await asyncio.shield(asyncio.to_thread(self._put_back, aside, path))
+            if moved:
+                await asyncio.to_thread(_put_back, aside, path)
             raise
-        if aside is not None:
+        if moved:
             if confirmed:
                 self._unlink_later(aside)
             else:
-                await asyncio.to_thread(self._put_back, aside, path)
+                await asyncio.to_thread(_put_back, aside, path)
         return confirmed
 
     async def blob_files(self) -> AsyncIterator[list[tuple[str, int]]]:
@@ -288,24 +294,6 @@ class LocalBlobStore:
     async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
         return await asyncio.to_thread(
             lambda: [k for k in storage_keys if not self._blob(k).exists()])
-
-    @staticmethod
-    def _put_back(aside: Path, path: Path) -> None:
-        """Return a file set aside to ``path``, unless a new copy of the same content was
-        placed there meanwhile (then that one stays and this one goes)."""
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            # Swept from trash/ while its collector stood still for longer than the sweep's
-            # grace: the one case the fence does not cover.
-            log.error("storage.put_back_lost", path=str(path), aside=str(aside))
-            return
-        else:
-            _fsync_dir(path.parent)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(aside)
 
     def _throw_away(self, path: Path) -> Path | None:
         """Move a file into trash/ (a rename: instant); the path to unlink later, or None if
@@ -334,7 +322,8 @@ class LocalBlobStore:
             await asyncio.gather(*self._unlinking, return_exceptions=True)
 
     async def staged_keys(self, older_than: float) -> list[str]:
-        await asyncio.to_thread(self._empty_trash, older_than)
+        await asyncio.to_thread(self._empty_trash)
+        await asyncio.to_thread(self._return_set_aside, older_than)
 
         def scan() -> list[str]:
             keys = []
@@ -361,16 +350,33 @@ class LocalBlobStore:
         finally:
             os.close(fd)
 
-    def _empty_trash(self, older_than: float) -> None:
-        """What a crash (or a failed unlink) left in trash/ before ``older_than`` (by the time
-        it was moved there: a rename sets ``st_ctime``). Younger files may be a collector's,
-        set aside until its transaction decides whether they go or return. An unlink racing
-        one of ours finds the file gone, which is fine."""
+    def _empty_trash(self) -> None:
+        """What a crash (or a failed unlink) left in trash/; an unlink racing one of ours
+        finds the file gone, which is fine."""
         with os.scandir(self._trash) as entries:
             for entry in entries:
                 with contextlib.suppress(FileNotFoundError):
-                    if entry.stat().st_ctime < older_than:
-                        os.unlink(entry.path)
+                    os.unlink(entry.path)
+
+    def _return_set_aside(self, older_than: float) -> None:
+        """Blob files set aside before ``older_than`` whose collector never decided (it
+        crashed, or could not put one back) go back where they were, unless a copy of the
+        content is there again. Never deleted here: without its row the store cannot tell an
+        unused file from one a later commit uses; back in place, an unused one is a file no
+        row names, which ``memvault blobs check`` registers for collection."""
+        with os.scandir(self._aside) as entries:
+            for entry in entries:
+                sha256, _, rest = entry.name.partition(".")
+                moved_at = rest.partition(".")[0]
+                if not _SHA.match(sha256) or not moved_at.isdigit():
+                    continue
+                if int(moved_at) < older_than:
+                    path = self.root / _blob_key(sha256)
+                    if path.exists():
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                    else:
+                        _put_back(Path(entry.path), path)
 
     async def free_bytes(self) -> int | None:
         usage = await asyncio.to_thread(shutil.disk_usage, self.root)
@@ -382,6 +388,28 @@ class LocalBlobStore:
     def blob_path(self, storage_key: str) -> Path:
         """Local-only capability: the file behind a blob (for zero-copy serving)."""
         return self._blob(storage_key)
+
+
+def _move(path: Path, to: Path) -> bool:
+    """Rename ``path`` to ``to``; False if it was not there."""
+    try:
+        os.replace(path, to)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _put_back(aside: Path, path: Path) -> None:
+    """Return a blob file set aside to ``path``. A copy placed there meanwhile has the same
+    content (its name is its SHA-256), so replacing it loses nothing. If that fails, the file
+    stays in ``aside/`` and the sweep tries again."""
+    try:
+        os.replace(aside, path)
+        _fsync_dir(path.parent)
+    except FileNotFoundError:
+        pass  # returned already (by the sweep)
+    except OSError:
+        log.exception("storage.put_back_failed", path=str(path), aside=str(aside))
 
 
 def _subfolders(path: Path) -> list[Path]:
