@@ -114,6 +114,30 @@ def db_upgrade(data: DataOpt = None) -> None:
     typer.echo("schema is current")
 
 
+@db_app.command("backup")
+def db_backup(
+    dest: Annotated[Path, typer.Argument(help="file to write (replaced if it exists)")],
+    data: DataOpt = None,
+) -> None:
+    """Copy the embedded SQLite database to DEST, consistently, while servers run.
+
+    Copy blobs/ after it, not before: then every asset the copy names has its file.
+    """
+    from memvault.metadata.backup import NotSqlite, backup_sqlite
+
+    settings = _settings(data)
+    try:
+        backup_sqlite(settings.resolved_database_url, dest)
+    except NotSqlite as exc:
+        typer.echo("memvault: the database is not SQLite; back PostgreSQL up with its own "
+                   "tools (pg_dump, or your provider's snapshots)", err=True)
+        raise typer.Exit(2) from exc
+    except FileNotFoundError as exc:
+        typer.echo(f"memvault: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"database copied to {dest}; now copy {settings.data_dir / 'blobs'}")
+
+
 @blobs_app.command("check")
 def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
     """Compare the blob files with the database, both ways (safe while servers run).
