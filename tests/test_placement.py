@@ -339,7 +339,7 @@ async def test_a_collector_that_stood_still_past_its_lease_leaves_committed_byte
     another reaper takes the row over and deletes the file, and the same content is uploaded
     and committed again. When the first one goes on, it must not delete the new file: it
     moves it aside, finds the row is no longer its own, and puts it back (or, if it had moved
-    the old file aside before the stall, finds the new copy in place and drops its own)."""
+    the old file aside before the stall, puts that back over the new copy: the same bytes)."""
     async with inprocess(database_url=database_url) as ip:
         data, sha = await _orphan_past_grace(ip, CHUNK + 7)
         assert isinstance(ip.store, LocalBlobStore)
@@ -408,7 +408,7 @@ async def test_a_failed_decision_puts_the_file_back_and_gives_the_row_back(
         assert not _file(ip, sha)
 
 
-@pytest.mark.parametrize("when", ["moving the file aside", "dropping the row"])
+@pytest.mark.parametrize("when", ["moving the file aside", "deciding", "the row dropped"])
 async def test_a_collection_cancelled_mid_delete_finishes_that_delete_first(
     database_url: str | None, when: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -437,6 +437,11 @@ async def test_a_collection_cancelled_mid_delete_finishes_that_delete_first(
 
             async def slow_decision(storage_key: str, confirm: Confirm) -> bool:
                 async def decide() -> bool:
+                    if when == "the row dropped":
+                        dropped = await confirm()
+                        reached.set()
+                        await asyncio.to_thread(go_on.wait, 10)
+                        return dropped
                     reached.set()
                     await asyncio.to_thread(go_on.wait, 10)
                     return await confirm()
@@ -516,6 +521,33 @@ async def test_check_registers_files_no_row_names_and_lists_assets_without_bytes
         assert _file(ip, hashlib.sha256(kept).hexdigest())
         again = await placements.check()
         assert (again.files, again.registered, len(again.missing)) == (1, [], 1)
+
+
+async def test_check_keeps_the_bytes_an_old_version_placed_for_a_pending_session(
+    database_url: str | None,
+) -> None:
+    """A version before migration 0004 moved a session's verified bytes into place, then
+    died before its commit: no row, and the session does not record what it placed. Its
+    client's retried finish needs that file. The check registers it held by that session
+    (found by its fully hashed state), so it is kept while the session is pending, and the
+    retry commits. (Found by review: registered as unused, it was collected.)"""
+    data = os.urandom(2 * CHUNK + 9)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url, session_ttl=4 * GRACE) as ip:
+        session_id = await ip.sent(data, "old")
+        await ip.uploads.sessions.join_hashing(session_id)
+        await ip.store.commit(session_id, sha, len(data))  # what the old finish did
+        assert ip.staged_files() == set()
+        assert await _row(ip, sha) is None
+
+        report = await ip.uploads.sessions.placements.check()
+        assert report.registered == [sha]
+        assert (await ip.session_row(session_id) or {})["placed_sha256"] == sha
+        ip.clock.advance(2 * GRACE)
+        assert await _collect(ip) == 0
+        assert _file(ip, sha)
+        _, memory = await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
 
 
 def test_blobs_check_command_reports_and_exits_1_on_missing_bytes(tmp_path: Path) -> None:

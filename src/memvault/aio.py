@@ -27,6 +27,10 @@ async def uncancelled(awaitable: Awaitable[T]) -> T:
             if future.done():
                 raise
             cancelled = True
+        except BaseException as exc:
+            if cancelled:  # the cancellation still stands; the failure rides along
+                raise asyncio.CancelledError from exc
+            raise
     if cancelled:
         raise asyncio.CancelledError
     return result

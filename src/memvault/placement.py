@@ -39,11 +39,13 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import sqlalchemy as sa
 import structlog
 
 from memvault.aio import uncancelled
 from memvault.clock import Clock
 from memvault.errors import Unavailable
+from memvault.hashing import Sha256State
 from memvault.metadata import Database
 from memvault.metadata.blobs import (
     BlobBusy,
@@ -56,6 +58,7 @@ from memvault.metadata.blobs import (
     unused_blobs,
     used_blobs,
 )
+from memvault.metadata.schema import upload_sessions
 from memvault.storage.base import BlobStore, ContentAddressed
 
 log = structlog.get_logger("memvault.placement")
@@ -84,6 +87,26 @@ class BlobCheck:
     unless an upload uses them first."""
     missing: list[tuple[str, str, str]] = field(default_factory=list)
     """``(sha256, memory_id, role)`` of assets whose bytes are not in the store."""
+
+
+def _pending_digests(conn: sa.Connection) -> dict[str, str]:
+    """SHA-256 → id of a pending session known to upload that content: declared at begin,
+    or every byte hashed already."""
+    found: dict[str, str] = {}
+    for row in conn.execute(
+        sa.select(upload_sessions.c.id, upload_sessions.c.size, upload_sessions.c.declared_sha256,
+                  upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
+        .where(upload_sessions.c.state == "pending")
+    ):
+        sha256 = row.declared_sha256
+        if sha256 is None and row.hashed_offset == row.size and row.hash_state:
+            try:
+                sha256 = Sha256State.from_bytes(row.hash_state).hexdigest()
+            except ValueError:
+                continue
+        if sha256:
+            found.setdefault(sha256, row.id)
+    return found
 
 
 class Placements:
@@ -132,6 +155,10 @@ class Placements:
         store = self.store
         if not isinstance(store, ContentAddressed):
             return report
+        # A finish from before rows were reserved may have moved a pending session's bytes
+        # into place and died before its commit: its retry needs that file, so the session
+        # is recorded as holding it (kept while pending), as a finish now does.
+        holders = await self.db.query(_pending_digests)
         async for found in store.blob_files():
             report.files += len(found)
             for start in range(0, len(found), batch):
@@ -141,8 +168,10 @@ class Placements:
                 for sha256, size in part:
                     if sha256 in named:
                         continue
+                    holder = holders.get(sha256)
                     try:
-                        await self.reserve([(sha256, size)])
+                        await self.reserve([(sha256, size)],
+                                           holders=[(holder, sha256)] if holder else ())
                     except Unavailable:
                         continue  # a row appeared and is being collected: its collector's
                     report.registered.append(sha256)

@@ -278,7 +278,11 @@ class LocalBlobStore:
             raise
         if moved:
             if confirmed:
-                self._unlink_later(aside)
+                # Through trash/ (a rename), whose sweep deletes what a crash or a failed
+                # unlink leaves: a file left in aside/ would be put back, with no row.
+                doomed = await asyncio.to_thread(self._throw_away, aside)
+                if doomed is not None:
+                    self._unlink_later(doomed)
             else:
                 await asyncio.to_thread(_put_back, aside, path)
         return confirmed
@@ -292,8 +296,15 @@ class LocalBlobStore:
                 yield batch
 
     async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
-        return await asyncio.to_thread(
-            lambda: [k for k in storage_keys if not self._blob(k).exists()])
+        """Not at their place, nor set aside by a collector (which puts them back)."""
+        def missing() -> list[str]:
+            gone = [k for k in storage_keys if not self._blob(k).exists()]
+            if not gone:
+                return gone
+            aside = {name.partition(".")[0] for name in os.listdir(self._aside)}
+            return [k for k in gone if self._blob(k).name not in aside]
+
+        return await asyncio.to_thread(missing)
 
     def _throw_away(self, path: Path) -> Path | None:
         """Move a file into trash/ (a rename: instant); the path to unlink later, or None if
