@@ -11,16 +11,20 @@ import asyncio
 import hashlib
 import os
 from random import Random
+from typing import Any
 
 import pytest
 
+from memvault.errors import Unavailable
 from memvault.jobs.queue import FAILED, PENDING, UNSUPPORTED, JobQueue, StoredDerivative
+from memvault.jobs.runner import DerivativeRunner
 from memvault.sessions import ChunkChecksums, FinishItem
+from tests.image_corpus import encode, quadrants
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
 
 
-async def _original(ip: InProcess, key: str) -> str:
-    data = os.urandom(CHUNK + 7)
+async def _original(ip: InProcess, key: str, data: bytes | None = None) -> str:
+    data = os.urandom(CHUNK + 7) if data is None else data
     session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), key))
     for index in range(session.chunk_count):
         offset, length = session.chunk_range(index)
@@ -279,3 +283,42 @@ async def test_no_job_for_a_memory_whose_derivatives_commit_with_its_original(
         memory = await ip.capsules.get_memory(ip.caller, memory_id)
         assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
         assert await _queue(ip).claim("w") is None
+
+
+async def test_a_job_that_meets_a_passing_condition_runs_again_without_using_an_attempt(
+    database_url: str | None,
+) -> None:
+    """The job's bytes cannot be placed this second (the same content is being collected:
+    503 ``unavailable``): it runs again a moment later, and that attempt is not counted
+    against ``max_attempts``."""
+    photo = encode(quadrants((96, 64), (200, 30, 30)), "JPEG")
+    async with inprocess(database_url=database_url) as ip:
+        memory_id = await _original(ip, "photo", photo)
+        queue = _queue(ip)
+        runner = DerivativeRunner(queue, ip.store, workers=1, timeout=60,
+                                  memory_limit=2 * 1024**3)
+        reserve = runner.placements.reserve
+        busy: list[int] = []
+
+        async def collected_right_now(*args: Any, **kwargs: Any) -> None:
+            busy.append(1)
+            raise Unavailable("the same content is being removed", retry_after=1)
+
+        try:
+            job = await queue.claim(runner.worker_id)
+            assert job is not None
+            runner.placements.reserve = collected_right_now  # type: ignore[method-assign]
+            await runner._process(job)
+            assert busy == [1]
+            assert await queue.claim("other") is None, "run again before Retry-After"
+            ip.clock.advance(1)
+            runner.placements.reserve = reserve  # type: ignore[method-assign]
+            job = await queue.claim(runner.worker_id)
+            assert job is not None
+            assert job.attempts == 1, "the postponed run used up an attempt"
+            await runner._process(job)
+        finally:
+            await runner.close()
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert set(memory.assets) == {"original", "display", "thumb", "placeholder"}
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")

@@ -151,17 +151,19 @@ class JobQueue:
             if coming - present:
                 # A client is uploading a role right now: look again later (without using up
                 # an attempt); by then it is committed, or its session ended and we make it.
-                conn.execute(
-                    sa.update(derivative_jobs).where(derivative_jobs.c.memory_id == job.memory_id)
-                    .values(state=PENDING, run_after=now + self.backoff, lease_owner=None,
-                            lease_until=None, attempts=derivative_jobs.c.attempts - 1,
-                            updated_at=now)
-                )
+                conn.execute(_later(job.memory_id, now, self.backoff))
             else:
                 _end(conn, job.memory_id, DONE, None, now)
             return True
 
         return await self.db.transact(complete)
+
+    async def postpone(self, job: Job, worker: str, delay: float) -> None:
+        """Run the job again in ``delay`` seconds without using up an attempt (it met a
+        passing condition, such as its content being collected at that moment)."""
+        later = _later(job.memory_id, self.clock.now(), delay).where(
+            derivative_jobs.c.lease_owner == worker, derivative_jobs.c.state == RUNNING)
+        await self.db.transact(lambda conn: conn.execute(later))
 
     async def fail(self, job: Job, worker: str, reason: str) -> str:
         """Back off and retry, or give up after ``max_attempts``; returns the new state."""
@@ -261,3 +263,10 @@ def _job(conn: sa.Connection, memory_id: str) -> Job:
         return Job(memory_id, int(job.attempts), "", 0, "", missing, coming)
     return Job(memory_id, int(job.attempts), str(original.storage_key), int(original.size),
                str(original.content_type), missing, coming)
+
+
+def _later(memory_id: str, now: float, delay: float) -> sa.Update:
+    """Back to pending in ``delay`` seconds, the attempt its claim counted given back."""
+    return (sa.update(derivative_jobs).where(derivative_jobs.c.memory_id == memory_id)
+            .values(state=PENDING, run_after=now + delay, lease_owner=None, lease_until=None,
+                    attempts=derivative_jobs.c.attempts - 1, updated_at=now))

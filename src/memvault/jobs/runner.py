@@ -26,6 +26,7 @@ import structlog
 from pebble import ProcessExpired, ProcessPool
 
 from memvault.derivatives.model import DerivativeOptions
+from memvault.errors import Unavailable
 from memvault.jobs.queue import UNSUPPORTED, Job, JobQueue, StoredDerivative
 from memvault.placement import Placements
 from memvault.storage.base import BlobStore, LocalPaths
@@ -105,6 +106,9 @@ class DerivativeRunner:
             await self._derive(job)
         except asyncio.CancelledError:
             raise  # shutting down: the lease lapses and another worker takes the job
+        except Unavailable as exc:  # e.g. the same content being collected right now
+            log.info("jobs.postponed", memory_id=job.memory_id, reason=exc.detail)
+            await self.queue.postpone(job, self.worker_id, exc.retry_after or 1.0)
         except Exception as exc:
             log.exception("jobs.error", memory_id=job.memory_id)
             await self.queue.fail(job, self.worker_id, f"{type(exc).__name__}: {exc}")
