@@ -275,3 +275,28 @@ async def test_local_store_sweep_puts_back_blob_files_a_collector_left_aside(
     assert not store.blob_path(keys[2]).exists()
     assert sorted(p.name for p in aside.iterdir()) == [f"{shas[2]}.{young}.00000002",
                                                        "not-a-blob"]
+
+
+async def test_a_late_writer_cannot_write_into_the_blob_its_staging_file_became(
+    tmp_path: Path,
+) -> None:
+    """A writer stood still past its claim's lease: its chunk was sent again and written by
+    another request, and the upload finished, its staging file renamed into blobs/. The late
+    writer's next batch finds the name gone; the blob keeps the bytes that were verified.
+    (Found by review: through the descriptor it held, the batch landed in the blob.)"""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(PART)
+    key = await store.stage("ses_late")
+    late = await store.open_writer(key, 0, length=len(data), part=0)
+    await late.write([b"\0" * 1000])  # its first batch, then it stands still
+    again = await store.open_writer(key, 0, length=len(data), part=0)
+    await again.write([data])
+    await again.close(durable=True)
+    kept = await store.commit(key, hashlib.sha256(data).hexdigest(), len(data))
+
+    with pytest.raises(StagingGone):
+        await late.write([b"\xff" * 1000])
+    with pytest.raises(StagingGone):
+        await store.open_writer(key, 0, length=len(data), part=0)
+    await late.abandon()
+    assert await read_all(store, kept, 0, len(data)) == data

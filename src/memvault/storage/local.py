@@ -66,10 +66,29 @@ def out_of_space_is_typed() -> Iterator[None]:
 
 
 class LocalPartWriter:
-    def __init__(self, fd: int, offset: int) -> None:
+    """Writes one chunk into the staging file, opening it by name for each batch: a writer
+    that stood still for longer than its claim's lease (its chunk taken over, the upload
+    finished meanwhile and its file renamed into ``blobs/``) then finds the name gone
+    (``StagingGone``) instead of writing late bytes into the committed blob through a
+    descriptor it held (docs/decisions.md, "Claims before writes").
+
+    The descriptor opened with the writer is only synced, never written through: opened
+    before the chunk's first byte, its ``fdatasync`` reports any write-back error since.
+    """
+
+    def __init__(self, fd: int, path: Path, key: str, offset: int) -> None:
         self._fd = fd
+        self._path = path
+        self._key = key
         self._offset = offset
         self._closed = False
+
+    def _open(self) -> int:
+        try:
+            # No O_CREAT: a writer racing an abort must not resurrect the staging file.
+            return os.open(self._path, os.O_WRONLY)
+        except FileNotFoundError as exc:
+            raise StagingGone(self._key) from exc
 
     async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
@@ -77,25 +96,15 @@ class LocalPartWriter:
         self._offset += written
 
     def _write_sync(self, pieces: list[bytes], offset: int, then: Digest | None) -> int:
-        written = self._pwritev_all(pieces, offset)
+        fd = self._open()
+        try:
+            written = _pwritev_all(fd, pieces, offset)
+        finally:
+            os.close(fd)
+        start_writeback(self._fd, offset, written)
         if then is not None:
             then(pieces)
         return written
-
-    def _pwritev_all(self, pieces: list[bytes], offset: int) -> int:
-        total = 0
-        views = [memoryview(p) for p in pieces if p]
-        while views:
-            n = os.pwritev(self._fd, views[:_IOV_MAX], offset + total)
-            total += n
-            # A short write leaves a tail: drop what was written and go again.
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if n:
-                views[0] = views[0][n:]
-        start_writeback(self._fd, offset, total)
-        return total
 
     async def close(self, *, durable: bool) -> None:
         if self._closed:
@@ -156,10 +165,10 @@ class LocalBlobStore:
         path = self._staged(key)
         try:
             # No O_CREAT: a writer racing an abort must not resurrect the staging file.
-            fd = await asyncio.to_thread(os.open, path, os.O_WRONLY)
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise StagingGone(key) from exc
-        return LocalPartWriter(fd, offset)
+        return LocalPartWriter(fd, path, key, offset)
 
     async def read_staged(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
         path = self._staged(key)
@@ -399,6 +408,21 @@ class LocalBlobStore:
     def blob_path(self, storage_key: str) -> Path:
         """Local-only capability: the file behind a blob (for zero-copy serving)."""
         return self._blob(storage_key)
+
+
+def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> int:
+    total = 0
+    views = [memoryview(p) for p in pieces if p]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset + total)
+        total += n
+        # A short write leaves a tail: drop what was written and go again.
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return total
 
 
 def _move(path: Path, to: Path) -> bool:
