@@ -310,8 +310,8 @@ async def test_a_job_that_meets_a_passing_condition_runs_again_without_using_an_
             runner.placements.reserve = collected_right_now  # type: ignore[method-assign]
             await runner._process(job)
             assert busy == [1]
-            assert await queue.claim("other") is None, "run again before Retry-After"
-            ip.clock.advance(1)
+            assert await queue.claim("other") is None, "run again at once"
+            ip.clock.advance(10)  # Retry-After (1 s), but no sooner than the backoff
             runner.placements.reserve = reserve  # type: ignore[method-assign]
             job = await queue.claim(runner.worker_id)
             assert job is not None
@@ -322,3 +322,32 @@ async def test_a_job_that_meets_a_passing_condition_runs_again_without_using_an_
         memory = await ip.capsules.get_memory(ip.caller, memory_id)
         assert set(memory.assets) == {"original", "display", "thumb", "placeholder"}
         assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+
+
+async def test_a_store_that_stays_unavailable_uses_up_the_attempts(
+    database_url: str | None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any other 503 (an S3 store refusing, which may last) is a failure like the rest: it
+    backs off, uses an attempt, and after the last one the job ends ``failed``."""
+    photo = encode(quadrants((96, 64), (30, 200, 30)), "JPEG")
+    async with inprocess(database_url=database_url) as ip:
+        memory_id = await _original(ip, "photo", photo)
+        queue = _queue(ip)
+        runner = DerivativeRunner(queue, ip.store, workers=1, timeout=60,
+                                  memory_limit=2 * 1024**3)
+
+        async def refusing(*args: Any, **kwargs: Any) -> str:
+            raise Unavailable("the bucket refuses", retry_after=5)
+
+        monkeypatch.setattr(ip.store, "stage", refusing)
+        try:
+            for wait in (10, 20, 0):
+                job = await queue.claim(runner.worker_id)
+                assert job is not None
+                await runner._process(job)
+                ip.clock.advance(wait)
+        finally:
+            await runner.close()
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "failed")
+        assert "the bucket refuses" in (memory.derivatives_reason or "")

@@ -106,9 +106,9 @@ class DerivativeRunner:
             await self._derive(job)
         except asyncio.CancelledError:
             raise  # shutting down: the lease lapses and another worker takes the job
-        except Unavailable as exc:  # e.g. the same content being collected right now
-            log.info("jobs.postponed", memory_id=job.memory_id, reason=exc.detail)
-            await self.queue.postpone(job, self.worker_id, exc.retry_after or 1.0)
+        except _Postponed as later:
+            log.info("jobs.postponed", memory_id=job.memory_id, reason=str(later.__cause__))
+            await self.queue.postpone(job, self.worker_id, max(later.delay, self.queue.backoff))
         except Exception as exc:
             log.exception("jobs.error", memory_id=job.memory_id)
             await self.queue.fail(job, self.worker_id, f"{type(exc).__name__}: {exc}")
@@ -200,13 +200,27 @@ class DerivativeRunner:
                 raise
             receipt = await writer.close(durable=True)
             await self.store.seal(key, len(data), [receipt] if data else [])
-            await self.placements.reserve([(sha, len(data))])
+            try:
+                await self.placements.reserve([(sha, len(data))])
+            except Unavailable as busy:  # the same content is being collected this second
+                raise _Postponed(busy.retry_after or 1.0) from busy
             storage_key = await self.store.commit(key, sha, len(data))
         except BaseException:
             await asyncio.shield(self.store.discard(key))
             raise
         return key, StoredDerivative(role, sha, len(data), storage_key, content_type,
                                      reserved=self.placements.reserving)
+
+
+class _Postponed(Exception):
+    """A passing condition that is nobody's failure (a derivative's content being collected
+    at that second): the job runs again later without using an attempt. Only that; other
+    ``unavailable`` errors (a store refusing) are failures that use one, so a lasting one
+    ends the job instead of retrying it for ever."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
 
 
 def _limit_memory(limit: int) -> None:
