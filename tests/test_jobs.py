@@ -285,18 +285,24 @@ async def test_no_job_for_a_memory_whose_derivatives_commit_with_its_original(
         assert await _queue(ip).claim("w") is None
 
 
+async def _photo_and_runner(ip: InProcess, colour: tuple[int, int, int],
+                            ) -> tuple[str, JobQueue, DerivativeRunner]:
+    """A committed JPEG original (its job queued) and a runner with one decoder process;
+    the caller closes the runner."""
+    memory_id = await _original(ip, "photo", encode(quadrants((96, 64), colour), "JPEG"))
+    queue = _queue(ip)
+    return memory_id, queue, DerivativeRunner(queue, ip.store, workers=1, timeout=60,
+                                              memory_limit=2 * 1024**3)
+
+
 async def test_a_job_that_meets_a_passing_condition_runs_again_without_using_an_attempt(
     database_url: str | None,
 ) -> None:
     """The job's bytes cannot be placed this second (the same content is being collected:
     503 ``unavailable``): it runs again a moment later, and that attempt is not counted
     against ``max_attempts``."""
-    photo = encode(quadrants((96, 64), (200, 30, 30)), "JPEG")
     async with inprocess(database_url=database_url) as ip:
-        memory_id = await _original(ip, "photo", photo)
-        queue = _queue(ip)
-        runner = DerivativeRunner(queue, ip.store, workers=1, timeout=60,
-                                  memory_limit=2 * 1024**3)
+        memory_id, queue, runner = await _photo_and_runner(ip, (200, 30, 30))
         reserve = runner.placements.reserve
         busy: list[int] = []
 
@@ -329,12 +335,8 @@ async def test_a_store_that_stays_unavailable_uses_up_the_attempts(
 ) -> None:
     """Any other 503 (an S3 store refusing, which may last) is a failure like the rest: it
     backs off, uses an attempt, and after the last one the job ends ``failed``."""
-    photo = encode(quadrants((96, 64), (30, 200, 30)), "JPEG")
     async with inprocess(database_url=database_url) as ip:
-        memory_id = await _original(ip, "photo", photo)
-        queue = _queue(ip)
-        runner = DerivativeRunner(queue, ip.store, workers=1, timeout=60,
-                                  memory_limit=2 * 1024**3)
+        memory_id, queue, runner = await _photo_and_runner(ip, (30, 200, 30))
 
         async def refusing(*args: Any, **kwargs: Any) -> str:
             raise Unavailable("the bucket refuses", retry_after=5)
