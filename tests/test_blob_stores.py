@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from memvault.errors import Unavailable
 from memvault.hashing import new_sha256
 from memvault.storage.base import BlobMissing, BlobStore, StagedHasher, StagingGone
 from memvault.storage.local import LocalBlobStore
@@ -277,26 +278,25 @@ async def test_local_store_sweep_puts_back_blob_files_a_collector_left_aside(
                                                        "not-a-blob"]
 
 
-async def test_a_late_writer_cannot_write_into_the_blob_its_staging_file_became(
-    tmp_path: Path,
-) -> None:
-    """A writer stood still past its claim's lease: its chunk was sent again and written by
-    another request, and the upload finished, its staging file renamed into blobs/. The late
-    writer's next batch finds the name gone; the blob keeps the bytes that were verified.
-    (Found by review: through the descriptor it held, the batch landed in the blob.)"""
+async def test_a_chunk_range_has_one_writer_at_a_time(tmp_path: Path) -> None:
+    """While a writer of a chunk's range has its descriptor open (it may be standing still,
+    its claim lapsed), a second writer of that range is refused (503, send again), so the
+    first one's late bytes can never land on the second's; other ranges are free. Once the
+    first is closed (or its process gone), the range is free again."""
     store = LocalBlobStore(tmp_path / "blobs")
-    data = os.urandom(PART)
-    key = await store.stage("ses_late")
-    late = await store.open_writer(key, 0, length=len(data), part=0)
-    await late.write([b"\0" * 1000])  # its first batch, then it stands still
-    again = await store.open_writer(key, 0, length=len(data), part=0)
-    await again.write([data])
+    data = os.urandom(2 * PART)
+    key = await store.stage("ses_ranges")
+    late = await store.open_writer(key, 0, length=PART, part=0)
+    await late.write([os.urandom(1000)])
+    with pytest.raises(Unavailable) as refused:
+        await store.open_writer(key, 0, length=PART, part=0)
+    assert refused.value.headers() == {"Retry-After": "1"}
+    other = await store.open_writer(key, PART, length=PART, part=1)
+    await other.write([data[PART:]])
+    await other.close(durable=True)
+    await late.abandon()
+    again = await store.open_writer(key, 0, length=PART, part=0)
+    await again.write([data[:PART]])
     await again.close(durable=True)
     kept = await store.commit(key, hashlib.sha256(data).hexdigest(), len(data))
-
-    with pytest.raises(StagingGone):
-        await late.write([b"\xff" * 1000])
-    with pytest.raises(StagingGone):
-        await store.open_writer(key, 0, length=len(data), part=0)
-    await late.abandon()
     assert await read_all(store, kept, 0, len(data)) == data

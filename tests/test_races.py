@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from random import Random
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from memvault.errors import Conflict, MemvaultError, ResourceExhausted, Unavailable
@@ -116,6 +117,48 @@ async def test_the_same_chunk_sent_at_once_is_stored_once(database_url: str | No
                                        pieces(data[CHUNK:], Random(9)), ChunkChecksums())
             await ip.uploads.finish(ip.caller, session.id, len(data),
                                     hashlib.sha256(data).hexdigest())
+
+
+async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
+    database_url: str | None,
+) -> None:
+    """A chunk's writer stands still for longer than its claim's lease (a paused process, a
+    write stuck on the disk) without dying. The same chunk sent again must not take it over
+    and write, for the first writer's late bytes would then land on the second's after they
+    were hashed (found by review: the blob no longer matched its name). The second is told
+    to send again (503); the first keeps its claim, goes on, and its bytes are the ones
+    counted, hashed and committed."""
+    data = os.urandom(2 * CHUNK)
+    first, second = data[:CHUNK], os.urandom(CHUNK)  # what the late writer and the taker send
+    async with inprocess(database_url=database_url) as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "late"))
+        half, go_on = asyncio.Event(), asyncio.Event()
+
+        async def stalling() -> AsyncIterator[bytes]:
+            yield first[:CHUNK // 2]
+            half.set()
+            await go_on.wait()
+            yield first[CHUNK // 2:]
+
+        late = asyncio.create_task(ip.uploads.put_chunk(
+            ip.caller, session.id, 0, CHUNK, stalling(), ChunkChecksums()))
+        await half.wait()
+        await asyncio.sleep(0.05)  # its first batch is written
+        before = [(p["claim"], p["claimed_at"]) for p in await ip.part_rows()]
+        ip.clock.advance(ip.settings.claim_lease + 1)
+        with pytest.raises(Unavailable):
+            await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                       pieces(second, Random(1)), ChunkChecksums())
+        assert [(p["claim"], p["claimed_at"]) for p in await ip.part_rows()] == before, (
+            "the claim was not given back")
+        go_on.set()
+        assert not (await late).duplicate
+        await ip.uploads.put_chunk(ip.caller, session.id, 1, CHUNK,
+                                   pieces(data[CHUNK:], Random(2)), ChunkChecksums())
+        _, memory = await ip.uploads.finish(ip.caller, session.id, len(data),
+                                            hashlib.sha256(data).hexdigest())
+        stored = await ip.read_asset(memory.assets["original"].storage_key, len(data))
+        assert stored == data
 
 
 async def test_the_same_bytes_finished_in_two_sessions_at_once_share_one_blob(

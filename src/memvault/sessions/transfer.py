@@ -124,7 +124,7 @@ class ChunkReceiver:
         adoption: asyncio.Future[Sha256State] | None,
     ) -> PutResult:
         try:
-            held, prefix = await self._claim(session, offset, length, claim)
+            held, prefix, taken_from = await self._claim(session, offset, length, claim)
         except _Ended as exc:
             raise await self._ended(session) from exc
         except BaseException:
@@ -143,8 +143,16 @@ class ChunkReceiver:
             digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix,
                                    adoption=adoption if prefix is None else None,
                                    catch_up=catch_up)
-            writer = await self.store.open_writer(session.staging_key, offset, length=length,
-                                                  part=index, hashed=prefix is not None)
+            try:
+                writer = await self.store.open_writer(session.staging_key, offset,
+                                                      length=length, part=index,
+                                                      hashed=prefix is not None)
+            except Unavailable:
+                if taken_from is not None:
+                    # The writer whose lapsed claim we took is still there (the store's lock
+                    # on the range says so): it keeps its claim, and may yet finish.
+                    await self._give_back(session, offset, claim, taken_from)
+                raise
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
                 try:
@@ -208,12 +216,13 @@ class ChunkReceiver:
 
     async def _claim(
         self, session: Session, offset: int, length: int, claim: str
-    ) -> tuple[bool, Sha256State | None]:
+    ) -> tuple[bool, Sha256State | None, tuple[str, float] | None]:
         """Claim ``[offset, offset+length)`` for writing.
 
-        Returns ``(held, prefix)``: ``held`` when another request holds or has received the
-        range; ``prefix`` is the stored hash state when the range starts at the frontier, so
-        the chunk can be hashed as it streams.
+        Returns ``(held, prefix, taken_from)``: ``held`` when another request holds or has
+        received the range; ``prefix`` is the stored hash state when the range starts at the
+        frontier, so the chunk can be hashed as it streams; ``taken_from`` the claim and its
+        time when a lapsed claim was taken over (to give back if its writer is still there).
         """
         now = self.clock.now()
         stale = now - self.policy.claim_lease
@@ -223,8 +232,10 @@ class ChunkReceiver:
             if not self._touch(conn, session.id, now):
                 raise _Ended(session.id)  # committed, aborted or expired since it was loaded
             existing = conn.execute(
-                sa.select(upload_parts.c.state, upload_parts.c.claimed_at).where(*where_part)
+                sa.select(upload_parts.c.state, upload_parts.c.claimed_at,
+                          upload_parts.c.claim).where(*where_part)
             ).first()
+            taken = None
             if existing is None:
                 conn.execute(
                     sa.insert(upload_parts).values(
@@ -237,22 +248,24 @@ class ChunkReceiver:
                 conn.execute(
                     sa.update(upload_parts).where(*where_part).values(claim=claim, claimed_at=now)
                 )
+                taken = (str(existing.claim), float(existing.claimed_at))
             else:
                 return None
             return conn.execute(
                 sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
                 .where(upload_sessions.c.id == session.id)
-            ).one()
+            ).one(), taken
 
-        frontier = await self.db.transact(claim_range, durable=False)
-        if frontier is None:
-            return True, None
+        claimed = await self.db.transact(claim_range, durable=False)
+        if claimed is None:
+            return True, None, None
+        frontier, taken = claimed
         if frontier.hashed_offset != offset:
-            return False, None
+            return False, None, taken
         try:
-            return False, Sha256State.from_bytes(frontier.hash_state)
+            return False, Sha256State.from_bytes(frontier.hash_state), taken
         except ValueError:
-            return False, None
+            return False, None, taken
 
     async def _compare(
         self,
@@ -357,6 +370,17 @@ class ChunkReceiver:
             upload_parts.c.state == "writing",
         )
         await self.db.transact(lambda conn: conn.execute(release), durable=False)
+
+    async def _give_back(self, session: Session, offset: int, claim: str,
+                         previous: tuple[str, float]) -> None:
+        """Return a claim taken over from a writer that turned out to be alive."""
+        back = sa.update(upload_parts).where(
+            upload_parts.c.session_id == session.id,
+            upload_parts.c.offset == offset,
+            upload_parts.c.claim == claim,
+            upload_parts.c.state == "writing",
+        ).values(claim=previous[0], claimed_at=previous[1])
+        await self.db.transact(lambda conn: conn.execute(back), durable=False)
 
     def _touch(self, conn: sa.Connection, session_id: str, now: float) -> bool:
         done = conn.execute(

@@ -22,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
 import shutil
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
 
-from memvault.errors import InsufficientStorage
+from memvault.errors import InsufficientStorage, Unavailable
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, Digest, StagingGone
 from memvault.storage.writeback import start_writeback
@@ -66,29 +68,10 @@ def out_of_space_is_typed() -> Iterator[None]:
 
 
 class LocalPartWriter:
-    """Writes one chunk into the staging file, opening it by name for each batch: a writer
-    that stood still for longer than its claim's lease (its chunk taken over, the upload
-    finished meanwhile and its file renamed into ``blobs/``) then finds the name gone
-    (``StagingGone``) instead of writing late bytes into the committed blob through a
-    descriptor it held (docs/decisions.md, "Claims before writes").
-
-    The descriptor opened with the writer is only synced, never written through: opened
-    before the chunk's first byte, its ``fdatasync`` reports any write-back error since.
-    """
-
-    def __init__(self, fd: int, path: Path, key: str, offset: int) -> None:
+    def __init__(self, fd: int, offset: int) -> None:
         self._fd = fd
-        self._path = path
-        self._key = key
         self._offset = offset
         self._closed = False
-
-    def _open(self) -> int:
-        try:
-            # No O_CREAT: a writer racing an abort must not resurrect the staging file.
-            return os.open(self._path, os.O_WRONLY)
-        except FileNotFoundError as exc:
-            raise StagingGone(self._key) from exc
 
     async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
@@ -96,15 +79,25 @@ class LocalPartWriter:
         self._offset += written
 
     def _write_sync(self, pieces: list[bytes], offset: int, then: Digest | None) -> int:
-        fd = self._open()
-        try:
-            written = _pwritev_all(fd, pieces, offset)
-        finally:
-            os.close(fd)
-        start_writeback(self._fd, offset, written)
+        written = self._pwritev_all(pieces, offset)
         if then is not None:
             then(pieces)
         return written
+
+    def _pwritev_all(self, pieces: list[bytes], offset: int) -> int:
+        total = 0
+        views = [memoryview(p) for p in pieces if p]
+        while views:
+            n = os.pwritev(self._fd, views[:_IOV_MAX], offset + total)
+            total += n
+            # A short write leaves a tail: drop what was written and go again.
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        start_writeback(self._fd, offset, total)
+        return total
 
     async def close(self, *, durable: bool) -> None:
         if self._closed:
@@ -165,10 +158,19 @@ class LocalBlobStore:
         path = self._staged(key)
         try:
             # No O_CREAT: a writer racing an abort must not resurrect the staging file.
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+            fd = await asyncio.to_thread(os.open, path, os.O_WRONLY)
         except FileNotFoundError as exc:
             raise StagingGone(key) from exc
-        return LocalPartWriter(fd, path, key, offset)
+        try:
+            locked = await asyncio.to_thread(_lock_range, fd, offset, length)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not locked:
+            os.close(fd)
+            raise Unavailable("another transfer of this chunk is still writing it; send it "
+                              "again in a moment", retry_after=1, part=part)
+        return LocalPartWriter(fd, offset)
 
     async def read_staged(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
         path = self._staged(key)
@@ -410,19 +412,34 @@ class LocalBlobStore:
         return self._blob(storage_key)
 
 
-def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> int:
-    total = 0
-    views = [memoryview(p) for p in pieces if p]
-    while views:
-        n = os.pwritev(fd, views[:_IOV_MAX], offset + total)
-        total += n
-        # A short write leaves a tail: drop what was written and go again.
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-    return total
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD locks)
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+
+
+def _lock_range(fd: int, offset: int, length: int) -> bool:
+    """Lock ``[offset, offset+length)`` of the staging file for writing through ``fd``, until
+    it is closed; False if another writer holds any of it.
+
+    The claim in the database says who may write a chunk, but a writer that stood still for
+    longer than its claim's lease (a paused process, a write stuck on the disk) does not know
+    it lost it, and its late bytes would land on those of the request that took the chunk
+    over, after they were hashed. An open-file-description lock (Linux) is held as long as
+    the writer's descriptor, or a write still running through it, exists, in any process:
+    the taker answers 503 until the old writer is gone. Where the file system has no such
+    locks, the claim alone decides, as before.
+    """
+    if length <= 0 or _OFD_SETLK is None:
+        return True
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset,
+                                                length, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            return True  # no such locks here
+        raise
+    return True
 
 
 def _move(path: Path, to: Path) -> bool:
