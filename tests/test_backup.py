@@ -58,6 +58,7 @@ def test_a_backup_restored_with_the_blobs_names_every_file_and_nothing_more(
         assert db.execute("SELECT state, count(*) FROM upload_sessions GROUP BY state "
                           "ORDER BY state").fetchall() == [("committed", 2), ("pending", 1)]
     assert sorted(p.name for p in copy.parent.iterdir()) == ["memvault.db"]
+    assert copy.stat().st_mode & 0o777 == 0o600
 
     restored = tmp_path / "restored"
     restored.mkdir()

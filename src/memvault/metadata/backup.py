@@ -31,6 +31,9 @@ def backup_sqlite(url: str, dest: Path) -> None:
         raise FileNotFoundError(f"no SQLite database at {source!r}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    # Token hashes and everyone's metadata: readable by its owner only, like the database.
+    os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
     with (contextlib.closing(sqlite3.connect(source, timeout=30)) as src,
           contextlib.closing(sqlite3.connect(partial)) as out):
         src.backup(out)
@@ -38,3 +41,8 @@ def backup_sqlite(url: str, dest: Path) -> None:
     with open(partial, "rb") as f:
         os.fsync(f.fileno())
     os.replace(partial, dest)
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)

@@ -56,7 +56,7 @@ from memvault.sessions.model import (
     SessionSpec,
 )
 from memvault.sessions.transfer import ChunkReceiver
-from memvault.storage.base import BlobStore, StagingGone
+from memvault.storage.base import BlobStore, ContentAddressed, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -85,7 +85,7 @@ class SessionService:
         self._on_end = on_end
         self._frontier = frontier.Frontier(db, store)
         self.placements = Placements(db, store, clock)
-        self._chunks = ChunkReceiver(db, store, clock, policy, self._frontier)
+        self._chunks = ChunkReceiver(db, store, clock, policy, self._frontier, self._lost)
 
     # -- begin -----------------------------------------------------------------------------
 
@@ -317,7 +317,8 @@ class SessionService:
         try:
             key = await self.store.commit(session.staging_key, sha256, session.size)
         except (StagingGone, frontier.Behind):
-            return await self._settled(session, sha256)  # aborted or expired under us
+            # Aborted or expired under us; or, if still pending, its bytes are gone.
+            return await self._settled(session, sha256, placing=True)
         return _Placed(session, sha256, key)
 
     async def _verify(self, session: Session, sha256: str) -> str | None:
@@ -360,14 +361,35 @@ class SessionService:
             raise StagingGone(session.staging_key)  # committed or ended since the check
         await self.store.seal(session.staging_key, session.size, receipts)
 
-    async def _settled(self, session: Session, sha256: str) -> Session:
-        """The outcome of a session another request ended while this finish was running."""
+    async def _settled(self, session: Session, sha256: str, *, placing: bool = False) -> Session:
+        """The outcome of a session another request ended while this finish was running,
+        or whose staged bytes are gone (``placing``: this finish placed them, if anyone)."""
         current = await self._load(session.id, session.owner)
         if current.state == COMMITTED:
             return self._replay(current, session.size, sha256)
         if current.state == PENDING:
+            lost = await self._lost(current, placing=placing)
+            if lost is not None:
+                raise lost
             raise Internal(f"upload session {session.id}: staged bytes are gone or unreadable")
         raise Expired(f"upload session {session.id} ended before finish completed")
+
+    async def _lost(self, session: Session, *, placing: bool = False) -> MemvaultError | None:
+        """A pending session whose staging area is gone (the data folder was restored from
+        a backup, or something removed the file) can never finish: end it as expired, so
+        its client begins again instead of being told to retry for ever. Only in the local
+        folder, where a staging file is gone for good once no finish has placed it
+        (``placed_sha256``: a finish moves it into ``blobs/`` right now, unless ``placing``,
+        when this finish did and the blob is gone too). None if it is not ended."""
+        if not isinstance(self.store, ContentAddressed):
+            return None
+        if not await self._end(session, EXPIRED, lost=True, placing=placing):
+            return None
+        log.warning("session.staging_lost", session_id=session.id, owner=session.owner,
+                    scope=session.idem_scope)
+        return Expired(f"upload session {session.id}: its uploaded bytes are gone from the "
+                       "server (restored from a backup?); begin the upload again",
+                       lost=True)
 
     def _replay(self, session: Session, size: int, sha256: str) -> Session:
         if session.result_sha256 != sha256 or session.size != size:
@@ -513,13 +535,17 @@ class SessionService:
             count += await self.expire(session_id)
         return count
 
-    async def _end(self, session: Session, state: str) -> bool:
+    async def _end(self, session: Session, state: str, *, lost: bool = False,
+                   placing: bool = False) -> bool:
         now = self.clock.now()
         ended = dataclasses.replace(session, state=state, ended_at=now)
 
         def end(conn: sa.Connection) -> bool:
             condition = [upload_sessions.c.id == session.id, upload_sessions.c.state == PENDING]
-            if state == EXPIRED:
+            if lost:
+                if not placing:
+                    condition.append(upload_sessions.c.placed_sha256.is_(None))
+            elif state == EXPIRED:
                 # Re-checked inside the transaction: activity since we looked saves it.
                 condition.append(upload_sessions.c.expires_at <= now)
                 busy = conn.execute(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -60,12 +60,16 @@ class ChunkReceiver:
         clock: Clock,
         policy: SessionPolicy,
         frontier: Frontier,
+        lost: Callable[[Session], Awaitable[MemvaultError | None]],
     ) -> None:
         self.db = db
         self.store = store
         self.clock = clock
         self.policy = policy
         self._frontier = frontier
+        self._lost = lost
+        """Ends a pending session whose staged bytes are gone; its error, or None if it is
+        not lost (a finish is moving the bytes into place right now)."""
         # Adoption hashes back a chunk's own bytes while it streams: only where staged bytes
         # in progress are readable (the local store; S3 parts are in a spool file until sent).
         self._hasher = store if isinstance(store, StagedHasher) else None
@@ -186,7 +190,10 @@ class ChunkReceiver:
                 # gets here with exactly that state.
                 self._frontier.precomputed(session.id, offset, digests.adopted_from,
                                            offset + length, digests.prefix)
-        except (StagingGone, _Ended) as exc:
+        except StagingGone as exc:
+            await self._release_quietly(session, offset, claim)
+            raise await self._ended(session, staging_gone=True) from exc
+        except _Ended as exc:
             await self._release_quietly(session, offset, claim)
             raise await self._ended(session) from exc
         except TimeoutError as exc:
@@ -390,12 +397,18 @@ class ChunkReceiver:
         )
         return done.rowcount == 1
 
-    async def _ended(self, session: Session) -> MemvaultError:
+    async def _ended(self, session: Session, *, staging_gone: bool = False) -> MemvaultError:
         """The error for a chunk whose session or claim went away while it was sent.
 
         A chunk racing a finish learns the session is committed (a client that retried a
-        chunk after finishing needs nothing more), racing an abort that it was aborted.
+        chunk after finishing needs nothing more), racing an abort that it was aborted. A
+        session still pending whose staging area is gone (``staging_gone``) has lost its
+        bytes, unless a finish is moving them into place: it ends, expired.
         """
+        if staging_gone:
+            lost = await self._lost(session)
+            if lost is not None:
+                return lost
         query = sa.select(upload_sessions.c.state).where(upload_sessions.c.id == session.id)
         state = await self.db.query(lambda conn: conn.execute(query).scalar_one_or_none())
         if state == EXPIRED:

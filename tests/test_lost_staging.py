@@ -1,0 +1,88 @@
+"""A pending session whose staged bytes are gone ends, so its client begins again.
+
+After a data folder is restored from a backup (the database copied, ``staging/`` not), or
+after something removed a staging file, the session rows still say pending. Told to retry
+(503) or answered ``internal`` (500), a client would retry until its budget ran out, and every
+attempt would move the session's expiry forward. Instead the session ends as expired (410,
+``lost``), its memory goes if begin made it for nothing else, and the same file begun again
+uploads whole. A finish that is moving the bytes into place right now is not mistaken for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from random import Random
+
+import pytest
+
+from memvault.errors import Expired, Unavailable
+from memvault.sessions import ChunkChecksums
+from tests.inprocess import CHUNK, InProcess, inprocess, pieces
+
+
+async def _put(ip: InProcess, session_id: str, data: bytes, index: int) -> None:
+    start = index * CHUNK
+    chunk = data[start:start + CHUNK]
+    await ip.uploads.put_chunk(ip.caller, session_id, index, len(chunk),
+                               pieces(chunk, Random(index)), ChunkChecksums())
+
+
+async def test_a_chunk_for_a_session_whose_staged_bytes_are_gone_ends_it(
+    database_url: str | None,
+) -> None:
+    data = os.urandom(2 * CHUNK + 3)
+    async with inprocess(database_url=database_url) as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "k"))
+        await _put(ip, session.id, data, 0)
+        os.unlink(ip.staging_dir / session.id)  # the restore did not bring it back
+
+        with pytest.raises(Expired) as lost:
+            await _put(ip, session.id, data, 1)
+        assert lost.value.extra["lost"] is True
+        assert "begin the upload again" in lost.value.detail
+        assert (await ip.session_row(session.id) or {})["state"] == "expired"
+        memories = await ip.capsules.list_memories(ip.caller, ip.capsule_id)
+        assert session.attrs["memory_id"] not in [m.id for m in memories.items], (
+            "the memory begin made for it was left empty")
+
+        again, created = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "k"))
+        assert created
+        assert again.id != session.id
+        for index in range(again.chunk_count):
+            await _put(ip, again.id, data, index)
+        _, memory = await ip.uploads.finish(ip.caller, again.id, len(data),
+                                            hashlib.sha256(data).hexdigest())
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
+async def test_finishing_a_session_whose_staged_bytes_are_gone_ends_it(
+    database_url: str | None,
+) -> None:
+    data = os.urandom(CHUNK + 5)
+    async with inprocess(database_url=database_url) as ip:
+        session_id = await ip.sent(data, "k")
+        await ip.uploads.sessions.join_hashing(session_id)
+        os.unlink(ip.staging_dir / session_id)
+        with pytest.raises(Expired, match="begin the upload again"):
+            await ip.uploads.finish(ip.caller, session_id, len(data),
+                                    hashlib.sha256(data).hexdigest())
+        assert (await ip.session_row(session_id) or {})["state"] == "expired"
+
+
+async def test_a_finish_placing_the_bytes_is_not_taken_for_a_loss(
+    database_url: str | None,
+) -> None:
+    """The staging file is gone because a finish has just moved it into place (the session
+    notes what it placed): a chunk arriving then is told to send again, as before."""
+    data = os.urandom(2 * CHUNK)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "k"))
+        await _put(ip, session.id, data, 0)
+        await ip.uploads.sessions.placements.reserve([(sha, len(data))],
+                                                     holders=[(session.id, sha)])
+        os.rename(ip.staging_dir / session.id, ip.root / "moved-by-the-finish")
+        with pytest.raises(Unavailable):
+            await _put(ip, session.id, data, 1)
+        assert (await ip.session_row(session.id) or {})["state"] == "pending"
