@@ -6,13 +6,16 @@ Parts are 5 MiB, S3's smallest (every part but the last); the local store takes 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -300,3 +303,39 @@ async def test_a_chunk_range_has_one_writer_at_a_time(tmp_path: Path) -> None:
     await again.close(durable=True)
     kept = await store.commit(key, hashlib.sha256(data).hexdigest(), len(data))
     assert await read_all(store, kept, 0, len(data)) == data
+
+
+async def test_a_cancelled_write_ends_before_the_descriptor_can_be_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk's transfer is cancelled (its timeout) while a batch is being written on a
+    worker thread. The cancellation is raised only once that write is over, so the
+    descriptor the writer then closes is not in use: a late ``pwritev`` through a closed
+    descriptor would land in whatever file reused its number (found by review: another
+    session's staging file)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    key = await store.stage("ses_cancelled")
+    writer = await store.open_writer(key, 0, length=PART, part=0)
+    inside, go_on, done = threading.Event(), threading.Event(), threading.Event()
+    pwritev = os.pwritev
+
+    def slow_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        inside.set()
+        go_on.wait(10)
+        try:
+            return pwritev(fd, buffers, offset)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(os, "pwritev", slow_pwritev)
+    writing = asyncio.create_task(writer.write([os.urandom(1000)]))
+    await asyncio.to_thread(inside.wait, 10)
+    writing.cancel()
+    await asyncio.sleep(0.05)
+    assert not writing.done(), "the cancellation went ahead of the write"
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert done.is_set()
+    monkeypatch.undo()
+    await writer.abandon()

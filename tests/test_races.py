@@ -119,6 +119,16 @@ async def test_the_same_chunk_sent_at_once_is_stored_once(database_url: str | No
                                     hashlib.sha256(data).hexdigest())
 
 
+async def _second_chunk_finished_and_read(ip: InProcess, session_id: str,
+                                          data: bytes) -> bytes:
+    """Send the second of two chunks, finish, and read back what was committed."""
+    await ip.uploads.put_chunk(ip.caller, session_id, 1, CHUNK,
+                               pieces(data[CHUNK:], Random(2)), ChunkChecksums())
+    _, memory = await ip.uploads.finish(ip.caller, session_id, len(data),
+                                        hashlib.sha256(data).hexdigest())
+    return await ip.read_asset(memory.assets["original"].storage_key, len(data))
+
+
 async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
     database_url: str | None,
 ) -> None:
@@ -142,8 +152,7 @@ async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
 
         late = asyncio.create_task(ip.uploads.put_chunk(
             ip.caller, session.id, 0, CHUNK, stalling(), ChunkChecksums()))
-        await half.wait()
-        await asyncio.sleep(0.05)  # its first batch is written
+        await half.wait()  # it holds the claim and the range's lock, and stands still
         before = [(p["claim"], p["claimed_at"]) for p in await ip.part_rows()]
         ip.clock.advance(ip.settings.claim_lease + 1)
         with pytest.raises(Unavailable):
@@ -153,12 +162,47 @@ async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
             "the claim was not given back")
         go_on.set()
         assert not (await late).duplicate
-        await ip.uploads.put_chunk(ip.caller, session.id, 1, CHUNK,
-                                   pieces(data[CHUNK:], Random(2)), ChunkChecksums())
-        _, memory = await ip.uploads.finish(ip.caller, session.id, len(data),
-                                            hashlib.sha256(data).hexdigest())
-        stored = await ip.read_asset(memory.assets["original"].storage_key, len(data))
-        assert stored == data
+        assert await _second_chunk_finished_and_read(ip, session.id, data) == data
+
+
+async def test_a_writer_that_stood_still_before_its_lock_does_not_overwrite_a_taker(
+    database_url: str | None,
+) -> None:
+    """A writer claims a chunk, then stands still before it takes the range's lock; another
+    request takes the lapsed claim over, writes the chunk, marks it and lets go of the lock.
+    When the first goes on and gets the lock, its claim is no longer its own: it writes
+    nothing (503), and the committed bytes are the taker's. (Found by review: it overwrote
+    the received, hashed bytes, and the blob no longer matched its name.)"""
+    data = os.urandom(2 * CHUNK)
+    async with inprocess(database_url=database_url) as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "gap"))
+        store = ip.uploads.sessions.store
+        open_writer = store.open_writer
+        paused, go_on = asyncio.Event(), asyncio.Event()
+
+        async def stands_still_first(*args: Any, **kwargs: Any) -> Any:
+            if not paused.is_set():
+                paused.set()
+                await go_on.wait()
+            return await open_writer(*args, **kwargs)
+
+        store.open_writer = stands_still_first  # type: ignore[method-assign]
+        try:
+            late = asyncio.create_task(ip.uploads.put_chunk(
+                ip.caller, session.id, 0, CHUNK, pieces(os.urandom(CHUNK), Random(0)),
+                ChunkChecksums()))
+            await paused.wait()
+            ip.clock.advance(ip.settings.claim_lease + 1)
+            taken = await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                               pieces(data[:CHUNK], Random(1)),
+                                               ChunkChecksums())
+            assert not taken.duplicate
+            go_on.set()
+            with pytest.raises(Unavailable):
+                await late
+        finally:
+            store.open_writer = open_writer  # type: ignore[method-assign]
+        assert await _second_chunk_finished_and_read(ip, session.id, data) == data
 
 
 async def test_the_same_bytes_finished_in_two_sessions_at_once_share_one_blob(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
     from memvault.derivatives.model import DerivativeOptions
@@ -210,6 +211,14 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def database_in_data_dir(self) -> bool:
+        """An SQLite file directly in the data folder (the embedded default)."""
+        url = make_url(self.resolved_database_url)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return False
+        return Path(url.database).resolve().parent == self.data_dir.resolve()
 
     @property
     def migrate_on_start(self) -> bool:

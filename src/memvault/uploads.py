@@ -91,6 +91,7 @@ class UploadService:
                 write_batch=settings.write_batch,
                 fsync=settings.fsync,
                 pace=Pace(settings.min_transfer_rate, settings.transfer_grace),
+                staging_loss_is_final=settings.database_in_data_dir and not settings.s3_location,
             ),
             on_commit=self._on_commit,
             on_end=self._on_end,

@@ -99,3 +99,6 @@ class SessionPolicy:
     claim_lease: float = 10.0
     claim_poll: float = 0.05
     pace: Pace = Pace(min_rate=0, grace=0.0)
+    staging_loss_is_final: bool = False
+    """A staging file missing for a pending session means its bytes are lost (the local
+    folder holds the database too, so a folder not mounted would show no sessions at all)."""

@@ -380,8 +380,14 @@ class SessionService:
         its client begins again instead of being told to retry for ever. Only in the local
         folder, where a staging file is gone for good once no finish has placed it
         (``placed_sha256``: a finish moves it into ``blobs/`` right now, unless ``placing``,
-        when this finish did and the blob is gone too). None if it is not ended."""
-        if not isinstance(self.store, ContentAddressed):
+        when this finish did and the blob is gone too). None if it is not ended.
+
+        And only where the database lives in that same folder (``policy.staging_loss_is_final``,
+        the embedded default): with the database elsewhere, a folder that is not mounted, or
+        another process's, looks just the same, and its sessions are not lost (a review
+        found this)."""
+        if not self.policy.staging_loss_is_final or not isinstance(self.store,
+                                                                   ContentAddressed):
             return None
         if not await self._end(session, EXPIRED, lost=True, placing=placing):
             return None

@@ -127,6 +127,7 @@ class ChunkReceiver:
         checksums: ChunkChecksums,
         adoption: asyncio.Future[Sha256State] | None,
     ) -> PutResult:
+        claimed_at = self.clock.now()
         try:
             held, prefix, taken_from = await self._claim(session, offset, length, claim)
         except _Ended as exc:
@@ -157,6 +158,13 @@ class ChunkReceiver:
                     # on the range says so): it keeps its claim, and may yet finish.
                     await self._give_back(session, offset, claim, taken_from)
                 raise
+            if (self.clock.now() - claimed_at > self.policy.claim_lease / 2
+                    and not await self._holds(session.id, offset, claim)):
+                # Stood still between the claim and the lock for long enough that another
+                # request may have taken the chunk over, written it and let go of the lock:
+                # holding the lock now, write only if the claim is still ours.
+                await asyncio.shield(writer.abandon())
+                raise _Ended(session.id)
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
                 try:
@@ -377,6 +385,12 @@ class ChunkReceiver:
             upload_parts.c.state == "writing",
         )
         await self.db.transact(lambda conn: conn.execute(release), durable=False)
+
+    async def _holds(self, session_id: str, offset: int, claim: str) -> bool:
+        query = sa.select(upload_parts.c.offset).where(
+            upload_parts.c.session_id == session_id, upload_parts.c.offset == offset,
+            upload_parts.c.claim == claim, upload_parts.c.state == "writing")
+        return await self.db.query(lambda conn: conn.execute(query).first()) is not None
 
     async def _give_back(self, session: Session, offset: int, claim: str,
                          previous: tuple[str, float]) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import structlog
 
+from memvault.aio import uncancelled
 from memvault.errors import InsufficientStorage, Unavailable
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, Digest, StagingGone
@@ -68,6 +69,13 @@ def out_of_space_is_typed() -> Iterator[None]:
 
 
 class LocalPartWriter:
+    """Writes one chunk through one descriptor, which holds the lock on the chunk's range.
+
+    Every call on the descriptor runs to its end before a cancellation is raised
+    (``uncancelled``): the descriptor is closed only once no thread is using it, or a
+    late ``pwritev`` would write into whatever file reused its number (found by review).
+    """
+
     def __init__(self, fd: int, offset: int) -> None:
         self._fd = fd
         self._offset = offset
@@ -75,7 +83,8 @@ class LocalPartWriter:
 
     async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
-            written = await asyncio.to_thread(self._write_sync, list(pieces), self._offset, then)
+            written = await uncancelled(asyncio.to_thread(
+                self._write_sync, list(pieces), self._offset, then))
         self._offset += written
 
     def _write_sync(self, pieces: list[bytes], offset: int, then: Digest | None) -> int:
@@ -107,7 +116,7 @@ class LocalPartWriter:
         try:
             if durable:
                 with out_of_space_is_typed():
-                    await asyncio.to_thread(os.fdatasync, fd)
+                    await uncancelled(asyncio.to_thread(os.fdatasync, fd))
         finally:
             os.close(fd)
 
@@ -156,18 +165,19 @@ class LocalBlobStore:
         self, key: str, offset: int, *, length: int, part: int, hashed: bool = False
     ) -> LocalPartWriter:
         path = self._staged(key)
+        opening = asyncio.get_running_loop().run_in_executor(
+            None, _open_locked, path, offset, length)
         try:
-            # No O_CREAT: a writer racing an abort must not resurrect the staging file.
-            fd = await asyncio.to_thread(os.open, path, os.O_WRONLY)
+            fd = await uncancelled(opening)
         except FileNotFoundError as exc:
             raise StagingGone(key) from exc
-        try:
-            locked = await asyncio.to_thread(_lock_range, fd, offset, length)
-        except BaseException:
-            os.close(fd)
+        except asyncio.CancelledError:
+            if not opening.cancelled() and opening.exception() is None:
+                opened = opening.result()
+                if opened is not None:
+                    os.close(opened)  # opened as we were cancelled: not leaked
             raise
-        if not locked:
-            os.close(fd)
+        if fd is None:
             raise Unavailable("another transfer of this chunk is still writing it; send it "
                               "again in a moment", retry_after=1, part=part)
         return LocalPartWriter(fd, offset)
@@ -414,6 +424,21 @@ class LocalBlobStore:
 
 _FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD locks)
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+
+
+def _open_locked(path: Path, offset: int, length: int) -> int | None:
+    """A descriptor to write ``path``'s range through, holding its lock; None if another
+    writer holds the range. No O_CREAT: a writer racing an abort must not resurrect the
+    staging file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if _lock_range(fd, offset, length):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def _lock_range(fd: int, offset: int, length: int) -> bool:
