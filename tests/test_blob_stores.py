@@ -24,6 +24,7 @@ from memvault.hashing import new_sha256
 from memvault.storage.base import BlobMissing, BlobStore, StagedHasher, StagingGone
 from memvault.storage.local import LocalBlobStore
 from memvault.storage.s3 import S3BlobStore, S3Location, S3Options
+from memvault.storage.spool import Spool, SpooledPart
 from tests.s3server import REGION, S3Server
 
 MiB = 1024 * 1024
@@ -305,37 +306,50 @@ async def test_a_chunk_range_has_one_writer_at_a_time(tmp_path: Path) -> None:
     assert await read_all(store, kept, 0, len(data)) == data
 
 
-async def test_a_cancelled_write_ends_before_the_descriptor_can_be_closed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("writer_kind", ["local", "s3 spool"])
+async def test_a_cancelled_write_keeps_its_descriptor_until_the_thread_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer_kind: str,
 ) -> None:
-    """A chunk's transfer is cancelled (its timeout) while a batch is being written on a
-    worker thread. The cancellation is raised only once that write is over, so the
-    descriptor the writer then closes is not in use: a late ``pwritev`` through a closed
-    descriptor would land in whatever file reused its number (found by review: another
-    session's staging file)."""
-    store = LocalBlobStore(tmp_path / "blobs")
-    key = await store.stage("ses_cancelled")
-    writer = await store.open_writer(key, 0, length=PART, part=0)
-    inside, go_on, done = threading.Event(), threading.Event(), threading.Event()
-    pwritev = os.pwritev
+    """A chunk's transfer is cancelled (its timeout, say) while a batch is being written on
+    a worker thread, and the writer is abandoned at once. The cancellation goes ahead (a hung
+    disk must not hold the request), but the descriptor is closed only when the thread's
+    write returns: closed under it, its number would be reused by the next ``open`` and the
+    late bytes would land in that file (found by review: another session's staging file)."""
+    if writer_kind == "local":
+        store = LocalBlobStore(tmp_path / "blobs")
+        key = await store.stage("ses_cancelled")
+        writer: Any = await store.open_writer(key, 0, length=PART, part=0)
+    else:
+        spool = Spool(tmp_path / "spool", keep_bytes=0, keep_seconds=0)
+        await spool.open()
 
-    def slow_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        async def upload(path: Path, crc: int) -> str:
+            return "etag"
+
+        writer = SpooledPart(spool, "ses_cancelled", 0, PART, upload, keep=False)
+    inside, go_on = threading.Event(), threading.Event()
+    write_calls = {"local": "pwritev", "s3 spool": "write"}[writer_kind]
+    real = getattr(os, write_calls)
+    landed: list[int] = []
+
+    def slow(fd: int, *args: Any) -> int:
         inside.set()
         go_on.wait(10)
-        try:
-            return pwritev(fd, buffers, offset)
-        finally:
-            done.set()
+        landed.append(fd)
+        return int(real(fd, *args))
 
-    monkeypatch.setattr(os, "pwritev", slow_pwritev)
+    monkeypatch.setattr(os, write_calls, slow)
     writing = asyncio.create_task(writer.write([os.urandom(1000)]))
     await asyncio.to_thread(inside.wait, 10)
     writing.cancel()
-    await asyncio.sleep(0.05)
-    assert not writing.done(), "the cancellation went ahead of the write"
-    go_on.set()
     with pytest.raises(asyncio.CancelledError):
-        await writing
-    assert done.is_set()
-    monkeypatch.undo()
+        await writing  # at once, though the thread is still writing
     await writer.abandon()
+    other = os.open(tmp_path / "opened-meanwhile", os.O_CREAT | os.O_WRONLY, 0o600)
+    go_on.set()
+    await asyncio.sleep(0.2)  # the thread returns; then its descriptor closes
+    monkeypatch.undo()
+    os.close(other)
+    assert landed, "the write never returned"
+    assert landed[0] != other, "the descriptor was closed under the thread and reused"
+    assert (tmp_path / "opened-meanwhile").stat().st_size == 0

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from random import Random
 
 import pytest
 
 from memvault.errors import Expired, Internal, Unavailable
 from memvault.sessions import ChunkChecksums
+from memvault.settings import Settings
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
 
 
@@ -98,3 +100,19 @@ async def test_a_finish_placing_the_bytes_is_not_taken_for_a_loss(
         with pytest.raises(Unavailable):
             await _put(ip, session.id, data, 1)
         assert (await ip.session_row(session.id) or {})["state"] == "pending"
+
+
+def test_the_rule_holds_only_where_the_database_is_in_the_data_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = tmp_path / "data"
+    assert Settings(data_dir=data).database_in_data_dir
+    assert Settings(data_dir=data,
+                    database_url=f"sqlite+aiosqlite:///{data}/memvault.db").database_in_data_dir
+    assert not Settings(data_dir=data,
+                        database_url=f"sqlite:///{tmp_path}/elsewhere.db").database_in_data_dir
+    assert not Settings(data_dir=data,
+                        database_url="postgresql+asyncpg://db/memvault").database_in_data_dir
+    monkeypatch.chdir(tmp_path)  # a relative data folder names the same place
+    assert Settings(data_dir=Path("data"),
+                    database_url=f"sqlite:///{data}/memvault.db").database_in_data_dir

@@ -153,6 +153,8 @@ async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
         late = asyncio.create_task(ip.uploads.put_chunk(
             ip.caller, session.id, 0, CHUNK, stalling(), ChunkChecksums()))
         await half.wait()  # it holds the claim and the range's lock, and stands still
+        # (before its first batch: the taker is refused by the lock, whatever the writer's
+        # descriptor has or has not written yet)
         before = [(p["claim"], p["claimed_at"]) for p in await ip.part_rows()]
         ip.clock.advance(ip.settings.claim_lease + 1)
         with pytest.raises(Unavailable):
@@ -174,7 +176,8 @@ async def test_a_writer_that_stood_still_before_its_lock_does_not_overwrite_a_ta
     nothing (503), and the committed bytes are the taker's. (Found by review: it overwrote
     the received, hashed bytes, and the blob no longer matched its name.)"""
     data = os.urandom(2 * CHUNK)
-    async with inprocess(database_url=database_url) as ip:
+    # A short lease: the writer re-checks its claim after half of it, in real time.
+    async with inprocess(database_url=database_url, claim_lease=0.4) as ip:
         session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "gap"))
         store = ip.uploads.sessions.store
         open_writer = store.open_writer
@@ -197,6 +200,7 @@ async def test_a_writer_that_stood_still_before_its_lock_does_not_overwrite_a_ta
                                                pieces(data[:CHUNK], Random(1)),
                                                ChunkChecksums())
             assert not taken.duplicate
+            await asyncio.sleep(ip.settings.claim_lease)  # it has stood still that long
             go_on.set()
             with pytest.raises(Unavailable):
                 await late

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import time
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
@@ -127,7 +128,7 @@ class ChunkReceiver:
         checksums: ChunkChecksums,
         adoption: asyncio.Future[Sha256State] | None,
     ) -> PutResult:
-        claimed_at = self.clock.now()
+        claiming = time.monotonic()
         try:
             held, prefix, taken_from = await self._claim(session, offset, length, claim)
         except _Ended as exc:
@@ -158,11 +159,12 @@ class ChunkReceiver:
                     # on the range says so): it keeps its claim, and may yet finish.
                     await self._give_back(session, offset, claim, taken_from)
                 raise
-            if (self.clock.now() - claimed_at > self.policy.claim_lease / 2
-                    and not await self._holds(session.id, offset, claim)):
+            if (time.monotonic() - claiming > self.policy.claim_lease / 2
+                    and not await self._still_ours(session.id, offset, claim)):
                 # Stood still between the claim and the lock for long enough that another
                 # request may have taken the chunk over, written it and let go of the lock:
-                # holding the lock now, write only if the claim is still ours.
+                # holding the lock now, write only if the claim is still ours (and renewed).
+                # Half a lease: servers' clocks must agree to within that (NTP).
                 await asyncio.shield(writer.abandon())
                 raise _Ended(session.id)
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
@@ -386,11 +388,11 @@ class ChunkReceiver:
         )
         await self.db.transact(lambda conn: conn.execute(release), durable=False)
 
-    async def _holds(self, session_id: str, offset: int, claim: str) -> bool:
-        query = sa.select(upload_parts.c.offset).where(
-            upload_parts.c.session_id == session_id, upload_parts.c.offset == offset,
-            upload_parts.c.claim == claim, upload_parts.c.state == "writing")
-        return await self.db.query(lambda conn: conn.execute(query).first()) is not None
+    async def _still_ours(self, session_id: str, offset: int, claim: str) -> bool:
+        """Renew the claim if it is still ours; whether it was."""
+        return bool(await self.db.transact(
+            functools.partial(_renew, session_id, offset, claim, self.clock.now()),
+            durable=False))
 
     async def _give_back(self, session: Session, offset: int, claim: str,
                          previous: tuple[str, float]) -> None:
@@ -438,13 +440,14 @@ class ChunkReceiver:
         return PutResult(session, index, duplicate, count, total)
 
 
-def _renew(session_id: str, offset: int, claim: str, now: float, conn: sa.Connection) -> None:
-    conn.execute(
+def _renew(session_id: str, offset: int, claim: str, now: float, conn: sa.Connection) -> bool:
+    renewed = conn.execute(
         sa.update(upload_parts)
-        .where(upload_parts.c.session_id == session_id,
-               upload_parts.c.offset == offset, upload_parts.c.claim == claim)
+        .where(upload_parts.c.session_id == session_id, upload_parts.c.offset == offset,
+               upload_parts.c.claim == claim, upload_parts.c.state == "writing")
         .values(claimed_at=now)
     )
+    return bool(renewed.rowcount == 1)
 
 
 def _received_counts(conn: sa.Connection, session_id: str) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -35,10 +36,10 @@ from pathlib import Path
 
 import structlog
 
-from memvault.aio import uncancelled
 from memvault.errors import InsufficientStorage, Unavailable
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, Digest, StagingGone
+from memvault.storage.descriptor import Descriptor, opened
 from memvault.storage.writeback import start_writeback
 
 _READ_PIECE = 1024 * 1024
@@ -69,22 +70,18 @@ def out_of_space_is_typed() -> Iterator[None]:
 
 
 class LocalPartWriter:
-    """Writes one chunk through one descriptor, which holds the lock on the chunk's range.
-
-    Every call on the descriptor runs to its end before a cancellation is raised
-    (``uncancelled``): the descriptor is closed only once no thread is using it, or a
-    late ``pwritev`` would write into whatever file reused its number (found by review).
-    """
+    """Writes one chunk through one descriptor, which holds the lock on the chunk's range
+    until it is closed: once no call on it is running (``Descriptor``)."""
 
     def __init__(self, fd: int, offset: int) -> None:
+        self._file = Descriptor(fd)
         self._fd = fd
         self._offset = offset
         self._closed = False
 
     async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
-            written = await uncancelled(asyncio.to_thread(
-                self._write_sync, list(pieces), self._offset, then))
+            written = await self._file.run(self._write_sync, list(pieces), self._offset, then)
         self._offset += written
 
     def _write_sync(self, pieces: list[bytes], offset: int, then: Digest | None) -> int:
@@ -112,19 +109,17 @@ class LocalPartWriter:
         if self._closed:
             return
         self._closed = True
-        fd = self._fd
         try:
             if durable:
                 with out_of_space_is_typed():
-                    await uncancelled(asyncio.to_thread(os.fdatasync, fd))
+                    await self._file.run(os.fdatasync, self._fd)
         finally:
-            os.close(fd)
+            self._file.close()
 
     async def abandon(self) -> None:
         # The bytes written stay in the sparse file, uncounted; a retry overwrites them.
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
+        self._closed = True
+        self._file.close()
 
 
 class LocalBlobStore:
@@ -165,18 +160,10 @@ class LocalBlobStore:
         self, key: str, offset: int, *, length: int, part: int, hashed: bool = False
     ) -> LocalPartWriter:
         path = self._staged(key)
-        opening = asyncio.get_running_loop().run_in_executor(
-            None, _open_locked, path, offset, length)
         try:
-            fd = await uncancelled(opening)
+            fd = await opened(functools.partial(_open_locked, path, offset, length))
         except FileNotFoundError as exc:
             raise StagingGone(key) from exc
-        except asyncio.CancelledError:
-            if not opening.cancelled() and opening.exception() is None:
-                opened = opening.result()
-                if opened is not None:
-                    os.close(opened)  # opened as we were cancelled: not leaked
-            raise
         if fd is None:
             raise Unavailable("another transfer of this chunk is still writing it; send it "
                               "again in a moment", retry_after=1, part=part)

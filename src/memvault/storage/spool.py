@@ -28,6 +28,7 @@ import crc32c
 
 from memvault.hashing import Sha256State
 from memvault.storage.base import Digest
+from memvault.storage.descriptor import Descriptor
 from memvault.storage.local import out_of_space_is_typed
 
 _READ_PIECE = 1024 * 1024
@@ -55,17 +56,18 @@ class SpooledPart:
         self._length = length
         self._upload = upload
         self._keep = keep
-        self._fd: int | None
-        self._fd, self._path = spool.new_file()
+        fd, self._path = spool.new_file()
+        self._fd = fd
+        self._file: Descriptor | None = Descriptor(fd)
         self._written = 0
         self._crc = 0
 
     async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
+        assert self._file is not None
         with out_of_space_is_typed():
-            self._written += await asyncio.to_thread(self._append, list(pieces), then)
+            self._written += await self._file.run(self._append, list(pieces), then)
 
     def _append(self, pieces: list[bytes], then: Digest | None = None) -> int:
-        assert self._fd is not None
         total = 0
         for piece in pieces:
             view = memoryview(piece)
@@ -100,9 +102,9 @@ class SpooledPart:
         self._path.unlink(missing_ok=True)
 
     def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()  # once no write is running on it (``Descriptor``)
+            self._file = None
 
 
 class Spool:
