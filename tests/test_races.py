@@ -209,6 +209,37 @@ async def test_a_writer_that_stood_still_before_its_lock_does_not_overwrite_a_ta
         assert await _second_chunk_finished_and_read(ip, session.id, data) == data
 
 
+async def test_a_failed_claim_re_check_lets_go_of_the_range(
+    database_url: str | None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim re-check after a long wait for the lock fails (the database went away, or
+    the client left): the writer's descriptor, and with it the range's lock, is let go, so
+    the chunk sent again is written. (Found by review: the lock stayed until a restart.)"""
+    data = os.urandom(2 * CHUNK)
+    async with inprocess(database_url=database_url, claim_lease=0.4) as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "chk"))
+        store = ip.uploads.sessions.store
+        open_writer = store.open_writer
+        receiver = ip.uploads.sessions._chunks
+
+        async def slow_to_lock(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(ip.settings.claim_lease)
+            return await open_writer(*args, **kwargs)
+
+        async def database_gone(*args: Any) -> bool:
+            raise ConnectionResetError("database went away")
+
+        monkeypatch.setattr(store, "open_writer", slow_to_lock)
+        monkeypatch.setattr(receiver, "_still_ours", database_gone)
+        with pytest.raises(ConnectionResetError):
+            await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                       pieces(data[:CHUNK], Random(0)), ChunkChecksums())
+        monkeypatch.undo()
+        await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                   pieces(data[:CHUNK], Random(1)), ChunkChecksums())
+        assert await _second_chunk_finished_and_read(ip, session.id, data) == data
+
+
 async def test_the_same_bytes_finished_in_two_sessions_at_once_share_one_blob(
     database_url: str | None,
 ) -> None:

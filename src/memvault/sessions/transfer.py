@@ -159,14 +159,18 @@ class ChunkReceiver:
                     # on the range says so): it keeps its claim, and may yet finish.
                     await self._give_back(session, offset, claim, taken_from)
                 raise
-            if (time.monotonic() - claiming > self.policy.claim_lease / 2
-                    and not await self._still_ours(session.id, offset, claim)):
-                # Stood still between the claim and the lock for long enough that another
-                # request may have taken the chunk over, written it and let go of the lock:
-                # holding the lock now, write only if the claim is still ours (and renewed).
-                # Half a lease: servers' clocks must agree to within that (NTP).
-                await asyncio.shield(writer.abandon())
-                raise _Ended(session.id)
+            try:
+                if (time.monotonic() - claiming > self.policy.claim_lease / 2
+                        and not await self._still_ours(session.id, offset, claim)):
+                    # Stood still between the claim and the lock for long enough that
+                    # another request may have taken the chunk over, written it and let go
+                    # of the lock: holding the lock now, write only if the claim is still
+                    # ours (and renewed). Half a lease: servers' clocks must agree to within
+                    # that (NTP).
+                    raise _Ended(session.id)
+            except BaseException:
+                await asyncio.shield(writer.abandon())  # and with it the range's lock
+                raise
             lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
             try:
                 try:

@@ -27,9 +27,13 @@ class Descriptor:
         self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on a worker thread (one call at a time)."""
+        """``fn(*args)`` on a worker thread, one call at a time: a call still running (its
+        caller was cancelled) must end before another may start, or ``close`` could lose
+        track of it."""
         if self._closed:
             raise ValueError("descriptor closed")
+        if self._running is not None and not self._running.done():
+            raise RuntimeError("a call on this descriptor is still running")
         call = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
         self._running = call
         result = await asyncio.shield(call)  # cancelled: the call goes on; close() waits
