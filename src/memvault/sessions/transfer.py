@@ -128,7 +128,7 @@ class ChunkReceiver:
         checksums: ChunkChecksums,
         adoption: asyncio.Future[Sha256State] | None,
     ) -> PutResult:
-        claiming = time.monotonic()
+        claiming = _elapsed_clock()
         try:
             held, prefix, taken_from = await self._claim(session, offset, length, claim)
         except _Ended as exc:
@@ -160,7 +160,7 @@ class ChunkReceiver:
                     await self._give_back(session, offset, claim, taken_from)
                 raise
             try:
-                if (time.monotonic() - claiming > self.policy.claim_lease / 2
+                if (_elapsed_clock() - claiming > self.policy.claim_lease / 2
                         and not await self._still_ours(session.id, offset, claim)):
                     # Stood still between the claim and the lock for long enough that
                     # another request may have taken the chunk over, written it and let go
@@ -442,6 +442,13 @@ class ChunkReceiver:
     async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
         count, total = await self.db.query(lambda conn: _received_counts(conn, session.id))
         return PutResult(session, index, duplicate, count, total)
+
+
+def _elapsed_clock() -> float:
+    """Seconds for measuring a pause: counting a suspended machine's sleep too (Linux
+    ``CLOCK_BOOTTIME``), which another host's lease clock went on counting."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _renew(session_id: str, offset: int, claim: str, now: float, conn: sa.Connection) -> bool:
