@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from memvault.aio import uncancelled
 from memvault.clock import Clock
 from memvault.errors import (
     Conflict,
@@ -390,7 +391,8 @@ class ChunkReceiver:
             upload_parts.c.claim == claim,
             upload_parts.c.state == "writing",
         )
-        await self.db.transact(lambda conn: conn.execute(release), durable=False)
+        # On SQLite the database's thread hand-off settles it anyway; on PostgreSQL this does.
+        await uncancelled(self.db.transact(lambda conn: conn.execute(release), durable=False))
 
     async def _still_ours(self, session_id: str, offset: int, claim: str) -> bool:
         """Renew the claim if it is still ours; whether it was."""
@@ -407,7 +409,7 @@ class ChunkReceiver:
             upload_parts.c.claim == claim,
             upload_parts.c.state == "writing",
         ).values(claim=previous[0], claimed_at=previous[1])
-        await self.db.transact(lambda conn: conn.execute(back), durable=False)
+        await uncancelled(self.db.transact(lambda conn: conn.execute(back), durable=False))
 
     def _touch(self, conn: sa.Connection, session_id: str, now: float) -> bool:
         done = conn.execute(
