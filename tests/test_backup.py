@@ -85,3 +85,18 @@ def test_backup_says_what_to_do_when_it_cannot(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "pg_dump" in done.stderr
     assert not (tmp_path / "b.db").exists()
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    done = _memvault("blobs", "check", "--data", str(a_file))
+    assert done.returncode == 2
+    assert "is a file; give the data folder" in done.stderr
+
+
+def test_backup_to_a_place_it_cannot_write_says_so(tmp_path: Path) -> None:
+    _library(tmp_path / "data")
+    (tmp_path / "taken").write_text("a file where the folder would go")
+    done = _memvault("db", "backup", str(tmp_path / "taken" / "b.db"),
+                     "--data", str(tmp_path / "data"))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"memvault: cannot back up to {tmp_path / 'taken' / 'b.db'}")
+    assert "Traceback" not in done.stderr

@@ -35,6 +35,9 @@ def _settings(data: Path | None, **flags: Any) -> Settings:
 
     given: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if data is not None:
+        if data.exists() and not data.is_dir():
+            typer.echo(f"memvault: --data {data} is a file; give the data folder", err=True)
+            raise typer.Exit(2)
         given["data_dir"] = data
     try:
         return Settings(**given)
@@ -132,8 +135,8 @@ def db_backup(
         typer.echo("memvault: the database is not SQLite; back PostgreSQL up with its own "
                    "tools (pg_dump, or your provider's snapshots)", err=True)
         raise typer.Exit(2) from exc
-    except FileNotFoundError as exc:
-        typer.echo(f"memvault: {exc}", err=True)
+    except OSError as exc:
+        typer.echo(f"memvault: cannot back up to {dest}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"database copied to {dest}; now copy {settings.data_dir / 'blobs'}")
 
