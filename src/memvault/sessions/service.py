@@ -56,7 +56,7 @@ from memvault.sessions.model import (
     SessionSpec,
 )
 from memvault.sessions.transfer import ChunkReceiver
-from memvault.storage.base import BlobStore, ContentAddressed, StagingGone
+from memvault.storage.base import BlobStore, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -386,8 +386,7 @@ class SessionService:
         the embedded default): with the database elsewhere, a folder that is not mounted, or
         another process's, looks just the same, and its sessions are not lost (a review
         found this)."""
-        if not self.policy.staging_loss_is_final or not isinstance(self.store,
-                                                                   ContentAddressed):
+        if not self.policy.staging_loss_is_final:
             return None
         if not await self._end(session, EXPIRED, lost=True, placing=placing):
             return None

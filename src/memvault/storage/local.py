@@ -75,7 +75,6 @@ class LocalPartWriter:
 
     def __init__(self, fd: int, offset: int) -> None:
         self._file = Descriptor(fd)
-        self._fd = fd
         self._offset = offset
         self._closed = False
 
@@ -94,7 +93,7 @@ class LocalPartWriter:
         total = 0
         views = [memoryview(p) for p in pieces if p]
         while views:
-            n = os.pwritev(self._fd, views[:_IOV_MAX], offset + total)
+            n = os.pwritev(self._file.fd, views[:_IOV_MAX], offset + total)
             total += n
             # A short write leaves a tail: drop what was written and go again.
             while views and n >= len(views[0]):
@@ -102,7 +101,7 @@ class LocalPartWriter:
                 views.pop(0)
             if n:
                 views[0] = views[0][n:]
-        start_writeback(self._fd, offset, total)
+        start_writeback(self._file.fd, offset, total)
         return total
 
     async def close(self, *, durable: bool) -> None:
@@ -112,7 +111,7 @@ class LocalPartWriter:
         try:
             if durable:
                 with out_of_space_is_typed():
-                    await self._file.run(os.fdatasync, self._fd)
+                    await self._file.run(os.fdatasync, self._file.fd)
         finally:
             self._file.close()
 
