@@ -16,6 +16,13 @@ from memvault.metadata.schema import principals, tokens
 
 TOKEN_PREFIX = "mvt_"
 
+_BY_TOKEN = (
+    sa.select(principals.c.id, principals.c.name, principals.c.is_admin)
+    .join(tokens, tokens.c.principal_id == principals.c.id)
+    .where(tokens.c.token_hash == sa.bindparam("token_hash"))
+)
+"""Built once: every request runs it (docs/decisions.md, "Statements built once")."""
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -63,12 +70,8 @@ class AuthService:
     async def authenticate(self, token: str | None) -> Principal:
         if not token:
             raise Unauthenticated("send 'Authorization: Bearer <token>'")
-        query = (
-            sa.select(principals.c.id, principals.c.name, principals.c.is_admin)
-            .join(tokens, tokens.c.principal_id == principals.c.id)
-            .where(tokens.c.token_hash == hash_token(token))
-        )
-        row = await self.db.query(lambda conn: conn.execute(query).first())
+        where = {"token_hash": hash_token(token)}
+        row = await self.db.query(lambda conn: conn.execute(_BY_TOKEN, where).first())
         if row is None:
             raise Unauthenticated("the bearer token is not valid")
         return Principal(row.id, row.name, bool(row.is_admin))

@@ -196,8 +196,8 @@ class SessionService:
 
     async def received(self, session: Session) -> tuple[list[int], int]:
         """Indices of received chunks, and the bytes they hold."""
-        query = _received_parts(session.id)
-        return _tally(session, await self.db.query(lambda conn: conn.execute(query).all()))
+        return _tally(session, await self.db.query(
+            lambda conn: _received_parts(conn, session.id)))
 
     async def list_pending(self, owner: str | None) -> list[Session]:
         """``owner``'s pending sessions, oldest first; everyone's when ``owner`` is None."""
@@ -622,13 +622,11 @@ class SessionService:
         return _session(row)
 
     async def _load_with_parts(self, session_id: str,
-                               owner: str) -> tuple[Session, Sequence[sa.Row[Any]]]:
+                               owner: str) -> tuple[Session, Sequence[sa.Row[int, int]]]:
         """``_load`` and the session's received parts, in one round trip."""
-        query = _received_parts(session_id)
-
-        def read(conn: sa.Connection) -> tuple[sa.RowMapping | None, Sequence[sa.Row[Any]]]:
+        def read(conn: sa.Connection) -> tuple[sa.RowMapping | None, Sequence[sa.Row[int, int]]]:
             row = _session_row(conn, session_id)
-            return row, (conn.execute(query).all() if row is not None else [])
+            return row, (_received_parts(conn, session_id) if row is not None else [])
 
         row, parts = await self.db.query(read)
         if row is None or row["owner"] != owner:
@@ -636,18 +634,21 @@ class SessionService:
         return _session(row), parts
 
 
+_SESSION = sa.select(upload_sessions).where(upload_sessions.c.id == sa.bindparam("session_id"))
+_RECEIVED_PARTS = (
+    sa.select(upload_parts.c.offset, upload_parts.c.length)
+    .where(upload_parts.c.session_id == sa.bindparam("session_id"),
+           upload_parts.c.state == "received")
+    .order_by(upload_parts.c.offset)
+)
+
+
 def _session_row(conn: sa.Connection, session_id: str) -> sa.RowMapping | None:
-    return conn.execute(
-        sa.select(upload_sessions).where(upload_sessions.c.id == session_id)
-    ).mappings().first()
+    return conn.execute(_SESSION, {"session_id": session_id}).mappings().first()
 
 
-def _received_parts(session_id: str) -> sa.Select[tuple[int, int]]:
-    return (
-        sa.select(upload_parts.c.offset, upload_parts.c.length)
-        .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
-        .order_by(upload_parts.c.offset)
-    )
+def _received_parts(conn: sa.Connection, session_id: str) -> Sequence[sa.Row[int, int]]:
+    return conn.execute(_RECEIVED_PARTS, {"session_id": session_id}).all()
 
 
 def _tally(session: Session, parts: Sequence[Any]) -> tuple[list[int], int]:

@@ -49,6 +49,39 @@ from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagingGo
 
 log = structlog.get_logger("memvault.sessions")
 
+# Statements built once, run with their parameters (docs/decisions.md, "Statements built
+# once"): building a statement cost several times the CPU of running it. A parameter named
+# like a column of an updated table would set that column, hence the ``b_`` names.
+_THE_PART = sa.and_(upload_parts.c.session_id == sa.bindparam("b_session"),
+                    upload_parts.c.offset == sa.bindparam("b_offset"))
+_OUR_CLAIM = sa.and_(_THE_PART, upload_parts.c.claim == sa.bindparam("held"),
+                     upload_parts.c.state == "writing")
+_PART_CLAIM = sa.select(upload_parts.c.state, upload_parts.c.claimed_at,
+                        upload_parts.c.claim).where(_THE_PART)
+_PART_RECEIPT = sa.select(upload_parts.c.state, upload_parts.c.crc32c,
+                          upload_parts.c.claimed_at).where(_THE_PART)
+_NEW_PART = sa.insert(upload_parts)
+_TAKE_OVER = sa.update(upload_parts).where(_THE_PART).values(
+    claim=sa.bindparam("new_claim"), claimed_at=sa.bindparam("now"))
+_RENEW = sa.update(upload_parts).where(_OUR_CLAIM).values(claimed_at=sa.bindparam("now"))
+_GIVE_BACK = sa.update(upload_parts).where(_OUR_CLAIM).values(
+    claim=sa.bindparam("previous"), claimed_at=sa.bindparam("previous_at"))
+_RELEASE = sa.delete(upload_parts).where(_OUR_CLAIM)
+_MARK_RECEIVED = sa.update(upload_parts).where(_OUR_CLAIM).values(
+    state="received", crc32c=sa.bindparam("crc"), received_at=sa.bindparam("now"),
+    claim=None, receipt=sa.bindparam("new_receipt"))
+_TOUCH = sa.update(upload_sessions).where(
+    upload_sessions.c.id == sa.bindparam("b_session"), upload_sessions.c.state == PENDING
+).values(last_seen=sa.bindparam("now"), expires_at=sa.bindparam("until"))
+_FRONTIER = sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state).where(
+    upload_sessions.c.id == sa.bindparam("b_session"))
+_STATE = sa.select(upload_sessions.c.state).where(
+    upload_sessions.c.id == sa.bindparam("b_session"))
+_RECEIVED_COUNTS = sa.select(
+    sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0)
+).where(upload_parts.c.session_id == sa.bindparam("b_session"),
+        upload_parts.c.state == "received")
+
 
 class _Ended(Exception):
     """The session stopped being pending while this chunk was on its way."""
@@ -248,35 +281,24 @@ class ChunkReceiver:
         """
         now = self.clock.now()
         stale = now - self.policy.claim_lease
-        where_part = (upload_parts.c.session_id == session.id, upload_parts.c.offset == offset)
+        part = {"b_session": session.id, "b_offset": offset}
 
         def claim_range(conn: sa.Connection) -> Any:
             if not self._touch(conn, session.id, now):
                 raise _Ended(session.id)  # committed, aborted or expired since it was loaded
-            existing = conn.execute(
-                sa.select(upload_parts.c.state, upload_parts.c.claimed_at,
-                          upload_parts.c.claim).where(*where_part)
-            ).first()
+            existing = conn.execute(_PART_CLAIM, part).first()
             taken = None
             if existing is None:
-                conn.execute(
-                    sa.insert(upload_parts).values(
-                        session_id=session.id, offset=offset, length=length,
-                        state="writing", claim=claim, claimed_at=now,
-                    )
-                )
+                conn.execute(_NEW_PART, {"session_id": session.id, "offset": offset,
+                                         "length": length, "state": "writing",
+                                         "claim": claim, "claimed_at": now})
             elif existing.state == "writing" and existing.claimed_at < stale:
                 # The writer stopped renewing its lease (its process died): take it over.
-                conn.execute(
-                    sa.update(upload_parts).where(*where_part).values(claim=claim, claimed_at=now)
-                )
+                conn.execute(_TAKE_OVER, {**part, "new_claim": claim, "now": now})
                 taken = (str(existing.claim), float(existing.claimed_at))
             else:
                 return None
-            return conn.execute(
-                sa.select(upload_sessions.c.hashed_offset, upload_sessions.c.hash_state)
-                .where(upload_sessions.c.id == session.id)
-            ).one(), taken
+            return conn.execute(_FRONTIER, {"b_session": session.id}).one(), taken
 
         claimed = await self.db.transact(claim_range, durable=False)
         if claimed is None:
@@ -306,11 +328,9 @@ class ChunkReceiver:
         except TimeoutError as exc:
             raise _too_slow(offset // session.chunk_size, self.policy.chunk_timeout) from exc
         digests.check(checksums)
-        query = sa.select(
-            upload_parts.c.state, upload_parts.c.crc32c, upload_parts.c.claimed_at
-        ).where(upload_parts.c.session_id == session.id, upload_parts.c.offset == offset)
+        where = {"b_session": session.id, "b_offset": offset}
         while True:
-            part = await self.db.query(lambda conn: conn.execute(query).first())
+            part = await self.db.query(lambda conn: conn.execute(_PART_RECEIPT, where).first())
             if part is None:
                 ended = await self._ended(session)
                 if not isinstance(ended, Unavailable):
@@ -363,17 +383,9 @@ class ChunkReceiver:
         now = self.clock.now()
 
         def mark(conn: sa.Connection) -> tuple[int, int]:
-            done = conn.execute(
-                sa.update(upload_parts)
-                .where(
-                    upload_parts.c.session_id == session.id,
-                    upload_parts.c.offset == offset,
-                    upload_parts.c.claim == claim,
-                    upload_parts.c.state == "writing",
-                )
-                .values(state="received", crc32c=crc, received_at=now, claim=None,
-                        receipt=receipt)
-            )
+            done = conn.execute(_MARK_RECEIVED, {
+                "b_session": session.id, "b_offset": offset, "held": claim,
+                "crc": crc, "now": now, "new_receipt": receipt})
             if done.rowcount != 1 or not self._touch(conn, session.id, now):
                 raise _Ended(session.id)
             if prefix is not None:
@@ -385,14 +397,10 @@ class ChunkReceiver:
 
     async def _release_quietly(self, session: Session, offset: int, claim: str) -> None:
         """Drop our claim; settled even if the request is cancelled meanwhile."""
-        release = sa.delete(upload_parts).where(
-            upload_parts.c.session_id == session.id,
-            upload_parts.c.offset == offset,
-            upload_parts.c.claim == claim,
-            upload_parts.c.state == "writing",
-        )
+        ours = {"b_session": session.id, "b_offset": offset, "held": claim}
         # On SQLite the database's thread hand-off settles it anyway; on PostgreSQL this does.
-        await uncancelled(self.db.transact(lambda conn: conn.execute(release), durable=False))
+        await uncancelled(self.db.transact(lambda conn: conn.execute(_RELEASE, ours),
+                                           durable=False))
 
     async def _still_ours(self, session_id: str, offset: int, claim: str) -> bool:
         """Renew the claim if it is still ours; whether it was."""
@@ -403,20 +411,14 @@ class ChunkReceiver:
     async def _give_back(self, session: Session, offset: int, claim: str,
                          previous: tuple[str, float]) -> None:
         """Return a claim taken over from a writer that turned out to be alive."""
-        back = sa.update(upload_parts).where(
-            upload_parts.c.session_id == session.id,
-            upload_parts.c.offset == offset,
-            upload_parts.c.claim == claim,
-            upload_parts.c.state == "writing",
-        ).values(claim=previous[0], claimed_at=previous[1])
-        await uncancelled(self.db.transact(lambda conn: conn.execute(back), durable=False))
+        back = {"b_session": session.id, "b_offset": offset, "held": claim,
+                "previous": previous[0], "previous_at": previous[1]}
+        await uncancelled(self.db.transact(lambda conn: conn.execute(_GIVE_BACK, back),
+                                           durable=False))
 
     def _touch(self, conn: sa.Connection, session_id: str, now: float) -> bool:
-        done = conn.execute(
-            sa.update(upload_sessions)
-            .where(upload_sessions.c.id == session_id, upload_sessions.c.state == PENDING)
-            .values(last_seen=now, expires_at=now + self.policy.ttl)
-        )
+        done = conn.execute(_TOUCH, {"b_session": session_id, "now": now,
+                                     "until": now + self.policy.ttl})
         return done.rowcount == 1
 
     async def _ended(self, session: Session, *, staging_gone: bool = False) -> MemvaultError:
@@ -431,8 +433,8 @@ class ChunkReceiver:
             lost = await self._lost(session)
             if lost is not None:
                 return lost
-        query = sa.select(upload_sessions.c.state).where(upload_sessions.c.id == session.id)
-        state = await self.db.query(lambda conn: conn.execute(query).scalar_one_or_none())
+        where = {"b_session": session.id}
+        state = await self.db.query(lambda conn: conn.execute(_STATE, where).scalar_one_or_none())
         if state == EXPIRED:
             return Expired(f"upload session {session.id} expired")
         if state is None:
@@ -454,20 +456,13 @@ def _elapsed_clock() -> float:
 
 
 def _renew(session_id: str, offset: int, claim: str, now: float, conn: sa.Connection) -> bool:
-    renewed = conn.execute(
-        sa.update(upload_parts)
-        .where(upload_parts.c.session_id == session_id, upload_parts.c.offset == offset,
-               upload_parts.c.claim == claim, upload_parts.c.state == "writing")
-        .values(claimed_at=now)
-    )
+    renewed = conn.execute(_RENEW, {"b_session": session_id, "b_offset": offset,
+                                    "held": claim, "now": now})
     return bool(renewed.rowcount == 1)
 
 
 def _received_counts(conn: sa.Connection, session_id: str) -> tuple[int, int]:
-    row = conn.execute(
-        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(upload_parts.c.length), 0))
-        .where(upload_parts.c.session_id == session_id, upload_parts.c.state == "received")
-    ).one()
+    row = conn.execute(_RECEIVED_COUNTS, {"b_session": session_id}).one()
     return int(row[0]), int(row[1])
 
 
