@@ -25,6 +25,32 @@ ROLES = ("original", "display", "thumb", "placeholder")
 DERIVED_ROLES = ROLES[1:]
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
+# Built once (docs/decisions.md, "Statements built once").
+_CAPSULE_OWNER = sa.select(capsules.c.owner_id).where(
+    capsules.c.id == sa.bindparam("capsule_id"))
+_MEMORY_CAPSULE = (
+    sa.select(memories.c.capsule_id, capsules.c.owner_id)
+    .join(capsules, capsules.c.id == memories.c.capsule_id)
+    .where(memories.c.id == sa.bindparam("memory_id"))
+)
+_NEW_MEMORY = sa.insert(memories)
+_NEW_ASSET = sa.insert(assets)
+_ROLE_TAKEN = sa.select(assets.c.role).where(assets.c.memory_id == sa.bindparam("memory_id"),
+                                             assets.c.role == sa.bindparam("role"))
+_MEMORY_ROWS = (
+    sa.select(memories, derivative_jobs.c.state.label("job_state"),
+              derivative_jobs.c.reason.label("job_reason"))
+    .outerjoin(derivative_jobs, derivative_jobs.c.memory_id == memories.c.id)
+    .order_by(memories.c.created_at.desc(), memories.c.id.desc())
+)
+"""Memories with their derivative job's state, newest first; narrowed with ``where``."""
+_ONE_MEMORY = _MEMORY_ROWS.where(memories.c.id == sa.bindparam("memory_id"))
+_ASSETS_OF = (
+    sa.select(assets, blobs.c.storage_key)
+    .join(blobs, blobs.c.sha256 == assets.c.blob_sha256)
+    .where(assets.c.memory_id.in_(sa.bindparam("ids", expanding=True)))
+)
+
 
 @dataclass(frozen=True)
 class Asset:
@@ -103,12 +129,10 @@ class CapsuleService:
         """Insert a memory into a capsule ``caller`` may write to (inside a transaction)."""
         check_writable(conn, caller, capsule_id)
         memory_id = new_id("mem")
-        conn.execute(
-            sa.insert(memories).values(
-                id=memory_id, capsule_id=capsule_id, title=title, taken_at=taken_at,
-                meta=meta or {}, created_by=caller.id, created_at=self.clock.now(),
-            )
-        )
+        conn.execute(_NEW_MEMORY, {
+            "id": memory_id, "capsule_id": capsule_id, "title": title, "taken_at": taken_at,
+            "meta": meta or {}, "created_by": caller.id, "created_at": self.clock.now(),
+        })
         return memory_id
 
     async def new_memory(self, caller: Principal, capsule_id: str, **fields: Any) -> Memory:
@@ -120,7 +144,7 @@ class CapsuleService:
     async def get_memory(self, caller: Principal, memory_id: str) -> Memory:
         def read(conn: sa.Connection) -> Memory:
             memory_capsule(conn, caller, memory_id)
-            return _memories(conn, memories.c.id == memory_id)[0]
+            return _memories(conn, _ONE_MEMORY, {"memory_id": memory_id})[0]
 
         return await self.db.query(read)
 
@@ -180,7 +204,7 @@ class CapsuleService:
 
         def read(conn: sa.Connection) -> list[Memory]:
             check_writable(conn, caller, capsule_id)
-            return _memories(conn, condition, limit=limit + 1)
+            return _memories(conn, _MEMORY_ROWS.where(condition).limit(limit + 1), {})
 
         items = await self.db.query(read)
         more = len(items) > limit
@@ -194,20 +218,19 @@ class CapsuleService:
 
 def check_writable(conn: sa.Connection, caller: Principal, capsule_id: str) -> None:
     """Raise ``not_found`` unless ``caller`` may write to the capsule."""
-    row = conn.execute(
-        sa.select(capsules.c.owner_id).where(capsules.c.id == capsule_id)
-    ).first()
-    if row is None or row.owner_id != caller.id:
+    if capsule_owner(conn, capsule_id) != caller.id:
         raise NotFound(f"capsule {capsule_id} not found")
+
+
+def capsule_owner(conn: sa.Connection, capsule_id: str) -> str | None:
+    """The capsule's owner; None if there is no such capsule."""
+    owner = conn.execute(_CAPSULE_OWNER, {"capsule_id": capsule_id}).scalar_one_or_none()
+    return None if owner is None else str(owner)
 
 
 def memory_capsule(conn: sa.Connection, caller: Principal, memory_id: str) -> str:
     """The capsule of a memory ``caller`` may write to, else ``not_found``."""
-    row = conn.execute(
-        sa.select(memories.c.capsule_id, capsules.c.owner_id)
-        .join(capsules, capsules.c.id == memories.c.capsule_id)
-        .where(memories.c.id == memory_id)
-    ).first()
+    row = conn.execute(_MEMORY_CAPSULE, {"memory_id": memory_id}).first()
     if row is None or row.owner_id != caller.id:
         raise NotFound(f"memory {memory_id} not found")
     return str(row.capsule_id)
@@ -217,42 +240,25 @@ def add_asset(conn: sa.Connection, memory_id: str, role: str, size: int, sha256:
               content_type: str, filename: str | None, now: float) -> None:
     """Attach a committed blob to a memory (inside finish's transaction)."""
     check_role_free(conn, memory_id, role)
-    conn.execute(
-        sa.insert(assets).values(
-            memory_id=memory_id, role=role, blob_sha256=sha256, size=size,
-            content_type=content_type, filename=filename, created_at=now,
-        )
-    )
+    conn.execute(_NEW_ASSET, {
+        "memory_id": memory_id, "role": role, "blob_sha256": sha256, "size": size,
+        "content_type": content_type, "filename": filename, "created_at": now,
+    })
 
 
 def check_role_free(conn: sa.Connection, memory_id: str, role: str) -> None:
-    taken = conn.execute(
-        sa.select(assets.c.role).where(assets.c.memory_id == memory_id, assets.c.role == role)
-    )
+    taken = conn.execute(_ROLE_TAKEN, {"memory_id": memory_id, "role": role})
     if taken.first() is not None:
         raise Conflict(f"memory {memory_id} already has a {role!r} asset", role=role)
 
 
-def _memories(conn: sa.Connection, condition: sa.ColumnElement[bool],
-              limit: int | None = None) -> list[Memory]:
-    query = (
-        sa.select(memories, derivative_jobs.c.state.label("job_state"),
-                  derivative_jobs.c.reason.label("job_reason"))
-        .outerjoin(derivative_jobs, derivative_jobs.c.memory_id == memories.c.id)
-        .where(condition)
-        .order_by(memories.c.created_at.desc(), memories.c.id.desc())
-    )
-    if limit is not None:
-        query = query.limit(limit)
-    rows = conn.execute(query).mappings().all()
+def _memories(conn: sa.Connection, query: sa.Select[Any], params: dict[str, Any]) -> list[Memory]:
+    """The memories ``query`` (``_MEMORY_ROWS`` narrowed) finds, with their assets."""
+    rows = conn.execute(query, params).mappings().all()
     if not rows:
         return []
     ids = [r["id"] for r in rows]
-    asset_rows = conn.execute(
-        sa.select(assets, blobs.c.storage_key)
-        .join(blobs, blobs.c.sha256 == assets.c.blob_sha256)
-        .where(assets.c.memory_id.in_(ids))
-    ).mappings().all()
+    asset_rows = conn.execute(_ASSETS_OF, {"ids": ids}).mappings().all()
     by_memory: dict[str, dict[str, Asset]] = {i: {} for i in ids}
     for a in asset_rows:
         by_memory[a["memory_id"]][a["role"]] = Asset(

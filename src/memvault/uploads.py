@@ -21,6 +21,7 @@ from memvault.capsules import (
     CapsuleService,
     Memory,
     add_asset,
+    capsule_owner,
     check_role_free,
     check_writable,
     memory_capsule,
@@ -50,6 +51,19 @@ from memvault.storage.base import BlobStore, PartLimits
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 MAX_FINISH_BATCH = 16
+
+# Built once (docs/decisions.md, "Statements built once").
+_LOCK_CALLER = sa.select(principals.c.id).where(
+    principals.c.id == sa.bindparam("caller")).with_for_update()
+_RESERVED = sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
+    upload_sessions.c.state == PENDING)
+_PENDING_IN_CAPSULE = sa.select(
+    sa.func.count(), sa.func.min(upload_sessions.c.expires_at)
+).where(
+    upload_sessions.c.owner == sa.bindparam("owner"),
+    upload_sessions.c.idem_scope == sa.bindparam("scope"),
+    upload_sessions.c.state == PENDING,
+)
 """Uploads one finish may commit together: an original and its derivatives, with room."""
 
 
@@ -115,8 +129,7 @@ class UploadService:
             # Begins of one caller take turns from here to their commit (a row lock on
             # PostgreSQL; SQLite's one writer already serialises them), so the counts and
             # sums below cannot be read by two begins that would both fit, then both insert.
-            conn.execute(sa.select(principals.c.id).where(principals.c.id == caller.id)
-                         .with_for_update())
+            conn.execute(_LOCK_CALLER, {"caller": caller.id})
             self._check_pending_cap(conn, caller, req.capsule_id)
             self._check_headroom(conn, free, req.size)
             self._check_quotas(conn, caller.id, req.size, now)
@@ -190,11 +203,7 @@ class UploadService:
         """``free`` was measured just before the transaction; pending sessions reserve space."""
         if free is None:
             return
-        reserved = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(upload_sessions.c.size), 0)).where(
-                upload_sessions.c.state == PENDING
-            )
-        ).scalar_one()
+        reserved = conn.execute(_RESERVED).scalar_one()
         available = free - int(reserved) - self.settings.storage_reserve
         if size > available:
             raise InsufficientStorage(
@@ -258,14 +267,7 @@ class UploadService:
     def _check_pending_cap(self, conn: sa.Connection, caller: Principal,
                            capsule_id: str) -> None:
         limit = self.settings.max_pending_per_capsule
-        result = conn.execute(
-            sa.select(sa.func.count(), sa.func.min(upload_sessions.c.expires_at)).where(
-                upload_sessions.c.owner == caller.id,
-                upload_sessions.c.idem_scope == capsule_id,
-                upload_sessions.c.state == PENDING,
-            )
-        )
-        row = result.one()
+        row = conn.execute(_PENDING_IN_CAPSULE, {"owner": caller.id, "scope": capsule_id}).one()
         active, soonest = int(row[0]), row[1]
         if active >= limit:
             wait = max(1.0, float(soonest) - self.clock.now()) if soonest else 1.0
@@ -331,10 +333,7 @@ class UploadService:
     def _on_commit(self, conn: sa.Connection, session: Session) -> None:
         attrs = session.attrs
         # Re-check, inside the commit, that the owner may still write to the capsule.
-        owner = conn.execute(
-            sa.select(capsules.c.owner_id).where(capsules.c.id == attrs["capsule_id"])
-        ).scalar_one_or_none()
-        if owner != session.owner:
+        if capsule_owner(conn, attrs["capsule_id"]) != session.owner:
             raise NotFound(f"capsule {attrs['capsule_id']} not found")
         self._check_quotas(conn, session.owner, session.size, self.clock.now(), session)
         assert session.result_sha256 is not None

@@ -55,20 +55,22 @@ class StoredDerivative:
 def enqueue(conn: sa.Connection, memory_id: str, now: float) -> None:
     """Add the memory's job (inside the transaction that commits its original), unless the
     memory already has every derived role (a client uploaded them first)."""
-    present = conn.execute(
-        sa.select(sa.func.count()).select_from(assets)
-        .where(assets.c.memory_id == memory_id, assets.c.role.in_(DERIVED_ROLES))
-    ).scalar_one()
+    present = conn.execute(_DERIVED_PRESENT, {"memory_id": memory_id}).scalar_one()
     if present == len(DERIVED_ROLES):
         return
-    exists = conn.execute(
-        sa.select(derivative_jobs.c.memory_id).where(derivative_jobs.c.memory_id == memory_id)
-    ).first()
+    exists = conn.execute(_JOB_OF, {"memory_id": memory_id}).first()
     if exists is None:
-        conn.execute(sa.insert(derivative_jobs).values(
-            memory_id=memory_id, state=PENDING, attempts=0, run_after=now,
-            created_at=now, updated_at=now,
-        ))
+        conn.execute(_NEW_JOB, {"memory_id": memory_id, "state": PENDING, "attempts": 0,
+                                "run_after": now, "created_at": now, "updated_at": now})
+
+
+# Built once: they run inside every finish of an original (docs/decisions.md, "Statements
+# built once").
+_DERIVED_PRESENT = sa.select(sa.func.count()).select_from(assets).where(
+    assets.c.memory_id == sa.bindparam("memory_id"), assets.c.role.in_(DERIVED_ROLES))
+_JOB_OF = sa.select(derivative_jobs.c.memory_id).where(
+    derivative_jobs.c.memory_id == sa.bindparam("memory_id"))
+_NEW_JOB = sa.insert(derivative_jobs)
 
 
 class JobQueue:

@@ -13,6 +13,23 @@ import sqlalchemy as sa
 
 from memvault.metadata.schema import assets, blobs, upload_sessions
 
+# Built once (docs/decisions.md, "Statements built once").
+_HOLD_FOR = sa.update(upload_sessions).where(
+    upload_sessions.c.id == sa.bindparam("b_session"), upload_sessions.c.state == "pending"
+).values(placed_sha256=sa.bindparam("content"))
+_UNCOLLECTED = sa.and_(blobs.c.sha256 == sa.bindparam("b_sha256"), blobs.c.collector.is_(None))
+_MARK_PLACED = sa.update(blobs).where(_UNCOLLECTED).values(placed_at=sa.bindparam("now"))
+_COUNT_USE = sa.update(blobs).where(_UNCOLLECTED).values(
+    refcount=blobs.c.refcount + 1,
+    # A reserved row names no bytes anyone uses yet: the first commit's count.
+    storage_key=sa.case((blobs.c.refcount == 0,
+                         sa.bindparam("key", type_=blobs.c.storage_key.type)),
+                        else_=blobs.c.storage_key),
+)
+_NEW_BLOB = sa.insert(blobs)
+_COLLECTOR = sa.select(blobs.c.collector).where(blobs.c.sha256 == sa.bindparam("b_sha256"))
+_STORAGE_KEY = sa.select(blobs.c.storage_key).where(blobs.c.sha256 == sa.bindparam("b_sha256"))
+
 
 class BlobCollected(Exception):
     """The content's row is being (or was) collected: the bytes placed for it may be gone."""
@@ -40,19 +57,12 @@ def reserve_blobs(conn: sa.Connection, contents: Sequence[tuple[str, int, str]],
     for; while one of them is pending, its content is not collected however long it waits.
     """
     for session_id, sha256 in sorted(holders):
-        conn.execute(sa.update(upload_sessions)
-                     .where(upload_sessions.c.id == session_id,
-                            upload_sessions.c.state == "pending")
-                     .values(placed_sha256=sha256))
+        conn.execute(_HOLD_FOR, {"b_session": session_id, "content": sha256})
     for sha256, size, storage_key in sorted(contents):
-        mark = (sa.update(blobs)
-                .where(blobs.c.sha256 == sha256, blobs.c.collector.is_(None))
-                .values(placed_at=now))
-        state = _settle(conn, sha256, mark)
+        state = _settle(conn, sha256, _MARK_PLACED, {"b_sha256": sha256, "now": now})
         if state is None:
-            conn.execute(sa.insert(blobs).values(
-                sha256=sha256, size=size, storage_key=storage_key, refcount=0,
-                created_at=now, placed_at=now))
+            conn.execute(_NEW_BLOB, {"sha256": sha256, "size": size, "storage_key": storage_key,
+                                     "refcount": 0, "created_at": now, "placed_at": now})
         elif state == _COLLECTING:
             raise BlobBusy(sha256)
 
@@ -66,23 +76,12 @@ def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
     ``reserved``: the caller reserved the row before placing the bytes; if it is gone or being
     collected, the placed bytes may be too, and ``BlobCollected`` is raised.
     """
-    count = (
-        sa.update(blobs).where(blobs.c.sha256 == sha256, blobs.c.collector.is_(None))
-        .values(refcount=blobs.c.refcount + 1,
-                # A reserved row names no bytes anyone uses yet: the first commit's count.
-                storage_key=sa.case((blobs.c.refcount == 0, storage_key),
-                                    else_=blobs.c.storage_key))
-    )
-    state = _settle(conn, sha256, count)
+    state = _settle(conn, sha256, _COUNT_USE, {"b_sha256": sha256, "key": storage_key})
     if state == _DONE:
-        return str(conn.execute(
-            sa.select(blobs.c.storage_key).where(blobs.c.sha256 == sha256)
-        ).scalar_one())
+        return str(conn.execute(_STORAGE_KEY, {"b_sha256": sha256}).scalar_one())
     if state is None and not reserved:
-        conn.execute(
-            sa.insert(blobs).values(sha256=sha256, size=size, storage_key=storage_key,
-                                    refcount=1, created_at=now)
-        )
+        conn.execute(_NEW_BLOB, {"sha256": sha256, "size": size, "storage_key": storage_key,
+                                 "refcount": 1, "created_at": now})
         return storage_key
     raise BlobCollected(sha256)
 
@@ -90,19 +89,19 @@ def record_blob(conn: sa.Connection, sha256: str, size: int, storage_key: str,
 _DONE, _COLLECTING = "done", "collecting"
 
 
-def _settle(conn: sa.Connection, sha256: str, update: sa.Update) -> str | None:
-    """Run ``update`` (conditional on the row not being collected): ``_DONE`` if it changed
-    the row, ``_COLLECTING`` if the row is being collected, None if there is no row.
+def _settle(conn: sa.Connection, sha256: str, update: sa.Update,
+            params: dict[str, object]) -> str | None:
+    """Run ``update`` with ``params`` (conditional on the row not being collected):
+    ``_DONE`` if it changed the row, ``_COLLECTING`` if the row is being collected, None if
+    there is no row.
 
     On PostgreSQL each statement sees what was committed before it started, so a row another
     transaction adds between the update and the look that follows is found by the look: the
     update is then run again, and changes it."""
     for _ in range(3):
-        if conn.execute(update).rowcount == 1:
+        if conn.execute(update, params).rowcount == 1:
             return _DONE
-        row = conn.execute(
-            sa.select(blobs.c.collector).where(blobs.c.sha256 == sha256)
-        ).first()
+        row = conn.execute(_COLLECTOR, {"b_sha256": sha256}).first()
         if row is None:
             return None
         if row.collector is not None:

@@ -256,9 +256,7 @@ class Frontier:
         ``Behind`` when some received bytes cannot be read before the upload is sealed and no
         other process moved the frontier over them within ``handoff_wait``.
         """
-        query = sa.select(
-            upload_sessions.c.state, upload_sessions.c.hashed_offset, upload_sessions.c.hash_state
-        ).where(upload_sessions.c.id == session_id)
+        where = {"session_id": session_id}
         moved = asyncio.Event()
         watchers = self._watchers.setdefault(session_id, set())
         watchers.add(moved)  # before looking, so no move between the look and the wait is missed
@@ -272,7 +270,7 @@ class Frontier:
                 if reached[0] == size:
                     # The common case: no second look at the row for the state it just had.
                     return reached[1].hexdigest()
-                row = await self._db.query(lambda conn: conn.execute(query).first())
+                row = await self._db.query(lambda conn: conn.execute(_FRONTIER, where).first())
                 if row is None or row.state != PENDING:
                     return None
                 state = _restore(row.hash_state)
@@ -307,15 +305,7 @@ def _received_from(
 ) -> tuple[Any, int, Sha256State, Sequence[Any]] | None:
     """A pending session's frontier row, where hashing starts, its state, and the received
     parts from there on; None if the session is not pending."""
-    row = conn.execute(
-        sa.select(
-            upload_sessions.c.state,
-            upload_sessions.c.staging_key,
-            upload_sessions.c.size,
-            upload_sessions.c.hashed_offset,
-            upload_sessions.c.hash_state,
-        ).where(upload_sessions.c.id == session_id)
-    ).first()
+    row = conn.execute(_FRONTIER_FROM, {"session_id": session_id}).first()
     if row is None or row.state != PENDING:
         return None
     start = row.hashed_offset
@@ -323,16 +313,35 @@ def _received_from(
     if state is None:
         # Unreadable state (e.g. saved by another hashing backend): start over.
         start, state = 0, new_sha256()
-    parts = conn.execute(
-        sa.select(upload_parts.c.offset, upload_parts.c.length)
-        .where(
-            upload_parts.c.session_id == session_id,
-            upload_parts.c.state == "received",
-            upload_parts.c.offset >= start,
-        )
-        .order_by(upload_parts.c.offset)
-    ).all()
+    parts = conn.execute(_PARTS_FROM, {"session_id": session_id, "start": start}).all()
     return row, start, state, parts
+
+
+# Built once (docs/decisions.md, "Statements built once").
+_FRONTIER = sa.select(
+    upload_sessions.c.state, upload_sessions.c.hashed_offset, upload_sessions.c.hash_state
+).where(upload_sessions.c.id == sa.bindparam("session_id"))
+_FRONTIER_FROM = sa.select(
+    upload_sessions.c.state,
+    upload_sessions.c.staging_key,
+    upload_sessions.c.size,
+    upload_sessions.c.hashed_offset,
+    upload_sessions.c.hash_state,
+).where(upload_sessions.c.id == sa.bindparam("session_id"))
+_PARTS_FROM = (
+    sa.select(upload_parts.c.offset, upload_parts.c.length)
+    .where(
+        upload_parts.c.session_id == sa.bindparam("session_id"),
+        upload_parts.c.state == "received",
+        upload_parts.c.offset >= sa.bindparam("start"),
+    )
+    .order_by(upload_parts.c.offset)
+)
+_MOVE = sa.update(upload_sessions).where(
+    upload_sessions.c.id == sa.bindparam("b_session"),
+    upload_sessions.c.hashed_offset == sa.bindparam("b_old"),
+    upload_sessions.c.state == PENDING,
+).values(hashed_offset=sa.bindparam("new"), hash_state=sa.bindparam("state_bytes"))
 
 
 def _restore(blob: bytes) -> Sha256State | None:
@@ -349,15 +358,8 @@ def save_frontier(
     """Move the stored frontier from ``old`` to ``new`` (compare-and-set), inside ``conn``'s
     transaction, and, if ``announce``, tell other processes (``announce_move``); False if
     someone else moved it first or the session ended."""
-    done = conn.execute(
-        sa.update(upload_sessions)
-        .where(
-            upload_sessions.c.id == session_id,
-            upload_sessions.c.hashed_offset == old,
-            upload_sessions.c.state == PENDING,
-        )
-        .values(hashed_offset=new, hash_state=state.to_bytes())
-    )
+    done = conn.execute(_MOVE, {"b_session": session_id, "b_old": old, "new": new,
+                                "state_bytes": state.to_bytes()})
     if done.rowcount != 1:
         return False
     if announce:

@@ -134,17 +134,13 @@ class SessionService:
             if prepare is not None:
                 row["attrs"] = {**spec.attrs, **prepare(conn)}
             if spec.exclusive_key is not None:
-                holder = conn.execute(
-                    sa.select(upload_sessions.c.id).where(
-                        upload_sessions.c.exclusive_key == spec.exclusive_key
-                    )
-                )
+                holder = conn.execute(_EXCLUSIVE_HOLDER, {"key": spec.exclusive_key})
                 if holder.first() is not None:
                     raise Conflict(
                         "another upload for the same target is in progress",
                         target=spec.exclusive_key,
                     )
-            conn.execute(sa.insert(upload_sessions).values(**row))
+            conn.execute(_NEW_SESSION, row)
             return None
 
         # Staging exists before the row that names it, so a chunk never finds a session
@@ -351,12 +347,9 @@ class SessionService:
 
     async def _seal(self, session: Session) -> None:
         """Hand the store every received part's receipt, in order, to make the bytes whole."""
-        query = (
-            sa.select(upload_parts.c.receipt)
-            .where(upload_parts.c.session_id == session.id, upload_parts.c.state == "received")
-            .order_by(upload_parts.c.offset)
-        )
-        receipts = await self.db.query(lambda conn: conn.execute(query).scalars().all())
+        where = {"session_id": session.id}
+        receipts = await self.db.query(
+            lambda conn: conn.execute(_RECEIPTS, where).scalars().all())
         if len(receipts) != session.chunk_count:
             raise StagingGone(session.staging_key)  # committed or ended since the check
         await self.store.seal(session.staging_key, session.size, receipts)
@@ -454,12 +447,8 @@ class SessionService:
         deadlock each other on PostgreSQL. Returns the storage key each blob is kept under,
         in the order given."""
         for p in sorted(placed, key=lambda p: p.session.id):
-            won = conn.execute(
-                sa.update(upload_sessions)
-                .where(upload_sessions.c.id == p.session.id, upload_sessions.c.state == PENDING)
-                .values(state=COMMITTED, result_sha256=p.sha256, ended_at=now,
-                        exclusive_key=None, hash_state=b"", placed_sha256=None)
-            )
+            won = conn.execute(_COMMIT_SESSION,
+                               {"b_session": p.session.id, "content": p.sha256, "now": now})
             if won.rowcount != 1:
                 raise _Lost(p)  # a concurrent finish or an abort got there first
         reserved = self.placements.reserving
@@ -467,7 +456,7 @@ class SessionService:
                                           reserved=reserved)
                 for p in sorted(placed, key=lambda p: (p.sha256, p.session.id))}
         for p in placed:
-            conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == p.session.id))
+            conn.execute(_DROP_PARTS, {"b_session": p.session.id})
             try:
                 self._on_commit(conn, p.committed(now))
             except MemvaultError as exc:
@@ -515,26 +504,21 @@ class SessionService:
 
     async def expire_due(self, limit: int = 100) -> int:
         """Expire sessions past their TTL, one by id at a time; returns how many."""
-        count = await self._expire_overdue(limit=limit)
+        count = await self._expire_overdue(_OVERDUE, {"limit": limit})
         await self._purge_ended(self.clock.now())
         return count
 
     async def expire_overdue(self, owner: str, idem_scope: str) -> int:
         """Expire ``owner``'s sessions in one scope that are past their TTL."""
         return await self._expire_overdue(
-            upload_sessions.c.owner == owner, upload_sessions.c.idem_scope == idem_scope
-        )
+            _OVERDUE_IN_SCOPE, {"owner": owner, "scope": idem_scope, "limit": 100})
 
-    async def _expire_overdue(self, *where: sa.ColumnElement[bool], limit: int = 100) -> int:
-        """Expire pending sessions past their TTL that match ``where``, one by id, each
+    async def _expire_overdue(self, query: sa.Select[str],
+                              params: dict[str, Any]) -> int:
+        """Expire pending sessions past their TTL that ``query`` finds, one by id, each
         re-checked in its own transaction (so an active one is never touched)."""
-        query = (
-            sa.select(upload_sessions.c.id)
-            .where(*where, upload_sessions.c.state == PENDING,
-                   upload_sessions.c.expires_at <= self.clock.now())
-            .limit(limit)
-        )
-        ids = await self.db.query(lambda conn: conn.execute(query).scalars().all())
+        params = {**params, "now": self.clock.now()}
+        ids = await self.db.query(lambda conn: conn.execute(query, params).scalars().all())
         count = 0
         for session_id in ids:
             count += await self.expire(session_id)
@@ -569,7 +553,7 @@ class SessionService:
             )
             if done.rowcount != 1:
                 return False
-            conn.execute(sa.delete(upload_parts).where(upload_parts.c.session_id == session.id))
+            conn.execute(_DROP_PARTS, {"b_session": session.id})
             if state == ABORTED:
                 conn.execute(sa.delete(upload_sessions).where(upload_sessions.c.id == session.id))
             self._on_end(conn, ended)
@@ -634,7 +618,34 @@ class SessionService:
         return _session(row), parts
 
 
+# Built once (docs/decisions.md, "Statements built once"); ``b_`` parameters, never named
+# like a column, where an update would otherwise set that column from them.
 _SESSION = sa.select(upload_sessions).where(upload_sessions.c.id == sa.bindparam("session_id"))
+_PENDING_WITH_KEY = sa.select(upload_sessions).where(
+    upload_sessions.c.owner == sa.bindparam("owner"),
+    upload_sessions.c.idem_scope == sa.bindparam("scope"),
+    upload_sessions.c.idem_key == sa.bindparam("key"),
+    upload_sessions.c.state == PENDING,
+)
+_EXCLUSIVE_HOLDER = sa.select(upload_sessions.c.id).where(
+    upload_sessions.c.exclusive_key == sa.bindparam("key"))
+_NEW_SESSION = sa.insert(upload_sessions)
+_OVERDUE = sa.select(upload_sessions.c.id).where(
+    upload_sessions.c.state == PENDING, upload_sessions.c.expires_at <= sa.bindparam("now")
+).limit(sa.bindparam("limit", type_=sa.Integer))
+_OVERDUE_IN_SCOPE = _OVERDUE.where(upload_sessions.c.owner == sa.bindparam("owner"),
+                                   upload_sessions.c.idem_scope == sa.bindparam("scope"))
+_RECEIPTS = (
+    sa.select(upload_parts.c.receipt)
+    .where(upload_parts.c.session_id == sa.bindparam("session_id"),
+           upload_parts.c.state == "received")
+    .order_by(upload_parts.c.offset)
+)
+_COMMIT_SESSION = sa.update(upload_sessions).where(
+    upload_sessions.c.id == sa.bindparam("b_session"), upload_sessions.c.state == PENDING
+).values(state=COMMITTED, result_sha256=sa.bindparam("content"), ended_at=sa.bindparam("now"),
+         exclusive_key=None, hash_state=b"", placed_sha256=None)
+_DROP_PARTS = sa.delete(upload_parts).where(upload_parts.c.session_id == sa.bindparam("b_session"))
 _RECEIVED_PARTS = (
     sa.select(upload_parts.c.offset, upload_parts.c.length)
     .where(upload_parts.c.session_id == sa.bindparam("session_id"),
@@ -657,15 +668,9 @@ def _tally(session: Session, parts: Sequence[Any]) -> tuple[list[int], int]:
 
 
 def _pending_with_key(conn: sa.Connection, spec: SessionSpec) -> Session | None:
-    result = conn.execute(
-        sa.select(upload_sessions).where(
-            upload_sessions.c.owner == spec.owner,
-            upload_sessions.c.idem_scope == spec.idem_scope,
-            upload_sessions.c.idem_key == spec.idem_key,
-            upload_sessions.c.state == PENDING,
-        )
-    )
-    row = result.mappings().first()
+    row = conn.execute(_PENDING_WITH_KEY, {
+        "owner": spec.owner, "scope": spec.idem_scope, "key": spec.idem_key,
+    }).mappings().first()
     if row is None:
         return None
     existing = _session(row)
