@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -44,6 +45,44 @@ async def test_transaction_commits_on_return_and_rolls_back_on_error(tmp_path: P
 
         await db.transact(lambda conn: conn.execute(sa.insert(principals).values(**_principal(2))))
         assert await db.query(_count) == 1
+    finally:
+        await db.dispose()
+
+
+def _insert_elsewhere(path: Path, n: int) -> None:
+    """Insert a principal through a connection of its own that waits for no lock."""
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("INSERT INTO principals (id, name, is_admin, created_at) "
+                      "VALUES (?, ?, 0, 0.0)", (f"prn_{n}", f"p{n}"))
+    finally:
+        other.close()
+
+
+async def test_a_read_sees_one_snapshot(tmp_path: Path) -> None:
+    db = await _open(tmp_path)
+    try:
+        def count_twice(conn: sa.Connection) -> tuple[int, int]:
+            first = _count(conn)
+            _insert_elsewhere(tmp_path / "m.db", 1)  # committed between the two statements
+            return first, _count(conn)
+
+        assert await db.query(count_twice) == (0, 0)
+        assert await db.query(_count) == 1
+    finally:
+        await db.dispose()
+
+
+async def test_a_write_transaction_holds_the_write_lock_from_its_start(tmp_path: Path) -> None:
+    db = await _open(tmp_path)
+    try:
+        def read_then_let_another_write(conn: sa.Connection) -> None:
+            _count(conn)  # only a read so far: a deferred transaction would not hold the lock
+            _insert_elsewhere(tmp_path / "m.db", 1)
+
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await db.transact(read_then_let_another_write)
+        assert await db.query(_count) == 0
     finally:
         await db.dispose()
 

@@ -79,8 +79,8 @@ class Database:
                                             pool_reset_on_return=None, connect_args=args)
             self._writer = sa.create_engine(sync, pool_size=1, max_overflow=0,
                                             pool_reset_on_return=None, connect_args=args)
-            _tune_sqlite(self._reader, immediate=False)
-            _tune_sqlite(self._writer, immediate=True)
+            _tune_sqlite(self._reader)
+            _tune_sqlite(self._writer)
             self._read_threads = ThreadPoolExecutor(_READ_THREADS, "memvault-db-read")
             self._write_thread = ThreadPoolExecutor(1, "memvault-db-write")
         else:
@@ -155,6 +155,8 @@ async def _settle(pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:
 def _read(engine: sa.Engine, work: Work[T]) -> T:
     with engine.connect() as conn:
         try:
+            # One snapshot for every statement of ``work``.
+            conn.exec_driver_sql("BEGIN")
             return work(conn)
         finally:
             conn.rollback()
@@ -164,6 +166,8 @@ def _write(engine: sa.Engine, work: Work[T], durable: bool) -> T:
     with engine.connect() as conn:
         _set_synchronous(conn, "FULL" if durable else "NORMAL")
         with conn.begin():
+            # The write lock up front, so a transaction never fails half-way on it.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
             return work(conn)
 
 
@@ -177,7 +181,9 @@ def _set_synchronous(conn: sa.Connection, level: str) -> None:
     conn.info["synchronous"] = level
 
 
-def _tune_sqlite(engine: sa.Engine, *, immediate: bool) -> None:
+def _tune_sqlite(engine: sa.Engine) -> None:
+    # A pool event: a connection event (such as "begin") would make SQLAlchemy dispatch
+    # events around every statement; ``_read`` and ``_write`` send BEGIN themselves instead.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from the driver so BEGIN is ours.
@@ -189,8 +195,3 @@ def _tune_sqlite(engine: sa.Engine, *, immediate: bool) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        # Writers take the write lock up front, so a transaction never fails half-way on it.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
