@@ -51,6 +51,7 @@ from memvault.storage.base import BlobStore, PartLimits
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 MAX_FINISH_BATCH = 16
+"""Uploads one finish may commit together: an original and its derivatives, with room."""
 
 # Built once (docs/decisions.md, "Statements built once").
 _LOCK_CALLER = sa.select(principals.c.id).where(
@@ -64,7 +65,6 @@ _PENDING_IN_CAPSULE = sa.select(
     upload_sessions.c.idem_scope == sa.bindparam("scope"),
     upload_sessions.c.state == PENDING,
 )
-"""Uploads one finish may commit together: an original and its derivatives, with room."""
 
 
 @dataclass(frozen=True)
