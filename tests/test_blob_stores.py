@@ -7,7 +7,9 @@ Parts are 5 MiB, S3's smallest (every part but the last); the local store takes 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import threading
@@ -303,6 +305,52 @@ async def test_a_chunk_range_has_one_writer_at_a_time(tmp_path: Path) -> None:
     await again.write([data[:PART]])
     await again.close(durable=True)
     kept = await store.commit(key, hashlib.sha256(data).hexdigest(), len(data))
+    assert await read_all(store, kept, 0, len(data)) == data
+
+
+def resident_pages(path: Path, offset: int, length: int) -> int:
+    """How many pages of ``[offset, offset+length)`` of ``path`` are in the page cache
+    (``mincore`` over a private mapping, which reads the cache and loads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    with path.open("rb") as f, mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY,
+                                         offset=offset) as mapped:
+        vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        assert libc.mincore(address, length, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+async def test_staged_bytes_leave_the_page_cache_once_no_one_will_read_them(
+    tmp_path: Path,
+) -> None:
+    """An upload's bytes are written once and read rarely; kept in the page cache they would
+    push out what the machine does read, and make every next write claim pages the system
+    has never touched. A chunk hashed as it streamed goes once it is durable; one that the
+    frontier must still read back stays until it has; commit lets go of the rest."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(3 * PART)
+    key = await store.stage("ses_cache")
+    staging = tmp_path / "blobs" / "staging" / key
+    pages = PART // mmap.PAGESIZE
+    for part in range(3):
+        writer = await store.open_writer(key, part * PART, length=PART, part=part,
+                                         hashed=part == 0)
+        await writer.write([data[part * PART:(part + 1) * PART]])
+        assert resident_pages(staging, part * PART, PART) == pages
+        await writer.close(durable=True)
+    assert [resident_pages(staging, p * PART, PART) for p in range(3)] == [0, pages, pages]
+    state = new_sha256()
+    state.update(data[:PART])
+    await store.hash_staged(key, PART, PART, state)
+    assert state.hexdigest() == hashlib.sha256(data[:2 * PART]).hexdigest()
+    assert [resident_pages(staging, p * PART, PART) for p in range(3)] == [0, 0, pages]
+    sha = hashlib.sha256(data).hexdigest()
+    kept = await store.commit(key, sha, len(data))
+    await store.drained()  # after the answer, in the background
+    assert resident_pages(store.blob_path(kept), 0, len(data)) == 0
     assert await read_all(store, kept, 0, len(data)) == data
 
 

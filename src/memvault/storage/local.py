@@ -33,6 +33,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -40,7 +41,7 @@ from memvault.errors import InsufficientStorage, Unavailable
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobMissing, Digest, StagingGone
 from memvault.storage.descriptor import Descriptor, opened
-from memvault.storage.writeback import start_writeback
+from memvault.storage.writeback import release_cache, start_writeback
 
 _READ_PIECE = 1024 * 1024
 _IOV_MAX = 1024
@@ -73,9 +74,11 @@ class LocalPartWriter:
     """Writes one chunk through one descriptor, which holds the lock on the chunk's range
     until it is closed: once no call on it is running (``Descriptor``)."""
 
-    def __init__(self, fd: int, offset: int) -> None:
+    def __init__(self, fd: int, offset: int, *, release: bool) -> None:
         self._file = Descriptor(fd)
+        self._start = offset
         self._offset = offset
+        self._release = release
         self._closed = False
 
     async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
@@ -111,9 +114,14 @@ class LocalPartWriter:
         try:
             if durable:
                 with out_of_space_is_typed():
-                    await self._file.run(os.fdatasync, self._file.fd)
+                    await self._file.run(self._sync_and_release)
         finally:
             self._file.close()
+
+    def _sync_and_release(self) -> None:
+        os.fdatasync(self._file.fd)
+        if self._release:
+            release_cache(self._file.fd, self._start, self._offset - self._start)
 
     async def abandon(self) -> None:
         # The bytes written stay in the sparse file, uncounted; a retry overwrites them.
@@ -134,7 +142,7 @@ class LocalBlobStore:
         self._aside = root / "aside"
         for folder in (self._staging, self._blobs, self._trash, self._aside):
             folder.mkdir(parents=True, exist_ok=True)
-        self._unlinking: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     def _staged(self, key: str) -> Path:
         if not _KEY.match(key):
@@ -166,7 +174,10 @@ class LocalBlobStore:
         if fd is None:
             raise Unavailable("another transfer of this chunk is still writing it; send it "
                               "again in a moment", retry_after=1, part=part)
-        return LocalPartWriter(fd, offset)
+        # A chunk hashed as it streams is never read here again (unless a chunk before it is
+        # sent again): its pages can go once durable. Others stay cached until the frontier
+        # has read them (``_hash_sync``) or the blob is committed.
+        return LocalPartWriter(fd, offset, release=hashed)
 
     async def read_staged(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
         path = self._staged(key)
@@ -206,6 +217,7 @@ class LocalBlobStore:
                     raise OSError(errno.EIO, f"unexpected end of staged file at {offset}")
                 state.update(view[:n])
                 offset += n
+            release_cache(fd, end - length, length)  # the frontier reads a range once
         finally:
             os.close(fd)
             view.release()
@@ -221,10 +233,13 @@ class LocalBlobStore:
 
     async def commit(self, key: str, sha256: str, size: int) -> str:
         storage_key = self.blob_key(sha256)
-        doomed = await asyncio.to_thread(self._commit_sync, self._staged(key),
-                                         self.root / storage_key, size)
+        target = self.root / storage_key
+        doomed = await asyncio.to_thread(self._commit_sync, self._staged(key), target, size)
         if doomed is not None:
             self._unlink_later(doomed)
+        # Whatever of it is still cached (chunks the frontier never had to read back) goes
+        # too, after the answer: dropping a GiB of pages takes ~30 ms.
+        self._later(_release_file, target, size)
         return storage_key
 
     def _commit_sync(self, staged: Path, target: Path, size: int) -> Path | None:
@@ -324,20 +339,24 @@ class LocalBlobStore:
         return doomed
 
     def _unlink_later(self, doomed: Path) -> None:
-        task = asyncio.ensure_future(asyncio.to_thread(doomed.unlink, True))
-        self._unlinking.add(task)
-        task.add_done_callback(self._unlinked)
+        self._later(doomed.unlink, True)
 
-    def _unlinked(self, task: asyncio.Task[None]) -> None:
-        self._unlinking.discard(task)
+    def _later(self, fn: Callable[..., None], *args: Any) -> None:
+        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._background.add(task)
+        task.add_done_callback(self._done_later)
+
+    def _done_later(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # Left for the reaper's sweep, which empties trash/.
-            log.warning("storage.unlink_failed", error=repr(task.exception()))
+            # An unlink that failed is left for the reaper's sweep, which empties trash/.
+            log.warning("storage.background_failed", error=repr(task.exception()))
 
     async def drained(self) -> None:
-        """Wait for the background unlinks started so far (tests, shutdown)."""
-        while self._unlinking:
-            await asyncio.gather(*self._unlinking, return_exceptions=True)
+        """Wait for the background unlinks and cache releases started so far (tests,
+        shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def staged_keys(self, older_than: float) -> list[str]:
         await asyncio.to_thread(self._empty_trash)
@@ -506,6 +525,17 @@ async def _pread_pieces(fd: int, offset: int, length: int) -> AsyncIterator[byte
             raise OSError(errno.EIO, f"unexpected end of file at {offset}")
         offset += len(piece)
         yield piece
+
+
+def _release_file(path: Path, size: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # collected meanwhile
+    try:
+        release_cache(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
