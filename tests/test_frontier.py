@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from random import Random
 from typing import Any
 
+import pytest
+
 from memvault.hashing import new_sha256
 from memvault.sessions import ChunkChecksums
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
@@ -103,3 +105,64 @@ async def test_a_precomputed_state_from_another_prefix_is_not_used(
         _, memory = await ip.uploads.finish(ip.caller, s.id, len(data), sha)
         assert memory.assets["original"].sha256 == sha
         assert (CHUNK, CHUNK) in calls  # hashed from staging, the stale result ignored
+
+
+async def test_a_chunk_is_answered_only_when_the_hashing_behind_it_is_within_the_lag(
+    database_url: str | None,
+) -> None:
+    """Chunks arriving faster than the background hashing would leave it all to the finish
+    (370 ms for 4 GiB at 8 in flight, growing with the file). So a chunk's answer waits while
+    the advancer is hashing and more than ``hash_lag`` behind the chunk's end; it never waits
+    for a chunk that has not come: once the advancer stops at a gap, the answer goes."""
+    async with inprocess(database_url=database_url, write_batch=BATCH, hash_lag=CHUNK) as ip:
+        gate, hashing = asyncio.Event(), asyncio.Event()
+        real = ip.store.hash_staged  # type: ignore[attr-defined]
+
+        async def gated(key: str, offset: int, length: int, state: Any) -> None:
+            hashing.set()
+            await gate.wait()
+            await real(key, offset, length, state)
+
+        ip.store.hash_staged = gated  # type: ignore[attr-defined]
+        data = os.urandom(5 * CHUNK)
+        sha = hashlib.sha256(data).hexdigest()
+        s, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "lag"))
+
+        def put(index: int) -> Any:
+            part = data[index * CHUNK:(index + 1) * CHUNK]
+            return ip.uploads.put_chunk(ip.caller, s.id, index, CHUNK,
+                                        pieces(part, Random(index)), ChunkChecksums())
+
+        async def received(index: int) -> None:
+            for _ in range(1000):
+                if any(p["offset"] == index * CHUNK for p in await ip.part_rows("received")):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"chunk {index} never marked received")
+
+        # Past the frontier, nothing hashable before it: answered at once.
+        await asyncio.wait_for(put(1), 10)
+        # Hashed as it streamed: answered at once; the advancer starts on chunk 1, held.
+        await asyncio.wait_for(put(0), 10)
+        await asyncio.wait_for(hashing.wait(), 10)
+        third = asyncio.create_task(put(2))  # ends 2 chunks past the advancer: must wait
+        fifth = asyncio.create_task(put(4))  # past the gap at chunk 3
+        await received(2)
+        await received(4)
+        await asyncio.sleep(0.2)
+        assert not third.done()
+        assert not fifth.done()
+        # A client gone while its answer waits loses nothing: the chunk stays received, and
+        # sent again it is a duplicate, answered without waiting.
+        third.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        again = await asyncio.wait_for(put(2), 10)
+        assert again.duplicate
+        gate.set()
+        # Answered, though chunk 3 was never sent: the advancer stops at the gap.
+        await asyncio.wait_for(fifth, 10)
+        assert (await session_row(ip, s.id))["hashed_offset"] == 3 * CHUNK
+        await put(3)
+        _, memory = await ip.uploads.finish(ip.caller, s.id, len(data), sha)
+        assert memory.assets["original"].sha256 == sha

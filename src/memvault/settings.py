@@ -160,6 +160,11 @@ class Settings(BaseSettings):
         default=512 * 1024, description="bytes gathered from the socket per storage write"
     )
     fsync: bool = Field(default=True, description="fsync each chunk before acknowledging it")
+    hash_lag: int = Field(
+        default=32 * MiB, ge=0,
+        description="bytes the background SHA-256 may lag behind a chunk when the chunk is "
+        "answered; a chunk arriving faster waits, so a finish never has more to hash",
+    )
 
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -104,6 +104,7 @@ class UploadService:
                 claim_lease=settings.claim_lease,
                 write_batch=settings.write_batch,
                 fsync=settings.fsync,
+                hash_lag=settings.hash_lag,
                 pace=Pace(settings.min_transfer_rate, settings.transfer_grace),
                 staging_loss_is_final=settings.database_in_data_dir and not settings.s3_location,
             ),

@@ -16,8 +16,9 @@ different processes may both hash, but only one result is kept and the loser sta
 the new frontier. Within one process a per-session lock keeps them from duplicating work.
 
 Catching up over early chunks is done off the request path: ``kick`` starts (or re-arms) one
-background advancer per session, so a chunk request never waits while another chunk is hashed.
-``digest`` (finish) joins it, and advances itself over anything still missing.
+background advancer per session, so a chunk request does not wait while another chunk is
+hashed, unless that hashing is far behind (``keep_up``, below). ``digest`` (finish) joins it,
+and advances itself over anything still missing.
 
 Chunks in flight together are chained in memory, so the catch-up overlaps the transfers
 instead of following them. A chunk hashed as it streams hands its end state on as soon as its
@@ -29,6 +30,13 @@ start, and the state it began from is not stored), so after its mark it leaves i
 that chunk with that same state (byte for byte: the same prefix), ``advance`` takes the
 precomputed result instead of reading the part back; any other state (the predecessor failed
 and was sent again with other bytes) makes it hash the part as usual.
+
+When chunks arrive faster than the advancer can hash them (the cores are busy with the
+transfers themselves), the backlog it leaves for ``digest`` would grow with the file: 150 MiB
+behind, a finish of 370 ms, for 4 GiB at 8 chunks in flight. So a chunk's answer waits
+(``keep_up``) while this process's advancer is still hashing and has not come within
+``hash_lag`` bytes of that chunk's end. The wait never depends on a chunk yet to come: it
+ends as soon as the advancer stops, caught up or stopped by a gap.
 
 Across processes on PostgreSQL, every move is announced (``handoff``): the process holding
 the part at the new frontier hashes it, and a ``digest`` stuck behind a part held elsewhere
@@ -94,6 +102,10 @@ class Frontier:
         self._rearmed: set[str] = set()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._adopters: dict[tuple[str, int], asyncio.Future[Sha256State]] = {}
+        self._hashing_at: dict[str, int] = {}
+        """Where each running advancer has hashed up to (saved or not)."""
+        self._stepped: dict[str, asyncio.Event] = {}
+        """Set (and replaced) each time an advancer hashes a part or stops."""
         self._precomputed: OrderedDict[tuple[str, int], _Precomputed] = OrderedDict()
         self.handoff_wait = 0.0
         """Seconds ``digest`` waits for another process to move the frontier (0: never);
@@ -173,6 +185,31 @@ class Frontier:
         finally:
             if self._runners.get(session_id) is asyncio.current_task():
                 del self._runners[session_id]
+                self._hashing_at.pop(session_id, None)
+                self._step(session_id, None)
+
+    def _step(self, session_id: str, position: int | None) -> None:
+        if position is not None and session_id in self._runners:
+            self._hashing_at[session_id] = position  # only ever read while a runner runs
+        stepped = self._stepped.pop(session_id, None)
+        if stepped is not None:
+            stepped.set()
+
+    async def keep_up(self, session_id: str, target: int) -> None:
+        """Wait while this process's background advancer is hashing the session and has not
+        reached ``target``; return at once when none is running (caught up, or at a gap)."""
+        while True:
+            runner = self._runners.get(session_id)
+            if runner is None or runner.done():
+                return
+            if self._hashing_at.get(session_id, 0) >= target:
+                return
+            stepped = self._stepped.setdefault(session_id, asyncio.Event())
+            step = asyncio.ensure_future(stepped.wait())
+            try:
+                await asyncio.wait({runner, step}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                step.cancel()
 
     async def join(self, session_id: str) -> None:
         """Wait for the session's background advancer, if one is running."""
@@ -209,6 +246,7 @@ class Frontier:
                     return None
                 row, start, state, parts = found
                 position = start
+                self._step(session_id, position)  # a pass that starts over starts lower
                 passed: list[int] = []
                 for part in parts:
                     if part.offset != position:
@@ -225,6 +263,7 @@ class Frontier:
                             break  # readable only once the upload is sealed (finish does)
                     passed.append(part.offset)
                     position = end
+                    self._step(session_id, position)
                 if position == row.hashed_offset:
                     return int(position), state
                 if await self._save(session_id, row, position, state):

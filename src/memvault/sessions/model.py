@@ -96,6 +96,9 @@ class SessionPolicy:
     chunk_timeout: float
     write_batch: int
     fsync: bool
+    hash_lag: int = 32 * 1024 * 1024
+    """How far behind a chunk's end the background hashing may be when the chunk is
+    answered (``Frontier.keep_up``): what a finish may be left to hash."""
     claim_lease: float = 10.0
     claim_poll: float = 0.05
     pace: Pace = Pace(min_rate=0, grace=0.0)

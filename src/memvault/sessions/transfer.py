@@ -253,9 +253,23 @@ class ChunkReceiver:
         log.debug("session.chunk", session_id=session.id, owner=session.owner,
                   scope=session.idem_scope, index=index, length=length)
         # Hash whatever this chunk made contiguous (chunks that arrived early, past a gap),
-        # in the background: this request's bytes are safe and it need not wait.
+        # in the background: this request's bytes are safe and it need not wait, unless that
+        # hashing has fallen far behind (``Frontier.keep_up``). A chunk hashed as it streamed
+        # has nothing behind it left to hash.
         self._frontier.kick(session.id)
+        if digests.prefix is None:
+            await self._keep_up(session, offset + length - self.policy.hash_lag)
         return PutResult(session, index, False, count, total)
+
+    async def _keep_up(self, session: Session, target: int) -> None:
+        try:
+            async with asyncio.timeout(_KEEP_UP_LIMIT):
+                await self._frontier.keep_up(session.id, target)
+        except TimeoutError:
+            # A stalled advancer is the finish's problem (it hashes what is left), not a
+            # reason to hold every chunk: answer, the chunk is received.
+            log.warning("frontier.lagging", session_id=session.id, target=target,
+                        waited=_KEEP_UP_LIMIT)
 
     async def _adopt_while(self, closing: asyncio.Future[str | None], digests: ChunkDigests,
                            session_id: str, end: int) -> None:
@@ -446,6 +460,10 @@ class ChunkReceiver:
     async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
         count, total = await self.db.query(lambda conn: _received_counts(conn, session.id))
         return PutResult(session, index, duplicate, count, total)
+
+
+_KEEP_UP_LIMIT = 10.0
+"""Longest a received chunk's answer waits for the hashing behind it, seconds."""
 
 
 def _elapsed_clock() -> float:
