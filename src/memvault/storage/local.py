@@ -236,10 +236,12 @@ class LocalBlobStore:
         target = self.root / storage_key
         doomed = await asyncio.to_thread(self._commit_sync, self._staged(key), target, size)
         if doomed is not None:
+            # The content was stored already: its file may be in use, its pages are left be.
             self._unlink_later(doomed)
-        # Whatever of it is still cached (chunks the frontier never had to read back) goes
-        # too, after the answer: dropping a GiB of pages takes ~30 ms.
-        self._later(_release_file, target, size)
+        else:
+            # Whatever of it is still cached (chunks the frontier never had to read back)
+            # goes too, after the answer: dropping a GiB of pages takes ~30 ms.
+            self._later(_release_file, target, size)
         return storage_key
 
     def _commit_sync(self, staged: Path, target: Path, size: int) -> Path | None:
