@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from memvault import inputs
 from memvault.clock import Clock
-from memvault.errors import Conflict, InvalidArgument, Unauthenticated
+from memvault.errors import Conflict, Unauthenticated
 from memvault.ids import new_id
 from memvault.metadata import Database
 from memvault.metadata.schema import principals, tokens
@@ -42,9 +43,7 @@ class AuthService:
 
     async def create_principal(self, name: str, *, is_admin: bool = False) -> tuple[Principal, str]:
         """Make a principal and its first token; the token is returned once, never stored."""
-        name = name.strip()
-        if not name or len(name) > 200:
-            raise InvalidArgument("principal name must be 1-200 characters")
+        name = inputs.text(name.strip(), "principal name", max_length=200)
         principal = Principal(new_id("prn"), name, is_admin)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = self.clock.now()

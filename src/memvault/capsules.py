@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
+from memvault import inputs
 from memvault.auth import Principal
 from memvault.clock import Clock
 from memvault.errors import Conflict, InvalidArgument, NotFound
-from memvault.ids import new_id
+from memvault.ids import is_id, new_id
 from memvault.metadata import Database
 from memvault.metadata.schema import assets, blobs, capsules, derivative_jobs, memories
 
@@ -89,9 +91,7 @@ class CapsuleService:
         self.clock = clock
 
     async def create_capsule(self, caller: Principal, name: str) -> dict[str, Any]:
-        name = name.strip()
-        if not name or len(name) > 200:
-            raise InvalidArgument("capsule name must be 1-200 characters")
+        name = inputs.text(name.strip(), "capsule name", max_length=200)
         row = {"id": new_id("cap"), "owner_id": caller.id, "name": name,
                "created_at": self.clock.now()}
 
@@ -127,11 +127,12 @@ class CapsuleService:
         meta: dict[str, Any] | None = None,
     ) -> str:
         """Insert a memory into a capsule ``caller`` may write to (inside a transaction)."""
+        fields = _memory_fields({"title": title, "taken_at": taken_at, "meta": meta or {}})
         check_writable(conn, caller, capsule_id)
         memory_id = new_id("mem")
         conn.execute(_NEW_MEMORY, {
-            "id": memory_id, "capsule_id": capsule_id, "title": title, "taken_at": taken_at,
-            "meta": meta or {}, "created_by": caller.id, "created_at": self.clock.now(),
+            "id": memory_id, "capsule_id": capsule_id, **fields,
+            "created_by": caller.id, "created_at": self.clock.now(),
         })
         return memory_id
 
@@ -159,9 +160,7 @@ class CapsuleService:
                             fields: dict[str, Any]) -> Memory:
         """Set the given fields (``title``, ``taken_at``, ``meta``, ``thumbhash``) of a memory
         ``caller`` may write to; fields not given keep their values."""
-        unknown = set(fields) - {"title", "taken_at", "meta", "thumbhash"}
-        if unknown:
-            raise InvalidArgument(f"cannot set {', '.join(sorted(unknown))} of a memory")
+        fields = _memory_fields(fields)
 
         def update(conn: sa.Connection) -> None:
             memory_capsule(conn, caller, memory_id)
@@ -224,13 +223,16 @@ def check_writable(conn: sa.Connection, caller: Principal, capsule_id: str) -> N
 
 def capsule_owner(conn: sa.Connection, capsule_id: str) -> str | None:
     """The capsule's owner; None if there is no such capsule."""
+    if not is_id(capsule_id, "cap"):
+        return None
     owner = conn.execute(_CAPSULE_OWNER, {"capsule_id": capsule_id}).scalar_one_or_none()
     return None if owner is None else str(owner)
 
 
 def memory_capsule(conn: sa.Connection, caller: Principal, memory_id: str) -> str:
     """The capsule of a memory ``caller`` may write to, else ``not_found``."""
-    row = conn.execute(_MEMORY_CAPSULE, {"memory_id": memory_id}).first()
+    row = (conn.execute(_MEMORY_CAPSULE, {"memory_id": memory_id}).first()
+           if is_id(memory_id, "mem") else None)
     if row is None or row.owner_id != caller.id:
         raise NotFound(f"memory {memory_id} not found")
     return str(row.capsule_id)
@@ -279,6 +281,20 @@ def _memories(conn: sa.Connection, query: sa.Select[Any], params: dict[str, Any]
     ]
 
 
+def _memory_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` of a memory as given, once each is checked (``inputs``)."""
+    unknown = set(fields) - {"title", "taken_at", "meta", "thumbhash"}
+    if unknown:
+        raise InvalidArgument(f"cannot set {', '.join(sorted(unknown))} of a memory")
+    limits = {"title": 500, "taken_at": 40, "thumbhash": 64}
+    for name, limit in limits.items():
+        if fields.get(name) is not None:
+            inputs.text(fields[name], name, max_length=limit, min_length=0)
+    if fields.get("meta") is not None:
+        inputs.metadata(fields["meta"])
+    return fields
+
+
 def _derivative_status(present: dict[str, Asset], job_state: str | None) -> dict[str, str]:
     """Per derived role: ``ready`` once the asset exists (whoever made it); otherwise what
     the memory's job says, or ``absent`` when there is no job (no original yet)."""
@@ -299,9 +315,22 @@ def _encode_cursor(memory: Memory) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[float, str]:
+    """The position ``_encode_cursor`` wrote; anything else is refused, whatever its shape."""
+    bad = InvalidArgument("cursor is not one this server issued")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, memory_id = json.loads(raw)
-        return float(created_at), str(memory_id)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument("cursor is not one this server issued") from exc
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError) as exc:  # base64, UTF-8 and JSON errors alike
+        raise bad from exc
+    if not (isinstance(value, list) and len(value) == 2):
+        raise bad
+    created_at, memory_id = value
+    if (not isinstance(created_at, float | int) or isinstance(created_at, bool)
+            or not isinstance(memory_id, str) or not is_id(memory_id, "mem")):
+        raise bad
+    try:
+        position = float(created_at)
+    except OverflowError as exc:
+        raise bad from exc
+    if not math.isfinite(position):
+        raise bad
+    return position, memory_id

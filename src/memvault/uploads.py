@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from memvault import inputs
 from memvault.auth import Principal
 from memvault.capsules import (
     ROLES,
@@ -143,14 +144,7 @@ class UploadService:
                 if capsule_id != req.capsule_id:
                     raise NotFound(f"memory {memory_id} not found in capsule {req.capsule_id}")
                 check_role_free(conn, memory_id, req.role)
-            return {
-                "capsule_id": req.capsule_id,
-                "memory_id": memory_id,
-                "role": req.role,
-                "filename": req.filename,
-                "content_type": req.content_type,
-                "created_memory": created,
-            }
+            return {"memory_id": memory_id, "created_memory": created}
 
         spec = SessionSpec(
             owner=caller.id,
@@ -160,6 +154,9 @@ class UploadService:
             chunk_size=chunk_size,
             declared_sha256=req.sha256.lower() if req.sha256 else None,
             exclusive_key=f"{req.memory_id}/{req.role}" if req.memory_id else None,
+            # Compared with a pending session's when the idempotency key is sent again.
+            attrs={"capsule_id": req.capsule_id, "role": req.role, "filename": req.filename,
+                   "content_type": req.content_type},
         )
         return await self.sessions.begin(spec, prepare)
 
@@ -175,12 +172,9 @@ class UploadService:
             )
         if req.sha256 is not None and not _SHA256.fullmatch(req.sha256):
             raise InvalidArgument("sha256 must be 64 hex digits")
-        if not 1 <= len(req.idempotency_key) <= 200:
-            raise InvalidArgument("idempotency_key must be 1-200 characters")
-        if not req.filename or len(req.filename) > 500:
-            raise InvalidArgument("filename must be 1-500 characters")
-        if not req.content_type or len(req.content_type) > 200:
-            raise InvalidArgument("content_type must be 1-200 characters")
+        inputs.text(req.idempotency_key, "idempotency_key", max_length=200)
+        inputs.text(req.filename, "filename", max_length=500)
+        inputs.media_type(req.content_type)
 
     def _chunk_size(self, size: int) -> int:
         """The configured size, grown (up to the maximum) so the chunk count stays bounded,
@@ -356,7 +350,7 @@ class UploadService:
         ).first()
         other = conn.execute(
             sa.select(upload_sessions.c.id).where(
-                upload_sessions.c.exclusive_key.like(f"{memory_id}/%")
+                upload_sessions.c.exclusive_key.startswith(f"{memory_id}/", autoescape=True)
             )
         ).first()
         if has_asset is None and other is None:

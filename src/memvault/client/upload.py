@@ -5,10 +5,11 @@ derivatives are attached; ``run`` does them in order for ``upload_file``.
 
 * **Begin or resume.** A path's upload is recorded locally (``state.StateStore``) under a key
   made of server, capsule, memory, role and path, with the file's fingerprint; the
-  idempotency key sent with begin is derived from the fingerprint and the target, so a begin
-  retried after a lost answer (or by a process that lost its record) finds the same pending
-  session. A recorded session is asked what it holds (``GET /v1/uploads/{id}``); a record of
-  another version of the file has its session aborted.
+  idempotency key sent with begin is derived from the fingerprint, the file name and the
+  target, so a begin retried after a lost answer (or by a process that lost its record)
+  finds the same pending session. A recorded session is asked what it holds
+  (``GET /v1/uploads/{id}``); a record of another version of the file has its session
+  aborted.
 * **Chunks.** The file is read once, in order, one chunk at a time, off the event loop; each
   chunk is hashed into the whole-file SHA-256 as it is read, and, unless the server already
   holds it, sent with a ``Content-Digest: crc32c`` while later chunks are read. At most
@@ -175,9 +176,11 @@ class ChunkUpload:
         fingerprint, head = await asyncio.to_thread(
             lambda: (self.source.fingerprint(), self.source.head()))
         self.fingerprint = fingerprint.digest() if fingerprint is not None else random_key()
+        # The server compares a repeated key's request with the pending session's (file
+        # name included), so identical copies under two names must not share a key.
         self.idempotency_key = self.idempotency_key or StateStore.key(
-            "memvault-upload-v1", self.capsule_id, self.target_memory, self.role,
-            self.fingerprint)
+            "memvault-upload-v2", self.capsule_id, self.target_memory, self.role,
+            self.source.name, self.fingerprint)
         self.content_type = self.content_type or content_type(self.source.name, head)
 
     async def open(self) -> Session:

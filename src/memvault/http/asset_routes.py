@@ -9,18 +9,21 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 from starlette.responses import StreamingResponse
 
+from memvault import inputs
 from memvault.errors import Internal, RangeNotSatisfiable
 from memvault.http.deps import Caller, Svc
 from memvault.storage.base import BlobMissing
 
 router = APIRouter(prefix="/v1", tags=["library"])
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+"""One range; positions past 19 digits (beyond any size) make the header one to ignore."""
 
 
-@router.get("/memories/{memory_id}/assets/{role}", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}},
-                       206: {"description": "the requested range"}})
+@router.api_route("/memories/{memory_id}/assets/{role}", methods=["GET", "HEAD"],
+                  response_class=Response,
+                  responses={200: {"content": {"application/octet-stream": {}}},
+                             206: {"description": "the requested range"}})
 async def read_asset(memory_id: str, role: str, request: Request, caller: Caller,
                      svc: Svc) -> Response:
     asset = await svc.capsules.get_asset(caller, memory_id, role)
@@ -45,9 +48,15 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{asset.size}"
     headers["Content-Length"] = str(end - start)
+    # Stored types are checked at begin; one from before that check that a header cannot
+    # carry is served as plain bytes rather than failing the read.
+    media_type = (asset.content_type if inputs.is_media_type(asset.content_type)
+                  else "application/octet-stream")
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=media_type)
     body = await _primed(svc.store.read(asset.storage_key, start, end))
     return StreamingResponse(body, status_code=status, headers=headers,
-                             media_type=asset.content_type)
+                             media_type=media_type)
 
 
 def _matches(header: str | None, etag: str) -> bool:

@@ -242,7 +242,7 @@ def _roles_being_uploaded(conn: sa.Connection, memory_id: str) -> set[str]:
     """Roles of the memory a pending upload session holds (its exclusive ``memory/role``)."""
     rows = conn.execute(
         sa.select(upload_sessions.c.exclusive_key).where(
-            upload_sessions.c.exclusive_key.like(f"{memory_id}/%"),
+            upload_sessions.c.exclusive_key.startswith(f"{memory_id}/", autoescape=True),
             upload_sessions.c.state == "pending",
         )
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import secrets
 import time
 from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from memvault.errors import (
     Unavailable,
 )
 from memvault.hashing import new_sha256
+from memvault.ids import is_id, new_id
 from memvault.metadata import Database
 from memvault.metadata.blobs import BlobCollected, record_blob
 from memvault.metadata.schema import upload_parts, upload_sessions
@@ -104,7 +104,7 @@ class SessionService:
         if existing is not None:
             return existing, False
         now = self.clock.now()
-        session_id = _new_session_id()
+        session_id = new_id("ses")
         row = {
             "id": session_id,
             "owner": spec.owner,
@@ -655,6 +655,8 @@ _RECEIVED_PARTS = (
 
 
 def _session_row(conn: sa.Connection, session_id: str) -> sa.RowMapping | None:
+    if not is_id(session_id, "ses"):
+        return None
     return conn.execute(_SESSION, {"session_id": session_id}).mappings().first()
 
 
@@ -674,16 +676,18 @@ def _pending_with_key(conn: sa.Connection, spec: SessionSpec) -> Session | None:
     if row is None:
         return None
     existing = _session(row)
-    if (existing.size, existing.declared_sha256) != (spec.size, spec.declared_sha256):
+    asked = {"size": spec.size, "sha256": spec.declared_sha256, "target": spec.exclusive_key,
+             **spec.attrs}
+    held = {"size": existing.size, "sha256": existing.declared_sha256,
+            "target": row["exclusive_key"], **{k: existing.attrs.get(k) for k in spec.attrs}}
+    differs = sorted(k for k in asked if asked[k] != held[k])
+    if differs:
         raise Conflict(
-            "idempotency key reused for a different upload",
-            session_id=existing.id,
+            f"idempotency key reused for a different upload ({', '.join(differs)} "
+            "differ from the pending session's); use a new key for a new upload",
+            session_id=existing.id, differs=differs,
         )
     return existing
-
-
-def _new_session_id() -> str:
-    return f"ses_{secrets.token_hex(16)}"
 
 
 _FIELDS = tuple(Session.__dataclass_fields__)

@@ -1,0 +1,258 @@
+"""Values no store or header can carry are refused at the door, and nothing is written.
+
+Found by a review (2026-11-24): each of these was accepted once and then broke a read (a
+500 on every later GET of the memory or the whole capsule listing, an asset whose bytes
+could not be served), or was a 500 by itself. The HTTP tests run on the module's shared
+server (SQLite); the service tests run on SQLite and PostgreSQL, where U+0000 and NaN are
+refused by the database itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sqlite3
+from typing import Any
+
+import httpx
+import pytest
+
+from memvault.errors import InvalidArgument, NotFound
+from memvault.uploads import BeginRequest
+from tests.conftest import LiveServer
+from tests.helpers import Api, problem
+from tests.inprocess import inprocess
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def memory_ids(api: Api, cap: str) -> list[str]:
+    r = api.http.get(f"/v1/capsules/{cap}/memories")
+    assert r.status_code == 200, r.text
+    return [m["id"] for m in r.json()["items"]]
+
+
+def test_unstorable_text_is_refused_before_anything_is_written(api: Api) -> None:
+    cap = api.capsule()
+    done = api.upload(cap, b"kept")
+    mem = done["memory_id"]
+    before = api.http.get(f"/v1/memories/{mem}").json()
+
+    base = {"capsule_id": cap, "filename": "f.jpg", "size": 3, "idempotency_key": "k"}
+    refused: list[tuple[str, httpx.Response]] = [
+        ("capsule name with U+0000", api.http.post("/v1/capsules", json={"name": "a\x00b"})),
+        ("title with U+0000", api.http.post(f"/v1/capsules/{cap}/memories",
+                                            json={"title": "a\x00b"})),
+        ("title with a line break", api.http.post(f"/v1/capsules/{cap}/memories",
+                                                  json={"title": "a\nb"})),
+        ("metadata 300 deep", api.http.post(f"/v1/capsules/{cap}/memories",
+                                            json={"metadata": {"a": nested(300)}})),
+        ("metadata NaN", api.http.post(
+            f"/v1/capsules/{cap}/memories", content=b'{"metadata": {"x": NaN}}',
+            headers={"Content-Type": "application/json"})),
+        ("metadata key with U+0000", api.http.post(f"/v1/capsules/{cap}/memories",
+                                                   json={"metadata": {"a\x00": 1}})),
+        ("patch metadata 300 deep", api.http.patch(f"/v1/memories/{mem}",
+                                                   json={"metadata": {"a": nested(300)}})),
+        ("patch title with U+0000", api.http.patch(f"/v1/memories/{mem}",
+                                                   json={"title": "x\x00"})),
+        ("filename with U+0000", api.http.post("/v1/uploads",
+                                               json={**base, "filename": "photo\x00.jpg"})),
+        ("idempotency key with U+0000", api.http.post(
+            "/v1/uploads", json={**base, "idempotency_key": "k\x00"})),
+        ("content type with emoji", api.http.post(
+            "/v1/uploads", json={**base, "content_type": "image/jpeg; name=\U0001f600"})),
+        ("content type with a header break", api.http.post(
+            "/v1/uploads", json={**base, "content_type": "text/plain\r\nX-Injected: 1"})),
+        ("content type without a subtype", api.http.post(
+            "/v1/uploads", json={**base, "content_type": "jpeg"})),
+    ]
+    for what, r in refused:
+        body = problem(r, 400, "invalid_argument")
+        assert body["detail"], what
+
+    # Nothing was written: the capsule holds its one memory, unchanged, readable.
+    assert memory_ids(api, cap) == [mem]
+    assert api.http.get(f"/v1/memories/{mem}").json() == before
+    items = api.http.get("/v1/uploads").json()["items"]
+    assert [s for s in items if s["capsule_id"] == cap] == []
+    names = [c["name"] for c in api.http.get("/v1/capsules").json()]
+    assert not any("\x00" in n for n in names)
+
+
+def test_what_stores_and_headers_carry_is_kept_as_given(api: Api) -> None:
+    cap = api.capsule()
+    meta = {"caption": "line one\nline two\ttabbed", "tags": ["été", "家族"],
+            "deep": nested(30), "n": 1.5, "ok": True, "none": None}
+    r = api.http.post(f"/v1/capsules/{cap}/memories",
+                      json={"title": "Été 2026 — 家族", "metadata": meta})
+    assert r.status_code == 201, r.text
+    mem = r.json()["id"]
+    got = api.http.get(f"/v1/memories/{mem}").json()
+    assert got["metadata"] == meta
+    assert got["title"] == "Été 2026 — 家族"
+
+    data = os.urandom(1000)
+    done = api.upload(cap, data, memory_id=mem, filename="Été 家族.jpg",
+                      content_type='text/plain; charset="utf-8"; format=flowed')
+    read = api.read(done["memory_id"])
+    assert read.status_code == 200
+    assert read.content == data
+    assert read.headers["content-type"].startswith('text/plain; charset="utf-8"')
+
+
+def test_ids_no_server_issues_are_404(api: Api) -> None:
+    cap = api.capsule()
+    mem = api.upload(cap, b"x")["memory_id"]
+    s = api.session(cap, 10)
+    for bad_mem in ["mem_%00", f"{mem}%00", "mem_" + "g" * 32, mem.upper()]:
+        problem(api.http.get(f"/v1/memories/{bad_mem}"), 404, "not_found")
+        problem(api.read(bad_mem), 404, "not_found")
+        problem(api.http.patch(f"/v1/memories/{bad_mem}", json={"title": "t"}), 404,
+                "not_found")
+    for bad_cap in ["cap_%00", f"{cap}%00"]:
+        problem(api.http.get(f"/v1/capsules/{bad_cap}/memories"), 404, "not_found")
+    for bad_ses in ["ses_%00", f"{s['id']}%00"]:
+        problem(api.http.get(f"/v1/uploads/{bad_ses}"), 404, "not_found")
+        problem(api.http.put(f"/v1/uploads/{bad_ses}/chunks/0", content=b"x" * 10), 404,
+                "not_found")
+        problem(api.http.delete(f"/v1/uploads/{bad_ses}"), 404, "not_found")
+    problem(api.begin("cap_\x00", 10), 404, "not_found")
+    problem(api.begin(cap, 10, memory_id="mem_\x00", role="thumb"), 404, "not_found")
+    # The real ones are untouched.
+    assert api.http.get(f"/v1/uploads/{s['id']}").json()["state"] == "pending"
+    assert api.read(mem).content == b"x"
+
+
+def test_forged_cursors_are_400(api: Api) -> None:
+    cap = api.capsule()
+    api.upload(cap, b"a")
+    url = f"/v1/capsules/{cap}/memories"
+
+    def cursor(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    forged = [
+        cursor(b'[1' + b"0" * 400 + b', "mem_' + b"0" * 32 + b'"]'),  # float overflow
+        cursor(b"[" * 5000 + b"]" * 5000),  # recursion
+        cursor(b'[NaN, "mem_' + b"0" * 32 + b'"]'),
+        cursor(b'[Infinity, "mem_' + b"0" * 32 + b'"]'),
+        cursor(b'[true, "mem_' + b"0" * 32 + b'"]'),
+        cursor(b'[1.0, "x"]'),
+        cursor(b'[1.0, "mem_\\u0000"]'),
+    ]
+    for c in forged:
+        body = problem(api.http.get(url, params={"cursor": c}), 400, "invalid_argument")
+        assert "cursor" in body["detail"]
+
+
+def test_a_range_past_any_size_is_ignored(api: Api) -> None:
+    cap = api.capsule()
+    data = os.urandom(5000)
+    mem = api.upload(cap, data)["memory_id"]
+    for header in ["bytes=0-" + "9" * 4301, "bytes=" + "9" * 4301 + "-", "bytes=-" + "9" * 4301]:
+        r = api.read(mem, Range=header)
+        assert r.status_code == 200, (header[:20], r.text[:200])
+        assert r.content == data
+    # 19 digits is still a range: beyond the end, clamped.
+    r = api.read(mem, Range="bytes=4990-" + "9" * 19)
+    assert r.status_code == 206
+    assert r.content == data[4990:]
+
+
+def test_head_of_an_asset_answers_its_headers_without_the_bytes(api: Api) -> None:
+    cap = api.capsule()
+    data = os.urandom(3000)
+    mem = api.upload(cap, data, content_type="image/png")["memory_id"]
+    r = api.http.head(f"/v1/memories/{mem}/assets/original")
+    assert r.status_code == 200
+    assert r.content == b""
+    assert r.headers["content-length"] == "3000"
+    assert r.headers["etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+    assert r.headers["content-type"] == "image/png"
+    r = api.http.head(f"/v1/memories/{mem}/assets/original", headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206
+    assert r.headers["content-length"] == "10"
+    assert r.headers["content-range"] == "bytes 0-9/3000"
+
+
+def test_a_stored_type_no_header_can_carry_is_served_as_plain_bytes(
+        api: Api, server: LiveServer) -> None:
+    """Rows written before begin checked the type (a data folder from an older version)."""
+    cap = api.capsule()
+    data = os.urandom(100)
+    mem = api.upload(cap, data)["memory_id"]
+    with sqlite3.connect(server.data_dir / "memvault.db") as db:
+        db.execute("UPDATE assets SET content_type = ? WHERE memory_id = ?",
+                   ("image/jpeg; name=\U0001f600", mem))
+    r = api.read(mem)
+    assert r.status_code == 200
+    assert r.content == data
+    assert r.headers["content-type"] == "application/octet-stream"
+
+
+def test_409_idempotency_key_reused_for_another_target(api: Api) -> None:
+    cap = api.capsule()
+    m1 = api.upload(cap, b"one")["memory_id"]
+    m2 = api.upload(cap, b"two")["memory_id"]
+    first = api.session(cap, 1, idempotency_key="kt", memory_id=m1, role="thumb")
+    variants: list[dict[str, Any]] = [
+        {"memory_id": m2, "role": "thumb"},
+        {"memory_id": m1, "role": "display"},
+        {"memory_id": m1, "role": "thumb", "filename": "other.bin"},
+        {"memory_id": m1, "role": "thumb", "content_type": "image/png"},
+        {},  # a new memory
+    ]
+    for extra in variants:
+        body = problem(api.begin(cap, 1, idempotency_key="kt", **extra), 409, "conflict")
+        assert body["session_id"] == first["id"]
+        assert "idempotency key" in body["detail"]
+        assert body["differs"]
+    retry = api.begin(cap, 1, idempotency_key="kt", memory_id=m1, role="thumb")
+    assert retry.status_code == 200
+    assert retry.json()["id"] == first["id"]
+    # No session was begun for any of the variants.
+    items = api.http.get("/v1/uploads").json()["items"]
+    assert [s["id"] for s in items if s["capsule_id"] == cap] == [first["id"]]
+
+
+async def test_unstorable_values_never_reach_the_database(database_url: str | None) -> None:
+    """PostgreSQL refuses U+0000 in text and NaN in JSON: these used to be 500s there, and a
+    file name with U+0000 let every chunk in, then failed every finish."""
+    async with inprocess(database_url=database_url) as ip:
+        for bad in ["ses_\x00", "ses_" + "0" * 31 + "\x00"]:
+            with pytest.raises(NotFound):
+                await ip.uploads.status(ip.caller, bad)
+        for bad in ["mem_\x00", "mem_x"]:
+            with pytest.raises(NotFound):
+                await ip.capsules.get_memory(ip.caller, bad)
+        with pytest.raises(NotFound):
+            await ip.capsules.list_memories(ip.caller, "cap_\x00")
+        with pytest.raises(InvalidArgument):
+            await ip.uploads.begin(ip.caller, BeginRequest(
+                capsule_id=ip.capsule_id, filename="photo\x00.jpg",
+                content_type="image/jpeg", size=3, idempotency_key="k"))
+        with pytest.raises(InvalidArgument):
+            await ip.capsules.create_capsule(ip.caller, "fam\x00")
+        with pytest.raises(InvalidArgument):
+            await ip.capsules.new_memory(ip.caller, ip.capsule_id, meta={"x": float("nan")})
+        with pytest.raises(InvalidArgument):
+            await ip.capsules.new_memory(ip.caller, ip.capsule_id, meta={"x": "a\x00"})
+        with pytest.raises(InvalidArgument):
+            await ip.auth.create_principal("bob\x00")
+        assert await ip.uploads.list_sessions(ip.caller) == []
+        page = await ip.capsules.list_memories(ip.caller, ip.capsule_id)
+        assert page.items == []
+        # What they can carry round-trips on both.
+        meta = {"caption": "a\nb\tc", "emoji": "\U0001f600", "deep": nested(30)}
+        memory = await ip.capsules.new_memory(ip.caller, ip.capsule_id, title="Été",
+                                              meta=meta)
+        assert json.loads(json.dumps(memory.meta)) == meta
+        assert (await ip.capsules.get_memory(ip.caller, memory.id)).meta == meta
