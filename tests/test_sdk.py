@@ -37,7 +37,9 @@ from memvault.client import (
     Unavailable,
     UploadMemoryError,
 )
+from memvault.client.download import part_path
 from memvault.client.upload import ChunkUpload
+from memvault.commands.messages import sentence
 from tests.asgi import CHUNK, InApp, faults, in_app
 from tests.faults import Fault, chunk_faults, unavailable
 
@@ -691,22 +693,61 @@ async def test_download_resumes_from_a_part_file_with_a_range(app: InApp) -> Non
         cap = await mv.create_capsule("resume-download")
         data = write(app.root / "f.bin", 4 * CHUNK)
         memory = (await mv.upload_file(app.root / "f.bin", cap)).memory
-        (app.root / "out.bin.part").write_bytes(data[:100_000])
+        asset = memory.assets["original"]
+        part = part_path(app.root / "out.bin", asset)
+        part.write_bytes(data[:100_000])
         out = await mv.download(memory, dest=app.root / "out.bin")
         assert out is not None
         assert out.read_bytes() == data
-        assert not (app.root / "out.bin.part").exists()
+        assert not part.exists()
         assert ranges[-1] == "bytes=100000-"
 
-        # A .part that is not a prefix of the asset is caught by the digest and removed.
-        (app.root / "bad.bin.part").write_bytes(b"\0" * 1000)
-        with pytest.raises(ChecksumMismatch):
-            await mv.download(memory, dest=app.root / "bad.bin")
-        assert not (app.root / "bad.bin.part").exists()
-        assert not (app.root / "bad.bin").exists()
-        out = await mv.download(memory, dest=app.root / "bad.bin")  # and then it works
+        # A part that is not a prefix of the asset after all (damaged on disk): the digest
+        # catches it, and the download starts once more from the first byte.
+        part = part_path(app.root / "bad.bin", asset)
+        part.write_bytes(b"\0" * 1000)
+        ranges.clear()
+        out = await mv.download(memory, dest=app.root / "bad.bin")
         assert out is not None
         assert out.read_bytes() == data
+        assert not part.exists()
+        assert ranges[-2:] == ["bytes=1000-", ""]
+
+
+async def test_a_part_of_another_asset_under_the_same_name_is_left_alone(app: InApp) -> None:
+    """Two cameras' IMG_0001.JPG fetched into one folder: B's download never continues A's
+    interrupted part, and A's part is still there for A."""
+    async with app.client() as mv:
+        cap = await mv.create_capsule("same-name")
+        a_data, b_data = os.urandom(3 * CHUNK), os.urandom(3 * CHUNK)
+        a = (await mv.upload_file(io.BytesIO(a_data), cap, filename="IMG_0001.JPG")).memory
+        b = (await mv.upload_file(io.BytesIO(b_data), cap, filename="IMG_0001.JPG")).memory
+        folder = app.root / "dl"
+        folder.mkdir()
+        a_part = part_path(folder / "IMG_0001.JPG", a.assets["original"])
+        a_part.write_bytes(a_data[:50_000])
+        out = await mv.download(b, dest=folder)
+        assert out == folder / "IMG_0001.JPG"
+        assert out.read_bytes() == b_data
+        assert a_part.read_bytes() == a_data[:50_000]
+        assert await mv.download(a, dest=folder / "a.jpg") == folder / "a.jpg"
+
+
+async def test_a_download_whose_stored_bytes_are_damaged_fails_and_says_so(app: InApp) -> None:
+    async with app.client() as mv:
+        cap = await mv.create_capsule("damaged")
+        data = os.urandom(CHUNK)
+        memory = (await mv.upload_file(io.BytesIO(data), cap, filename="d.bin")).memory
+        asset = memory.assets["original"]
+        [blob] = (app.root / "data" / "blobs").rglob(asset.sha256)
+        blob.write_bytes(b"x" * len(data))
+        with pytest.raises(ChecksumMismatch) as info:
+            await mv.download(memory, dest=app.root / "d.bin")
+        assert not (app.root / "d.bin").exists()
+        assert not part_path(app.root / "d.bin", asset).exists()
+        message = sentence(info.value)
+        assert "partial download was removed" in message
+        assert "uploaded" not in message
 
 
 async def test_a_download_cut_mid_body_continues_from_where_it_stopped(app: InApp) -> None:
@@ -737,3 +778,57 @@ async def test_a_download_cut_mid_body_continues_from_where_it_stopped(app: InAp
         await mv.download(memory, dest=sink)
         assert cut["done"]
         assert sink.getvalue() == data
+async def test_a_download_over_a_link_that_keeps_breaking_still_gets_there(
+        app: InApp) -> None:
+    """Every answer breaks after 40,000 bytes of body: each try keeps what it received, and
+    the retry count starts again after every try that got somewhere."""
+    cuts: list[str] = []
+
+    class Flaky(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await app.transport.handle_async_request(request)
+            if request.method != "GET" or "/assets/" not in request.url.path:
+                return response
+            body = await response.aread()
+            if len(body) <= 40_000:
+                return httpx.Response(response.status_code, headers=response.headers,
+                                      content=body)
+            cuts.append(request.headers.get("range", ""))
+
+            class Broken(httpx.AsyncByteStream):
+                async def __aiter__(self) -> AsyncIterator[bytes]:
+                    yield body[:40_000]
+                    raise httpx.ReadError("connection reset mid-body (injected)")
+
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  stream=Broken())
+
+    policy = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.002)
+    async with AsyncClient(app.url, app.token, transport=Flaky(), retry=policy,
+                           state_dir=app.root / "s") as mv:
+        cap = await mv.create_capsule("flaky")
+        data = os.urandom(4 * CHUNK)
+        memory = (await mv.upload_file(io.BytesIO(data), cap, filename="f.bin")).memory
+        out = await mv.download(memory, dest=app.root / "f.bin")
+        assert out is not None
+        assert out.read_bytes() == data
+        assert len(cuts) == len(data) // 40_000
+        assert cuts[:3] == ["", "bytes=40000-", "bytes=80000-"]
+
+
+async def test_retry_after_is_honoured_on_a_foreign_error_page(
+        app: InApp, caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy's 503 or 429 with an HTML body still says how long to wait."""
+    page = Fault(503, {"Retry-After": "1"}, body=b"<html>busy, come back later</html>")
+
+    def once(method: str, path: str, seen: int) -> Fault | None:
+        return page if (method, path, seen) == ("GET", "/v1/capsules", 0) else None
+
+    caplog.set_level("INFO", logger="memvault.client")
+    async with app.client(rule=once) as mv:
+        await mv.list_capsules()
+        assert len(faults(mv).log.injected) == 1
+    [waited] = [r for r in caplog.records if r.getMessage().startswith("retrying GET")]
+    assert float(waited.getMessage().split(" in ")[1].split(" s")[0]) >= 1.0
+
+

@@ -270,7 +270,7 @@ def get(
 ) -> None:
     """Download one asset of a memory, verified against its SHA-256.
 
-    An interrupted download continues from its .part file.
+    An interrupted download continues from its .part file (named after the asset's SHA-256).
     """
     from memvault.commands import library
 

@@ -1,11 +1,15 @@
 """Reading an asset's bytes to a file or a stream, resuming with ``Range`` and verifying them.
 
-To a path, bytes go to ``NAME.part`` first; a ``.part`` left by an interrupted download is
+To a path, bytes go to ``NAME.<digest>.part`` first, named after the asset's SHA-256 so that
+the part of another asset stored under the same name (two cameras' ``IMG_0001.JPG``) is never
+continued with this one's bytes; a part left by an interrupted download of this asset is
 continued where it stopped (its prefix is hashed from the disk, then ``Range: bytes=N-`` with
 ``If-Range`` set to the asset's ETag asks for the rest). The whole is checked against the
 asset's size and SHA-256 before it is renamed into place, so ``NAME`` only ever appears
-complete and verified. A connection that breaks mid-body is retried from the byte it reached,
-under the client's retry policy; a stream is resumed that way within one call too.
+complete and verified; a continued part that still does not match is fetched once more from
+the start. A connection that breaks mid-body is retried from the byte it reached (every byte
+received is written), under the client's retry policy, whose count starts again whenever an
+attempt made progress; a stream is resumed that way within one call too.
 """
 
 from __future__ import annotations
@@ -49,11 +53,19 @@ async def download(api: Transport, memory: Memory, asset: Asset, dest: Path | Bi
         await _fetch(api, asset, sink, hashlib.sha256(), 0, on_progress)
         return None
     path = target_path(dest, memory, asset)
-    part = path.with_name(path.name + ".part")
+    part = part_path(path, asset)
     f = await asyncio.to_thread(_open_part, part)
     try:
+        sink = _Sink(f, restartable=True)
         hasher, offset = await asyncio.to_thread(_hash_prefix, f, asset.size)
-        await _fetch(api, asset, _Sink(f, restartable=True), hasher, offset, on_progress)
+        try:
+            await _fetch(api, asset, sink, hasher, offset, on_progress)
+        except ChecksumMismatch:
+            if not offset:
+                raise
+            # What an earlier attempt left was not this asset's prefix after all.
+            await asyncio.to_thread(sink.restart)
+            await _fetch(api, asset, sink, hashlib.sha256(), 0, on_progress)
         await asyncio.to_thread(os.fsync, f.fileno())
     except ChecksumMismatch:
         f.close()
@@ -64,6 +76,11 @@ async def download(api: Transport, memory: Memory, asset: Asset, dest: Path | Bi
         f.close()
     await asyncio.to_thread(os.replace, part, path)
     return path
+
+
+def part_path(path: Path, asset: Asset) -> Path:
+    """Where ``path``'s bytes gather until they are complete and verified."""
+    return path.with_name(f"{path.name}.{asset.sha256[:16]}.part")
 
 
 class _Sink:
@@ -135,7 +152,10 @@ async def _fetch(api: Transport, asset: Asset, sink: _Sink, hasher: Any, offset:
                         hasher, offset = hashlib.sha256(), 0
                     else:
                         skip = offset
-                async for piece in response.aiter_bytes(_PIECE):
+                # As they arrive: a piece gathered but not yet written would be lost with
+                # the connection, and a link that breaks more often than a piece fills
+                # would never get anywhere.
+                async for piece in response.aiter_bytes():
                     if skip:
                         dropped = min(skip, len(piece))
                         piece, skip = piece[dropped:], skip - dropped
@@ -144,6 +164,7 @@ async def _fetch(api: Transport, asset: Asset, sink: _Sink, hasher: Any, offset:
                     await asyncio.to_thread(sink.write, piece)
                     hasher.update(piece)
                     offset += len(piece)
+                    attempts.progressed()
                     if on_progress is not None:
                         on_progress(Progress(
                             filename=asset.filename or asset.role, role=asset.role,
@@ -156,7 +177,7 @@ async def _fetch(api: Transport, asset: Asset, sink: _Sink, hasher: Any, offset:
         raise ChecksumMismatch(
             f"the downloaded bytes of {asset.url} do not match the asset: {offset} bytes "
             f"with SHA-256 {computed}, expected {asset.size} with {asset.sha256}",
-            expected=asset.sha256, computed=computed)
+            expected=asset.sha256, computed=computed, during="download")
 
 
 def _check_range(response: httpx.Response, offset: int) -> None:

@@ -166,6 +166,7 @@ def from_response(response: httpx.Response) -> MemvaultError:
             f"{response.status_code} {response.reason_phrase} without a memvault problem body"
             + (f": {text!r}" if text else ""),
             http_status=response.status_code,
+            retry_after=retry_after(response),  # a proxy's 429/503 may say how long too
         )
     code = body["code"]
     detail = str(body.get("detail") or body.get("title") or code)

@@ -89,6 +89,11 @@ class Attempts:
         self.waited = 0.0
         self.started = time.monotonic()
 
+    def progressed(self) -> None:
+        """The current try got somewhere (bytes of a body arrived): count afresh from here,
+        so a long transfer over a link that breaks now and then is not given up on."""
+        self.count = 0
+
     async def wait(self, error: MemvaultError) -> None:
         self.count += 1
         retry_after = error.retry_after
