@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -251,3 +252,106 @@ def test_admin_sessions_needs_an_admin(cli: Cli) -> None:
     cli.login()
     assert cli("admin", "sessions").returncode == 0
     assert cli.json("admin", "sessions") == []
+
+
+def _unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` without root's right to read any folder (tests run as root in CI)."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux) to drop DAC override")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
+        cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    folder = tmp_path / "photos"
+    (folder / "2023").mkdir(parents=True)
+    (folder / "ok.bin").write_bytes(os.urandom(1000))
+    (folder / "2023" / "hidden-by-mode.bin").write_bytes(b"x")
+    (folder / "2023").chmod(0)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    try:
+        args = ["upload", str(folder), str(pipe), str(empty), "--capsule", "cli-odd",
+                "--create"]
+        done = subprocess.run(_unprivileged(cli.argv(*args)), env=cli.env(),
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 1, done.stderr
+        assert "2023: PermissionError" in done.stderr
+        assert "pipe: OSError" in done.stderr
+        assert "not a regular file or a folder" in done.stderr
+        assert "no files to upload in" in done.stderr
+        assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
+                                            "(capsule 'cli-odd')")
+        done = subprocess.run(_unprivileged(cli.argv(*args, "--json")), env=cli.env(),
+                              capture_output=True, text=True, timeout=300, check=False)
+        report = json.loads(done.stdout)
+        assert report["failed"] == 2
+        assert report["skipped"] == 1
+        assert {Path(f["path"]).name for f in report["files"] if f["status"] == "failed"} == {
+            "2023", "pipe"}
+    finally:
+        (folder / "2023").chmod(0o755)
+
+
+def test_identical_files_of_one_run_are_stored_once(cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    data = os.urandom(300_000)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (folder / name).write_bytes(data)
+    done = cli("upload", str(folder), "--capsule", "cli-dups", "--create", "--jobs", "3",
+               "--no-derivatives")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("1 uploaded, 2 already present, 0 failed "
+                                        "(capsule 'cli-dups')")
+    assert len(cli.json("ls", "cli-dups")) == 1
+
+
+def test_json_is_printed_when_the_whole_command_fails(cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    cases = [
+        (("ls", "cli-nowhere"), "not_found"),
+        (("upload", str(tmp_path), "--capsule", "cli-nowhere"), "not_found"),
+        (("get", "mem_" + "0" * 32), "not_found"),
+    ]
+    for args, code in cases:
+        done = cli(*args, "--json")
+        assert done.returncode == 1, (args, done.stderr)
+        error = json.loads(done.stdout)["error"]
+        assert error["code"] == code, (args, error)
+        assert error["message"] in done.stderr
+    done = cli("capsule", "list", "--json", MEMVAULT_URL="http://127.0.0.1:9")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"]["code"] == "connection_failed"
+    cli("capsule", "create", "cli-json-dup")
+    done = cli("capsule", "create", "cli-json-dup", "--json")
+    assert json.loads(done.stdout)["error"]["code"] == "conflict"
+
+
+def test_a_remembered_hash_that_went_stale_is_forgotten(cli: Cli, tmp_path: Path) -> None:
+    """Same size, same time, same first and last MiB, other bytes in the middle: the
+    remembered SHA-256 is wrong. The upload says so once; the next run hashes afresh."""
+    cli.login()
+    path = tmp_path / "mid.bin"
+    path.write_bytes(os.urandom(3 * MiB))
+    stamp = path.stat()
+    done = cli("upload", str(path), "--capsule", "cli-stale-a", "--create", "--no-derivatives")
+    assert done.returncode == 0, done.stderr
+    with path.open("r+b") as f:
+        f.seek(3 * MiB // 2)
+        f.write(b"XXXXXXXX")
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    args = ["upload", str(path), "--capsule", "cli-stale-b", "--create", "--no-derivatives"]
+    first = cli(*args)
+    assert first.returncode == 1
+    assert "mid.bin: " in first.stderr
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "1 uploaded" in second.stdout

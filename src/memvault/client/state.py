@@ -121,6 +121,10 @@ class StateStore:
     def save_hash(self, key: str, sha256: str) -> None:
         self._write("hashes", key, {"sha256": sha256, "saved_at": time.time()})
 
+    def drop_hash(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file("hashes", key).unlink()
+
     def prune(self, now: float | None = None) -> int:
         """Drop hash records unused for ``HASH_KEEP`` and upload records older than
         ``UPLOAD_KEEP`` (by file time); returns how many went."""

@@ -50,17 +50,30 @@ class _Retries(logging.Handler):
             output.err.print(f"memvault: {record.getMessage()}", markup=False, style="dim")
 
 
-def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False) -> int:
+def fail(message: str, *, code: str, detail: str | None = None, as_json: bool,
+         status: int = FAILED) -> int:
+    """A failure of the whole command: one sentence on stderr and, with ``--json``, a
+    document on stdout too (``{"error": {code, detail, message}}``), so a script always
+    has JSON to read; returns ``status``."""
+    output.err.print(f"memvault: {message}", markup=False)
+    if as_json:
+        output.print_json({"error": {"code": code, "detail": detail or message,
+                                     "message": message}})
+    return status
+
+
+def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False,
+        as_json: bool = False) -> int:
     """Run one command against the configured server; its exit code.
 
-    A failure of the whole command is printed as one sentence on stderr (exit 1); no login
-    is a usage error (exit 2); Ctrl-C stops it cleanly (exit 130).
+    A failure of the whole command is printed as one sentence on stderr (exit 1), and with
+    ``as_json`` as a document on stdout too (``fail``); no login is a usage error (exit 2);
+    Ctrl-C stops it cleanly (exit 130).
     """
     try:
         login = config.load()
     except config.NotLoggedIn as exc:
-        output.err.print(f"memvault: {exc}", markup=False)
-        return USAGE
+        return fail(str(exc), code="not_logged_in", as_json=as_json, status=USAGE)
     if patient:
         sdk_log = logging.getLogger("memvault.client")
         sdk_log.setLevel(logging.INFO)
@@ -74,15 +87,13 @@ def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False)
     try:
         return run_loop(main())
     except KeyboardInterrupt:
-        output.err.print("memvault: interrupted", markup=False)
-        return INTERRUPTED
+        return fail("interrupted", code="interrupted", as_json=as_json, status=INTERRUPTED)
     except MemvaultError as exc:
-        output.err.print(f"memvault: {sentence(exc, url=login.url)}", markup=False)
-        return FAILED
+        return fail(sentence(exc, url=login.url), code=exc.code, detail=exc.detail,
+                    as_json=as_json)
     except OSError as exc:  # a local file or folder: cannot write, does not exist, ...
-        output.err.print(f"memvault: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-                         markup=False)
-        return FAILED
+        return fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                    code=type(exc).__name__, as_json=as_json)
 
 
 def login(url: str, token: str) -> int:
@@ -110,17 +121,17 @@ def capsule_create(name: str, as_json: bool) -> int:
     async def work(mv: AsyncClient) -> int:
         try:
             capsule = await mv.create_capsule(name)
-        except Conflict:
-            output.err.print(f"memvault: you already have a capsule named {name!r} — see "
-                             "`memvault capsule list`", markup=False)
-            return FAILED
+        except Conflict as exc:
+            return fail(f"you already have a capsule named {name!r} — see "
+                        "`memvault capsule list`", code=exc.code, detail=exc.detail,
+                        as_json=as_json)
         if as_json:
             output.print_json(capsule.model_dump())
         else:
             output.out.print(f"created capsule {capsule.name!r} ({capsule.id})", markup=False)
         return 0
 
-    return run(work)
+    return run(work, as_json=as_json)
 
 
 def capsule_list(as_json: bool) -> int:
@@ -136,7 +147,7 @@ def capsule_list(as_json: bool) -> int:
                          [[c.name, c.id, output.when(c.created_at)] for c in capsules])
         return 0
 
-    return run(work)
+    return run(work, as_json=as_json)
 
 
 def ls(capsule_name: str, as_json: bool, limit: int | None) -> int:
@@ -164,7 +175,7 @@ def ls(capsule_name: str, as_json: bool, limit: int | None) -> int:
         output.table(["MEMORY", "CREATED", "FILE", "SIZE", "ASSETS"], rows)
         return 0
 
-    return run(work)
+    return run(work, as_json=as_json)
 
 
 def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
@@ -172,9 +183,9 @@ def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
         memory = await mv.get_memory(memory_id)
         asset = memory.assets.get(role)
         if asset is None:
-            output.err.print(f"memvault: memory {memory.id} has no {role!r} asset (it has: "
-                             f"{', '.join(sorted(memory.assets)) or 'none yet'})", markup=False)
-            return FAILED
+            return fail(f"memory {memory.id} has no {role!r} asset (it has: "
+                        f"{', '.join(sorted(memory.assets)) or 'none yet'})",
+                        code="not_found", as_json=as_json)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                        TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
                        disable=as_json or not output.err.is_terminal, transient=True)
@@ -192,7 +203,7 @@ def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
                              "verified)", markup=False)
         return 0
 
-    return run(work, patient=True)
+    return run(work, patient=True, as_json=as_json)
 
 
 def sessions(as_json: bool, admin: bool) -> int:
@@ -210,7 +221,7 @@ def sessions(as_json: bool, admin: bool) -> int:
                   output.when(s.expires_at)] for s in items])
         return 0
 
-    return run(work)
+    return run(work, as_json=as_json)
 
 
 def _progress(s: Session) -> str:

@@ -1,17 +1,21 @@
 """``memvault upload PATH... --capsule NAME``: files and folders, each as one memory.
 
 For each file, in order: its SHA-256 (remembered per file fingerprint in the state folder, so
-a second run does not read it again), then "already in the capsule?" (a memory whose
-original has that digest: skipped and reported), then ``upload_memory`` (the original, and,
+a second run does not read it again; forgotten when an upload finds the file changed), then
+"already in the capsule?" (a memory whose original has that digest, or a file of this run
+with the same bytes: skipped and reported), then ``upload_memory`` (the original, and,
 unless ``--no-derivatives``, display/thumb/placeholder made here). ``--jobs`` files go at
 once, each with ``--parallel`` chunks in flight. The check costs one read of each new file
 before its upload; the upload itself then reads it once more (the page cache usually makes
 that second read cheap), which is the price of never sending a file the capsule already has.
 
-Interrupted (Ctrl-C, a lost network), a file's upload session and its local record are kept,
-so running the same command again resumes it: the SDK asks the server what it holds and sends
-only the rest. Exit code: 0 when every file is uploaded or already present, 1 when any
-failed (each printed with its code and cause), 2 for usage errors, 130 when interrupted.
+A folder that cannot be read and a named path that is neither a file nor a folder are
+failures of the run (reported like a file that failed); a named folder with no files in it
+is said so. Interrupted (Ctrl-C, a lost network), a file's upload session and its local
+record are kept, so running the same command again resumes it: the SDK asks the server what
+it holds and sends only the rest. Exit code: 0 when every file is uploaded or already
+present, 1 when any failed (each printed with its code and cause), 2 for usage errors, 130
+when interrupted.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from memvault.client import AsyncClient, Capsule, MemvaultError, UploadMemoryError
+from memvault.client import (
+    AsyncClient,
+    Capsule,
+    ChecksumMismatch,
+    FileChanged,
+    MemvaultError,
+    UploadMemoryError,
+)
 from memvault.client import Progress as Step
 from memvault.client.source import Source
 from memvault.client.state import StateStore
@@ -57,18 +68,38 @@ class Outcome:
     errors: list[dict[str, str]] = field(default_factory=list)
 
 
-def files_under(paths: list[Path]) -> Iterator[Path]:
+def files_under(paths: list[Path], problems: list[Outcome]) -> Iterator[Path]:
     """The files named, and those inside the folders named (recursively, sorted, hidden files
-    and folders left out, symbolic links to folders not followed)."""
+    and folders left out, symbolic links to folders not followed). A folder that cannot be
+    read, and a named path that is neither a file nor a folder, go into ``problems`` as
+    failed outcomes; inside folders, what is not a regular file (a pipe, a socket) is left
+    out."""
+    def unreadable(exc: OSError) -> None:
+        problems.append(_failed(Path(exc.filename or "?"), exc))
+
     for path in paths:
         if path.is_dir():
-            for root, dirs, names in os.walk(path):
+            for root, dirs, names in os.walk(path, onerror=unreadable):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(names):
                     if not name.startswith(".") and (Path(root) / name).is_file():
                         yield Path(root) / name
         elif path.is_file():
             yield path
+        else:
+            problems.append(_failed(path, OSError(
+                0, "not a regular file or a folder (a pipe, a socket or a device)", str(path))))
+
+
+def _failed(path: Path, error: OSError) -> Outcome:
+    return Outcome(str(path), 0, status="failed", errors=[_error(error, "original", "")])
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone since it was listed: its upload says so
+        return 0
 
 
 def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
@@ -76,17 +107,25 @@ def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
     async def work(mv: AsyncClient) -> int:
         await asyncio.to_thread(mv.state.prune)  # old digests and dead resume records
         capsule = await mv.capsule(capsule_name, create=create)
-        files = list(dict.fromkeys(p.resolve() for p in files_under(paths)))
-        run_ = _Run(mv, capsule, files, parallel=parallel, jobs=jobs, derivatives=derivatives,
-                    as_json=as_json)
+        problems: list[Outcome] = []
+        files: list[Path] = []
+        for path in paths:
+            found = [p.resolve() for p in files_under([path], problems)]
+            if not found and path.is_dir() and not as_json:
+                output.err.print(f"memvault: no files to upload in {_short(path)}",
+                                 markup=False)
+            files.extend(found)
+        run_ = _Run(mv, capsule, list(dict.fromkeys(files)), parallel=parallel, jobs=jobs,
+                    derivatives=derivatives, as_json=as_json, problems=problems)
         return await run_.all()
 
-    return run(work, patient=True)
+    return run(work, patient=True, as_json=as_json)
 
 
 class _Run:
     def __init__(self, mv: AsyncClient, capsule: Capsule, files: list[Path], *, parallel: int,
-                 jobs: int, derivatives: bool, as_json: bool) -> None:
+                 jobs: int, derivatives: bool, as_json: bool,
+                 problems: list[Outcome] | None = None) -> None:
         self.mv = mv
         self.capsule = capsule
         self.files = files
@@ -94,7 +133,12 @@ class _Run:
         self.jobs = jobs
         self.derivatives = derivatives
         self.as_json = as_json
-        self.outcomes = [Outcome(str(p), p.stat().st_size) for p in files]
+        self.outcomes = [Outcome(str(p), _size(p)) for p in files]
+        self.problems = problems or []
+        self._hash_keys: dict[Path, str] = {}
+        self._claims: dict[str, asyncio.Future[str | None]] = {}
+        """Per SHA-256, the upload of this run that holds it: its memory id once stored,
+        None if it failed (then the next file with those bytes tries)."""
         self.bars = Progress(
             TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
@@ -108,6 +152,8 @@ class _Run:
             async with slots:
                 await self._file(path, outcome)
 
+        for problem in self.problems:
+            self._fail(_short(Path(problem.path)), problem)
         with self.bars:
             self.total = self.bars.add_task(
                 f"{len(self.files)} files", total=sum(o.size for o in self.outcomes))
@@ -134,9 +180,21 @@ class _Run:
                 self.bars.advance(self.total, completed - done_before)
             done_before = completed
 
+        claim: asyncio.Future[str | None] | None = None
         try:
             self.bars.update(bar, description=f"{name} (hashing)")
             outcome.sha256 = await self._sha256(path)
+            while (held := self._claims.get(outcome.sha256)) is not None:
+                # The same bytes as a file this run is uploading: wait for that one.
+                self.bars.update(bar, description=f"{name} (same as another file)")
+                memory_id = await asyncio.shield(held)
+                if memory_id is not None:
+                    outcome.status, outcome.memory_id = "skipped", memory_id
+                    advance(outcome.size)
+                    self._say(f"= {name}: the same as another file of this run, now in "
+                              f"{self.capsule.name!r} as {memory_id}")
+                    return
+            claim = self._claims[outcome.sha256] = asyncio.get_running_loop().create_future()
             present = await self.mv.find_memories(self.capsule, outcome.sha256)
             if present:
                 outcome.status, outcome.memory_id = "skipped", present[0].id
@@ -170,10 +228,12 @@ class _Run:
                 original_failed |= lane == "original"
                 outcome.errors.append(_error(error, lane, self.mv.url))
             outcome.status = "failed" if original_failed else "partial"
+            self._forget_hash(path, list(group.exceptions))
             self._fail(name, outcome)
         except MemvaultError as error:
             outcome.status = "failed"
             outcome.errors.append(_error(error, "original", self.mv.url))
+            self._forget_hash(path, [error])
             self._fail(name, outcome)
         except OSError as error:  # unreadable, vanished, a folder turned file...
             outcome.status = "failed"
@@ -181,6 +241,11 @@ class _Run:
             self._fail(name, outcome)
         finally:
             self.bars.remove_task(bar)
+            if claim is not None:
+                stored = outcome.status in ("uploaded", "skipped", "partial")
+                claim.set_result(outcome.memory_id if stored else None)
+                if not stored and self._claims.get(outcome.sha256 or "") is claim:
+                    del self._claims[outcome.sha256 or ""]
 
     async def _sha256(self, path: Path) -> str:
         """The file's SHA-256, remembered by fingerprint so a second run need not read it."""
@@ -190,13 +255,22 @@ class _Run:
         finally:
             source.close()
         assert fingerprint is not None
-        key = StateStore.key(str(path), fingerprint.digest())
+        key = self._hash_keys[path] = StateStore.key(str(path), fingerprint.digest())
         known = self.mv.state.load_hash(key)
         if known is not None:
             return known
         digest = await asyncio.to_thread(_hash_file, path)
         self.mv.state.save_hash(key, digest)
         return digest
+
+    def _forget_hash(self, path: Path, errors: list[BaseException]) -> None:
+        """Drop the remembered SHA-256 of ``path`` when an upload found the file is not what
+        it was when hashed (same size, time and ends, other bytes), so the next run reads it
+        afresh instead of failing the same way for ever."""
+        key = self._hash_keys.get(path)
+        if key is not None and any(isinstance(e, FileChanged | ChecksumMismatch)
+                                   for e in errors):
+            self.mv.state.drop_hash(key)
 
     def _say(self, line: str) -> None:
         if self.as_json:
@@ -218,6 +292,7 @@ class _Run:
                 head + e["message"], markup=False)
 
     def _report(self) -> int:
+        self.outcomes = self.problems + self.outcomes
         counts = {s: sum(o.status == s for o in self.outcomes)
                   for s in ("uploaded", "skipped", "partial", "failed")}
         if self.as_json:
