@@ -750,6 +750,16 @@ async def test_a_download_whose_stored_bytes_are_damaged_fails_and_says_so(app: 
         assert "uploaded" not in message
 
 
+def broken_after(response: httpx.Response, body: bytes, n: int) -> httpx.Response:
+    """``response`` again, its body breaking off after ``n`` bytes as a reset link would."""
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield body[:n]
+            raise httpx.ReadError("connection reset mid-body (injected)")
+
+    return httpx.Response(response.status_code, headers=response.headers, stream=Broken())
+
+
 async def test_a_download_cut_mid_body_continues_from_where_it_stopped(app: InApp) -> None:
     cut = {"done": False}
 
@@ -758,15 +768,7 @@ async def test_a_download_cut_mid_body_continues_from_where_it_stopped(app: InAp
             response = await app.transport.handle_async_request(request)
             if request.method == "GET" and "/assets/" in request.url.path and not cut["done"]:
                 cut["done"] = True
-                body = await response.aread()
-
-                class Broken(httpx.AsyncByteStream):
-                    async def __aiter__(self) -> AsyncIterator[bytes]:
-                        yield body[:50_000]
-                        raise httpx.ReadError("connection reset mid-body (injected)")
-
-                return httpx.Response(response.status_code, headers=response.headers,
-                                      stream=Broken())
+                return broken_after(response, await response.aread(), 50_000)
             return response
 
     async with AsyncClient(app.url, app.token, transport=Cutting(),
@@ -794,14 +796,7 @@ async def test_a_download_over_a_link_that_keeps_breaking_still_gets_there(
                 return httpx.Response(response.status_code, headers=response.headers,
                                       content=body)
             cuts.append(request.headers.get("range", ""))
-
-            class Broken(httpx.AsyncByteStream):
-                async def __aiter__(self) -> AsyncIterator[bytes]:
-                    yield body[:40_000]
-                    raise httpx.ReadError("connection reset mid-body (injected)")
-
-            return httpx.Response(response.status_code, headers=response.headers,
-                                  stream=Broken())
+            return broken_after(response, body, 40_000)
 
     policy = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.002)
     async with AsyncClient(app.url, app.token, transport=Flaky(), retry=policy,
