@@ -89,7 +89,7 @@ def test_backup_says_what_to_do_when_it_cannot(tmp_path: Path) -> None:
     a_file.write_text("x")
     done = _memvault("blobs", "check", "--data", str(a_file))
     assert done.returncode == 2
-    assert "is a file; give the data folder" in done.stderr
+    assert "is a file; give a folder" in done.stderr
 
 
 def test_backup_to_a_place_it_cannot_write_says_so(tmp_path: Path) -> None:

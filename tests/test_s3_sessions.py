@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from memvault.errors import ChecksumMismatch, Internal
+from memvault.errors import ChecksumMismatch, Internal, PayloadTooLarge
 from memvault.metadata.schema import blobs, upload_parts
 from memvault.sessions import ChunkChecksums
 from memvault.settings import Settings
@@ -214,6 +214,15 @@ async def test_chunk_size_follows_the_part_limits(s3_settings: dict[str, Any]) -
         assert session.chunk_size == 40 * MiB
         assert session.chunk_count <= 10_000
         await ip.uploads.abort(ip.caller, session.id)
+        # 450 GiB: the doubling's last step stops at the 64 MiB maximum (80 MiB would not
+        # fit), which holds up to 625 GiB in 10,000 parts; one byte more is refused.
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(450 * 1024 * MiB, "450"))
+        assert session.chunk_size == 64 * MiB
+        assert session.chunk_count <= 10_000
+        await ip.uploads.abort(ip.caller, session.id)
+        with pytest.raises(PayloadTooLarge) as info:
+            await ip.uploads.begin(ip.caller, ip.begin_request(10_000 * 64 * MiB + 1, "over"))
+        assert info.value.extra["limit"] == 10_000 * 64 * MiB
     with pytest.raises(ValueError, match="at least 5242880 bytes"):
         await open_blob_store(Settings(**{**s3_settings, "chunk_size": MiB}))
 

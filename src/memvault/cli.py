@@ -31,18 +31,49 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON document on stdo
 
 
 def _settings(data: Path | None, **flags: Any) -> Settings:
+    from pydantic import ValidationError
+
     from memvault.settings import Settings  # here, so client commands start without it
 
     given: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if data is not None:
-        if data.exists() and not data.is_dir():
-            typer.echo(f"memvault: --data {data} is a file; give the data folder", err=True)
-            raise typer.Exit(2)
         given["data_dir"] = data
     try:
-        return Settings(**given)
-    except ValueError as exc:
-        typer.echo(f"memvault: bad settings: {exc}", err=True)
+        settings = Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(_setting_problem(e) for e in exc.errors())
+        typer.echo(f"memvault: bad settings: {problems}", err=True)
+        raise typer.Exit(2) from exc
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        typer.echo(f"memvault: the data folder {settings.data_dir} is a file; give a folder "
+                   "(--data or MEMVAULT_DATA_DIR)", err=True)
+        raise typer.Exit(2)
+    return settings
+
+
+def _setting_problem(error: Any) -> str:
+    """``MEMVAULT_CHUNK_SIZE: Input should be greater than or equal to 1 (got 0)``."""
+    field = ".".join(str(part) for part in error.get("loc", ()))
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if not field:  # a check across settings: its message names them
+        return message
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"MEMVAULT_{field.upper()}: {message}{shown}"
+
+
+def _operator_command(body: Any) -> Any:
+    """Run an operator command's coroutine; what the operator must fix (``startup_problem``)
+    is one sentence on stderr and exit code 2, not a traceback."""
+    from memvault.http.app import startup_problem
+
+    try:
+        return asyncio.run(body)
+    except Exception as exc:
+        problem = startup_problem(exc)
+        if problem is None:
+            raise
+        typer.echo(f"memvault: {problem}", err=True)
         raise typer.Exit(2) from exc
 
 
@@ -54,9 +85,10 @@ def serve(
 ) -> None:
     """Run the HTTP server (embedded default: SQLite + files under the data folder)."""
     from memvault.http import server
-    from memvault.http.app import create_app
+    from memvault.http.app import create_app, preflight
 
     settings = _settings(data, host=host, port=port)
+    _operator_command(preflight(settings))
     server.run(create_app(settings), settings)
 
 
@@ -87,19 +119,22 @@ def token_create(
     from memvault.clock import SystemClock
     from memvault.errors import MemvaultError
     from memvault.http.app import open_services
+    from memvault.storage.factory import close_blob_store
 
     settings = _settings(data)
 
     async def run() -> str:
-        db, services = await open_services(settings, SystemClock())
+        db, services = await open_services(settings, SystemClock(), create=False)
         try:
             _, token = await services.auth.create_principal(name, is_admin=admin)
-            return token
+            return str(token)
         finally:
+            await services.uploads.sessions.close()
+            await close_blob_store(services.store)
             await db.dispose()
 
     try:
-        token = asyncio.run(run())
+        token = _operator_command(run())
     except MemvaultError as exc:
         typer.echo(f"memvault: {exc.detail}", err=True)
         raise typer.Exit(1) from exc
@@ -112,8 +147,12 @@ def db_upgrade(data: DataOpt = None) -> None:
     from memvault.metadata.migrate import upgrade
 
     settings = _settings(data)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(upgrade(settings.resolved_database_url))
+
+    async def run() -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await upgrade(settings.resolved_database_url)
+
+    _operator_command(run())
     typer.echo("schema is current")
 
 
@@ -153,18 +192,20 @@ def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
     from memvault.clock import SystemClock
     from memvault.http.app import open_services
     from memvault.placement import BlobCheck
+    from memvault.storage.factory import close_blob_store
 
     settings = _settings(data)
 
     async def run() -> BlobCheck:
-        db, services = await open_services(settings, SystemClock())
+        db, services = await open_services(settings, SystemClock(), create=False)
         try:
             return await services.uploads.sessions.placements.check()
         finally:
             await services.uploads.sessions.close()
+            await close_blob_store(services.store)
             await db.dispose()
 
-    report = asyncio.run(run())
+    report = _operator_command(run())
     missing = [{"sha256": sha, "memory_id": memory, "role": role}
                for sha, memory, role in report.missing]
     if as_json:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
     from memvault.derivatives.model import DerivativeOptions
@@ -29,7 +30,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = Field(default=8080, ge=0, le=65535)
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy async URL; default: SQLite file in data_dir",
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
         "(default: the system's temporary folder)",
     )
     s3_spool_keep: int = Field(
-        default=256 * MiB,
+        default=256 * MiB, ge=0,
         description="bytes of uploaded parts kept on local disk for hashing them when the "
         "gap before them fills",
     )
@@ -73,61 +74,65 @@ class Settings(BaseSettings):
         "they hold before reading those back from the object store (PostgreSQL + S3)",
     )
 
-    chunk_size: int = Field(default=8 * MiB, description="chunk size the server answers at begin")
-    min_chunk_size: int = 64 * 1024
-    max_chunk_size: int = 64 * MiB
-    max_upload_size: int = Field(default=1024 * GiB, description="largest declared size accepted")
-    max_chunk_count: int = 100_000
+    chunk_size: int = Field(default=8 * MiB, ge=1,
+                            description="chunk size the server answers at begin")
+    min_chunk_size: int = Field(default=64 * 1024, ge=1)
+    max_chunk_size: int = Field(default=64 * MiB, ge=1)
+    max_upload_size: int = Field(default=1024 * GiB, ge=0,
+                                 description="largest declared size accepted")
+    max_chunk_count: int = Field(default=100_000, ge=1)
     max_pending_per_capsule: int = Field(
-        default=32, description="pending sessions per (caller, capsule)"
+        default=32, ge=1, description="pending sessions per (caller, capsule)"
     )
     storage_reserve: int = Field(
-        default=256 * MiB, description="free bytes begin keeps in hand on the data volume"
+        default=256 * MiB, ge=0, description="free bytes begin keeps in hand on the data volume"
     )
 
     transfer_slots: int = Field(
-        default_factory=lambda: _default_transfer_slots(),
+        default_factory=lambda: _default_transfer_slots(), ge=1,
         description="chunk transfers in flight in this process (default from cores and memory)",
     )
     transfer_slots_per_principal: int | None = Field(
-        default=None,
+        default=None, ge=1,
         description="chunk transfers in flight per caller in this process "
         "(default: a quarter of transfer_slots, at least 4)",
     )
     daily_upload_quota: int | None = Field(
-        default=None,
+        default=None, ge=0,
         description="bytes a principal may begin uploading per UTC day (none: no limit)",
     )
     storage_quota: int | None = Field(
-        default=None, description="bytes stored in one owner's capsules (none: no limit)"
+        default=None, ge=0, description="bytes stored in one owner's capsules (none: no limit)"
     )
     header_timeout: float = Field(
-        default=30.0, description="seconds a request's headers may take to arrive (slowloris)"
+        default=30.0, gt=0, description="seconds a request's headers may take to arrive (slowloris)"
     )
     max_json_bytes: int = Field(
-        default=64 * 1024, description="largest JSON request body (all requests but chunks)"
+        default=64 * 1024, ge=1024,
+        description="largest JSON request body (all requests but chunks)",
     )
     min_transfer_rate: int = Field(
-        default=16 * 1024,
+        default=16 * 1024, ge=0,
         description="slowest average bytes/s a chunk body may arrive at, after the grace period",
     )
     transfer_grace: float = Field(
-        default=10.0, description="seconds a chunk body may take before its rate is enforced"
+        default=10.0, ge=0, description="seconds a chunk body may take before its rate is enforced"
     )
 
     derivative_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: os.cpu_count() or 1, ge=0,
         description="decoder processes for server-side derivatives (0: this process makes none)",
     )
     derivative_timeout: float = Field(
-        default=60.0, description="longest one derivative job may decode, seconds"
+        default=60.0, gt=0, description="longest one derivative job may decode, seconds"
     )
     derivative_memory_limit: int = Field(
-        default=2 * GiB, description="address space of each decoder process (0: no limit)"
+        default=2 * GiB, ge=0, description="address space of each decoder process (0: no limit)"
     )
-    derivative_attempts: int = Field(default=3, description="tries before a job is failed")
+    derivative_attempts: int = Field(default=3, ge=1,
+                                     description="tries before a job is failed")
     derivative_max_pixels: int = Field(
-        default=100_000_000,
+        default=100_000_000, ge=1,
         description="largest width x height decoded (from the header, before decoding)",
     )
     display_width: int = Field(default=1920, description="display derivative fits this width")
@@ -139,25 +144,26 @@ class Settings(BaseSettings):
     thumb_size: int = Field(default=300, description="thumb fits a square of this many px")
     thumb_quality: int = Field(default=80, description="thumb (WebP) quality, 1..100")
     derivative_lease: float = Field(
-        default=60.0, description="seconds a job stays claimed without its worker renewing"
+        default=60.0, gt=0, description="seconds a job stays claimed without its worker renewing"
     )
 
-    session_ttl: float = Field(default=24 * 3600.0, description="idle seconds before expiry")
+    session_ttl: float = Field(default=24 * 3600.0, gt=0,
+                              description="idle seconds before expiry")
     expired_grace: float = Field(
-        default=24 * 3600.0, description="seconds an expired session answers 410 before 404"
+        default=24 * 3600.0, ge=0, description="seconds an expired session answers 410 before 404"
     )
-    reaper_interval: float = 60.0
+    reaper_interval: float = Field(default=60.0, gt=0)
     chunk_timeout: float = Field(
-        default=600.0, description="longest a single chunk transfer may take, seconds"
+        default=600.0, gt=0, description="longest a single chunk transfer may take, seconds"
     )
 
     claim_lease: float = Field(
-        default=10.0,
+        default=10.0, gt=0,
         description="seconds a chunk transfer's claim lives without renewal (a dead "
         "process's claim is taken over after this)",
     )
     write_batch: int = Field(
-        default=512 * 1024, description="bytes gathered from the socket per storage write"
+        default=512 * 1024, ge=4096, description="bytes gathered from the socket per storage write"
     )
     fsync: bool = Field(default=True, description="fsync each chunk before acknowledging it")
     hash_lag: int = Field(
@@ -184,16 +190,14 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.min_chunk_size <= self.chunk_size <= self.max_chunk_size:
             raise ValueError(
-                f"chunk_size {self.chunk_size} must lie in "
-                f"[{self.min_chunk_size}, {self.max_chunk_size}]"
+                f"MEMVAULT_CHUNK_SIZE {self.chunk_size} must lie in [MEMVAULT_MIN_CHUNK_SIZE "
+                f"{self.min_chunk_size}, MEMVAULT_MAX_CHUNK_SIZE {self.max_chunk_size}]"
             )
-        if self.session_ttl <= 0 or self.chunk_timeout <= 0:
-            raise ValueError("session_ttl and chunk_timeout must be positive")
-        if self.transfer_slots < 1:
-            raise ValueError("transfer_slots must be at least 1")
         self.derivative_options()  # its own checks: boxes, qualities
-        if self.blob_store and not self.blob_store.startswith("s3://"):
-            raise ValueError(f"blob_store must be an s3://bucket/prefix URL: {self.blob_store!r}")
+        if self.blob_store and not (self.blob_store.startswith("s3://")
+                                    and self.blob_store[len("s3://"):].partition("/")[0]):
+            raise ValueError("MEMVAULT_BLOB_STORE must be an s3://bucket/prefix URL: "
+                             f"{self.blob_store!r}")
         return self
 
     @property
@@ -232,7 +236,9 @@ class Settings(BaseSettings):
     def effective(self) -> dict[str, Any]:
         """The values in force, for the start-up log (no secrets live in settings)."""
         values = self.model_dump(mode="json")
-        values["database_url"] = _redact(self.resolved_database_url)
+        values["database_url"] = redact(self.resolved_database_url)
+        if self.listen_database_url:
+            values["listen_database_url"] = redact(self.listen_database_url)
         values["transfer_slots_per_principal"] = self.slots_per_principal
         return values
 
@@ -248,10 +254,12 @@ def _default_transfer_slots() -> int:
     return max(4, min(32 * cores, 256, memory // (4 * MiB)))
 
 
-def _redact(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+def redact(url: str) -> str:
+    """``url`` with its password (in the user part or the query) shown as ``***``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a database URL: shown only if it cannot carry a password
+        return url if "@" not in url and "password" not in url.lower() else "<redacted>"
+    query = {k: ("***" if "password" in k.lower() else v) for k, v in parsed.query.items()}
+    return (parsed.set(query=query).render_as_string(hide_password=True)
+            .replace("%2A%2A%2A", "***"))

@@ -182,11 +182,11 @@ class UploadService:
         s = self.settings
         chunk, largest, most = s.chunk_size, s.max_chunk_size, s.max_chunk_count
         if isinstance(self.store, PartLimits):
-            chunk = max(chunk, self.store.min_part_size)
             largest = min(largest, self.store.max_part_size)
+            chunk = min(max(chunk, self.store.min_part_size), largest)
             most = min(most, self.store.max_parts)
-        while -(-size // chunk) > most and chunk * 2 <= largest:
-            chunk *= 2
+        while -(-size // chunk) > most and chunk < largest:
+            chunk = min(chunk * 2, largest)  # the last step may stop at the maximum
         if -(-size // chunk) > most:
             raise PayloadTooLarge(
                 f"{size} bytes would need more than {most} chunks",

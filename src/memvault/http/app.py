@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
 from memvault import __version__, logs
 from memvault.admission import TransferSlots
@@ -21,10 +22,10 @@ from memvault.http.deps import Services
 from memvault.http.limits import JsonBodyLimit
 from memvault.jobs.queue import JobQueue
 from memvault.metadata import Database
-from memvault.metadata.migrate import is_current, upgrade
+from memvault.metadata.migrate import SchemaTooNew, current_revision, schema_state, upgrade
 from memvault.metrics import Metrics
 from memvault.sessions.handoff import FrontierListener
-from memvault.settings import Settings
+from memvault.settings import Settings, redact
 from memvault.storage.base import PartHolder
 from memvault.storage.factory import close_blob_store, open_blob_store
 from memvault.uploads import UploadService
@@ -37,18 +38,50 @@ class SchemaOutOfDate(RuntimeError):
     pass
 
 
+class NoDatabase(RuntimeError):
+    pass
+
+
+class DatabaseUnusable(RuntimeError):
+    def __init__(self, url: str, exc: BaseException) -> None:
+        cause = getattr(exc, "orig", None) or exc
+        reason = (str(cause) or type(cause).__name__).splitlines()[0]
+        super().__init__(f"cannot use the database at {redact(url)}: {reason}")
+
+
 async def open_services(
-    settings: Settings, clock: Clock, metrics: Metrics | None = None
+    settings: Settings, clock: Clock, metrics: Metrics | None = None, *, create: bool = True
 ) -> tuple[Database, Services]:
-    """Open the metadata store (migrating or checking it) and build every service."""
+    """Open the metadata store (migrating or checking it) and build every service.
+
+    With ``create=False`` (the operator commands other than ``serve``), an embedded data
+    folder must already hold its database: a mistyped ``--data`` is said so instead of
+    quietly becoming a new, empty vault."""
+    if not create and settings.database_in_data_dir and not (
+            settings.data_dir / "memvault.db").is_file():
+        raise NoDatabase(f"no memvault database in {settings.data_dir} — check --data (or "
+                         "MEMVAULT_DATA_DIR); `memvault serve` makes one on its first start")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
-    if settings.migrate_on_start:
-        await upgrade(url)
-    db = Database.open(url)
-    if not settings.migrate_on_start and not await is_current(db):
+    try:
+        if settings.migrate_on_start:
+            await upgrade(url)
+        db = Database.open(url)
+    except (OSError, SQLAlchemyError) as exc:
+        raise DatabaseUnusable(url, exc) from exc
+    try:
+        try:
+            state = await schema_state(db)
+        except (OSError, SQLAlchemyError) as exc:
+            raise DatabaseUnusable(url, exc) from exc
+        if state == "ahead":
+            raise SchemaTooNew(str(await current_revision(db)))
+        if state == "behind" and not settings.migrate_on_start:
+            raise SchemaOutOfDate(
+                "the database schema is out of date: run `memvault db upgrade`")
+    except BaseException:
         await db.dispose()
-        raise SchemaOutOfDate("the database schema is out of date: run `memvault db upgrade`")
+        raise
     try:
         store = await open_blob_store(settings)
     except BaseException:
@@ -79,11 +112,41 @@ async def ensure_admin(settings: Settings, auth: AuthService) -> None:
     except Conflict:
         return  # another process got there first
     path = Path(settings.data_dir) / "admin.token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A new file, 0600 from its first byte, then renamed over whatever a former vault left
+    # at that name (whose mode might be anything).
+    partial = path.with_name(f"admin.token.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+    os.replace(partial, path)
     log.warning("admin.created", token_file=str(path.resolve()),
                 hint="use this token as 'Authorization: Bearer <token>'")
+
+
+async def preflight(settings: Settings) -> None:
+    """Open and close everything ``serve`` needs, so that what an operator must fix (a data
+    folder that cannot be written, a database that cannot be reached or is of another
+    version, a blob store that refuses) is found before the server starts, and said in one
+    sentence (``startup_problem``) rather than a traceback from inside uvicorn."""
+    db, services = await open_services(settings, SystemClock())
+    try:
+        await services.store.check()
+    finally:
+        await services.uploads.sessions.close()
+        await close_blob_store(services.store)
+        await db.dispose()
+
+
+def startup_problem(exc: BaseException) -> str | None:
+    """One sentence for a failure to open the services that the operator can act on; None
+    for anything else (a bug: its traceback is what helps then)."""
+    known = SchemaOutOfDate | SchemaTooNew | NoDatabase | DatabaseUnusable | ValueError
+    if isinstance(exc, known):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return None
 
 
 @contextlib.asynccontextmanager

@@ -422,7 +422,15 @@ class LocalBlobStore:
         return usage.free
 
     async def check(self) -> None:
-        await asyncio.to_thread(shutil.disk_usage, self.root)
+        """Raise ``OSError`` unless uploads can be staged and committed here (a share that
+        is not mounted, a folder gone or read-only)."""
+        def probe() -> None:
+            shutil.disk_usage(self.root)
+            for folder in (self._staging, self._blobs, self._trash):
+                if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+                    raise OSError(errno.EACCES, "not a writable folder", str(folder))
+
+        await asyncio.to_thread(probe)
 
     def blob_path(self, storage_key: str) -> Path:
         """Local-only capability: the file behind a blob (for zero-copy serving)."""

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -47,6 +48,8 @@ from memvault.storage.spool import Spool, SpooledPart
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+
+log = structlog.get_logger("memvault.storage")
 
 MiB = 1024 * 1024
 MIN_PART = 5 * MiB
@@ -96,8 +99,10 @@ def _code(exc: ClientError) -> str:
 
 
 def _unavailable(what: str, exc: BaseException) -> Unavailable:
-    return Unavailable(f"the blob store failed to {what} ({type(exc).__name__}: {exc}); "
-                       "try again", retry_after=5)
+    # The store's own message (endpoints, upload ids) goes to the log, not to the client.
+    log.warning("s3.failed", what=what, error=f"{type(exc).__name__}: {exc}")
+    return Unavailable(f"the blob store failed to {what} ({type(exc).__name__}); try again",
+                       retry_after=5)
 
 
 @contextlib.contextmanager

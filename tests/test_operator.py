@@ -1,0 +1,150 @@
+"""What an operator sees when something is wrong before the server can start, or around it.
+
+Each case is the real ``memvault`` command as a subprocess. Found by a review (2026-11-24):
+broken settings that started a server unable to take uploads, tracebacks instead of one
+sentence, a database from a newer version called "out of date", two processes migrating a
+fresh folder at once, an admin token written into a stray file's mode, a mistyped ``--data``
+quietly becoming an empty vault, a password in the start-up log, and ``/readyz`` answering
+ready with the blob folders gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from memvault.settings import Settings
+from tests.conftest import LiveServer
+from tests.helpers import problem
+
+
+def memvault(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
+    return subprocess.run([sys.executable, "-m", "memvault", *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
+    """The command failed as a usage/operator error with a single line and no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("memvault: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("CHUNK_SIZE", "0"), ("MIN_CHUNK_SIZE", "-5"), ("MAX_UPLOAD_SIZE", "-1"),
+    ("MAX_CHUNK_COUNT", "0"), ("PORT", "99999"), ("BLOB_STORE", "s3://"),
+    ("TRANSFER_SLOTS_PER_PRINCIPAL", "0"), ("SESSION_TTL", "0"),
+])
+def test_settings_that_cannot_work_are_refused_in_one_sentence(
+        tmp_path: Path, name: str, value: str) -> None:
+    line = one_sentence(memvault("serve", "--data", str(tmp_path / "d"),
+                                 **{f"MEMVAULT_{name}": value}))
+    assert f"MEMVAULT_{name}" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_unreachable_database_is_one_sentence_with_no_password(tmp_path: Path) -> None:
+    pytest.importorskip("asyncpg")
+    line = one_sentence(memvault(
+        "serve", "--data", str(tmp_path / "d"),
+        MEMVAULT_DATABASE_URL="postgresql+asyncpg://memvault:S3cretPW@127.0.0.1:1/memvault",
+        MEMVAULT_AUTO_MIGRATE="true"))
+    assert "cannot use the database at postgresql+asyncpg://memvault:***@127.0.0.1:1" in line
+    assert "S3cretPW" not in line
+
+
+def test_a_data_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("x")
+    for args, env in [(("serve", "--data", str(path)), {}),
+                      (("serve",), {"MEMVAULT_DATA_DIR": str(path)})]:
+        assert "is a file" in one_sentence(memvault(*args, **env))
+
+
+def test_a_database_from_a_newer_version_is_said_to_be_so(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    assert memvault("db", "upgrade", "--data", str(data)).returncode == 0
+    with sqlite3.connect(data / "memvault.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = 'from_the_future'")
+    for args in (("serve", "--data", str(data)), ("db", "upgrade", "--data", str(data)),
+                 ("blobs", "check", "--data", str(data))):
+        line = one_sentence(memvault(*args))
+        assert "written by a newer memvault" in line, args
+        assert "from_the_future" in line
+
+
+def test_commands_on_a_mistyped_data_folder_do_not_make_a_new_vault(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    for args in (("blobs", "check", "--data", str(missing)),
+                 ("token", "create", "bob", "--data", str(missing))):
+        line = one_sentence(memvault(*args))
+        assert "no memvault database in" in line
+    assert not missing.exists()
+
+
+def test_two_processes_migrating_a_fresh_folder_at_once_both_succeed(tmp_path: Path) -> None:
+    for trial in range(3):
+        data = tmp_path / f"d{trial}"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
+        procs = [subprocess.Popen([sys.executable, "-m", "memvault", "db", "upgrade",
+                                   "--data", str(data)], env=clean, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+
+
+def test_the_admin_token_file_is_new_and_private_even_over_a_stray_one(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    stray = data / "admin.token"
+    stray.write_text("old token of a former vault\n")
+    stray.chmod(0o644)
+    server = LiveServer(data)
+    server.start()
+    try:
+        mode = stat.S_IMODE((data / "admin.token").stat().st_mode)
+        assert mode == 0o600
+        token = (data / "admin.token").read_text().strip()
+        assert token != "old token of a former vault"
+        r = httpx.get(f"{server.url}/v1/capsules", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        assert not list(data.glob("admin.token.*"))
+    finally:
+        server.kill()
+
+
+def test_readyz_is_503_when_the_blob_folders_are_gone(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path / "d")
+    server.start()
+    try:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        shutil.rmtree(tmp_path / "d" / "staging")
+        body = problem(httpx.get(f"{server.url}/readyz"), 503, "unavailable")
+        assert "staging" in body["checks"]["blobs"]
+        (tmp_path / "d" / "staging").mkdir()
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+    finally:
+        server.kill()
+
+
+def test_no_password_is_shown_in_the_settings_in_force() -> None:
+    settings = Settings(
+        database_url="postgresql+asyncpg://memvault:S3cretPW@db/memvault",
+        listen_database_url="postgresql://memvault:L1stenPW@db:5432/memvault?password=Q3ryPW")
+    shown = str(settings.effective())
+    for secret in ("S3cretPW", "L1stenPW", "Q3ryPW"):
+        assert secret not in shown
+    assert "memvault:***@db" in shown
