@@ -449,3 +449,81 @@ def test_display_can_be_webp() -> None:
     result = make_derivatives(encode(Image.new("RGB", (320, 240), RED), "PNG"), options)
     assert result.display.content_type == "image/webp"
     assert (result.display.width, result.display.height) == (160, 120)
+
+
+@pytest.mark.parametrize(("mode", "colour", "key"), [
+    ("RGB", (10, 20, 30), (10, 20, 30)),
+    ("L", 7, 7),
+    ("I;16", 3000, 3000),
+])
+def test_a_colour_key_png_keeps_its_transparency(
+        mode: str, colour: object, key: object) -> None:
+    """PNG's tRNS chunk marks one colour (or grey level) as clear, with no alpha channel."""
+    image = Image.new(mode, (200, 100), colour)  # type: ignore[arg-type]
+    image.paste(Image.new(mode, (100, 100), 60000 if mode == "I;16" else (
+        (200, 200, 200) if mode == "RGB" else 200)), (0, 0))  # type: ignore[arg-type]
+    result = make_derivatives(encode(image, "PNG", transparency=key), SMALL)
+    assert result.display.content_type == "image/webp"
+    for derivative in (result.display, result.thumb, result.placeholder):
+        out = opened(derivative).convert("RGBA")
+        assert out.getpixel((1, 1))[3] == 255
+        assert out.getpixel((out.width - 2, 1))[3] == 0
+    assert base64.b64decode(result.thumbhash)[2] & 0x80  # the hash records alpha
+
+
+def _decode_under_limit(script: str) -> str:
+    """Run ``script`` after loading the decoders, with the address space capped at what the
+    interpreter has plus 200 MiB; returns what it printed."""
+    prelude = textwrap.dedent(
+        """
+        import resource
+        from PIL import Image
+        from memvault.derivatives import DerivativeOptions, Unsupported, make_derivatives
+        from tests.image_corpus import encode, lying_png
+        make_derivatives(encode(Image.new("RGB", (64, 64)), "PNG"))  # load plugins first
+
+        def limited():
+            with open("/proc/self/status") as f:
+                vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize:")) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))
+
+        def attempt(source, options):
+            try:
+                make_derivatives(source, options)
+                print("made")
+            except MemoryError:
+                print("MemoryError")
+            except Unsupported as exc:
+                print(exc.code)
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True,
+        text=True, check=True, cwd=Path(__file__).resolve().parent.parent, timeout=120,
+    ).stdout.strip()
+
+
+def test_a_decoder_out_of_memory_is_a_memory_error_not_corrupt() -> None:
+    """WebP's decoder says "could not create decoder object" when it cannot get memory; that
+    is a job to retry, not a corrupt photo."""
+    out = _decode_under_limit(
+        """
+        webp = encode(Image.new("RGB", (6000, 6000), (40, 80, 120)), "WEBP", quality=50)
+        limited()
+        attempt(webp, DerivativeOptions())
+        """
+    )
+    assert out == "MemoryError"
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured() -> None:
+    """195 MP is past Pillow's own refusal (2 x 89 MP): with max_pixels at 300 M the image
+    is decoded (here it runs out of the test's memory), not refused as a bomb."""
+    out = _decode_under_limit(
+        """
+        limited()
+        attempt(lying_png(15_000, 13_000), DerivativeOptions(max_pixels=300_000_000))
+        attempt(lying_png(15_000, 13_000), DerivativeOptions(max_pixels=100_000_000))
+        """
+    )
+    assert out.splitlines() == ["MemoryError", "too_many_pixels"]

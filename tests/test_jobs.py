@@ -263,6 +263,46 @@ async def test_a_claimed_job_knows_which_missing_roles_clients_are_sending(
         assert set(again.missing) - again.coming == {"thumb"}  # abandoned: the job makes it
 
 
+async def test_a_role_whose_upload_ends_between_claim_and_complete_is_still_made(
+    database_url: str | None,
+) -> None:
+    """The client aborts its thumb after the job was claimed (thumb ``coming``) and before
+    the job completes without decoding: the job must not end done without a thumb."""
+    async with inprocess(database_url=database_url) as ip:
+        photo = await _original(ip, "photo", encode(quadrants((96, 64), (200, 10, 10)), "JPEG"))
+        for role in ("display", "placeholder"):
+            data = os.urandom(300)
+            await _sent_and_finished(ip, data, role, photo)
+        thumb, _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+            100, "thumb", memory_id=photo, role="thumb"))
+        queue = _queue(ip)
+        runner = DerivativeRunner(queue, ip.store, workers=1, timeout=60, memory_limit=0)
+        try:
+            job = await queue.claim(runner.worker_id)
+            assert job is not None
+            assert set(job.missing) == job.coming == {"thumb"}
+            await ip.uploads.abort(ip.caller, thumb.id)
+            await runner._derive(job)  # no decode: nothing missing that is not coming
+            again = await queue.claim(runner.worker_id)  # at once, not after a backoff
+            assert again is not None
+            assert again.attempts == 1
+            assert set(again.missing) - again.coming == {"thumb"}
+            await runner._derive(again)
+        finally:
+            await runner.close()
+        memory = await ip.capsules.get_memory(ip.caller, photo)
+        assert set(memory.assets) == {"original", "display", "thumb", "placeholder"}
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+
+
+async def _sent_and_finished(ip: InProcess, data: bytes, role: str, memory_id: str) -> None:
+    session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(
+        len(data), role, memory_id=memory_id, role=role))
+    await ip.uploads.put_chunk(ip.caller, session.id, 0, len(data),
+                               pieces(data, Random(0)), ChunkChecksums())
+    await ip.uploads.finish(ip.caller, session.id, len(data), hashlib.sha256(data).hexdigest())
+
+
 async def test_no_job_for_a_memory_whose_derivatives_commit_with_its_original(
     database_url: str | None,
 ) -> None:

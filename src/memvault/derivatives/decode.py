@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import IO, Final
 
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageMath, UnidentifiedImageError
 
 from memvault.derivatives.colour import to_srgb
 from memvault.derivatives.model import Unsupported
@@ -157,16 +157,26 @@ def _stored_target(
 def _to_working_mode(image: Image.Image) -> Image.Image:
     """One of L, LA, RGB, RGBA, CMYK: the modes ``resize`` and ``to_srgb`` handle."""
     mode = image.mode
+    keyed = "transparency" in image.info  # a colour key (PNG tRNS): those pixels are clear
+    if mode in ("L", "RGB") and keyed:
+        return image.convert("LA" if mode == "L" else "RGBA")
     if mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
         return image
     if mode == "P" or mode == "PA":
-        has_alpha = mode == "PA" or "transparency" in image.info
-        return image.convert("RGBA" if has_alpha else "RGB")
+        return image.convert("RGBA" if mode == "PA" or keyed else "RGB")
     if mode == "1":
         return image.convert("L")
     if mode.startswith("I;16"):
         # convert("L") would clip 16-bit values at 255; scale the range down instead.
-        return image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+        wide = image.convert("I")
+        grey = wide.point(lambda v: v * (1 / 257)).convert("L")
+        key = image.info.get("transparency")
+        if not isinstance(key, int):
+            return grey
+        # The key is a 16-bit value: the mask comes from the values before scaling.
+        clear = ImageMath.lambda_eval(lambda a: (a["wide"] != key) * 255, wide=wide)
+        grey.putalpha(clear.convert("L"))
+        return grey
     if mode in ("I", "F"):
         # 32-bit integer or float grey has no fixed range: stretch what is there to 0..255.
         low, high = image.getextrema()
@@ -181,6 +191,37 @@ def _to_working_mode(image: Image.Image) -> Image.Image:
     raise Unsupported(f"pixel mode {mode!r} is not supported", "unknown_format")
 
 
+_OUT_OF_MEMORY: Final = ("out of memory", "pixel allocation failed", "cannot allocate memory")
+"""How the AVIF and HEIF decoders say they could not get memory (an ``OSError`` or
+``ValueError``, where Pillow's own decoders raise ``MemoryError``)."""
+_WEBP_FAILED: Final = "could not create decoder object"
+"""WebP's one message for a file it cannot take, out of memory and truncated alike."""
+
+
+def _corrupt(what: str, exc: BaseException, fp: IO[bytes]) -> Exception:
+    """``Unsupported`` (corrupt, for good), unless the decoder ran out of memory: then a
+    ``MemoryError``, which the job retries and then reports as failed, never as corrupt."""
+    text = str(exc).lower()
+    if (any(sign in text for sign in _OUT_OF_MEMORY)
+            or (_WEBP_FAILED in text and _whole_riff(fp))):
+        return MemoryError(f"the decoder ran out of memory ({type(exc).__name__}: {exc})")
+    return Unsupported(f"{what}: {exc}", "corrupt")
+
+
+def _whole_riff(fp: IO[bytes]) -> bool:
+    """Whether ``fp`` holds as many bytes as its RIFF header (WebP's container) declares."""
+    try:
+        fp.seek(0)
+        head = fp.read(12)
+        end = fp.seek(0, os.SEEK_END)
+    except (OSError, ValueError):
+        return False
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return False
+    declared: int = struct.unpack("<I", head[4:8])[0]
+    return end >= 8 + declared
+
+
 def _drop_opaque_alpha(image: Image.Image) -> Image.Image:
     # PNG screenshots often carry an alpha channel that is 255 everywhere; without it the
     # display can be a JPEG.
@@ -190,6 +231,10 @@ def _drop_opaque_alpha(image: Image.Image) -> Image.Image:
 
 
 def _decode(fp: IO[bytes], box: tuple[int, int], max_pixels: int) -> Decoded:
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses past 2 x its own limit (~179 MP) before our check runs: an operator
+        # who raised max_pixels must get what they asked for. Ours stays the lower bound.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         image = Image.open(fp, formats=_openers())
     except Image.DecompressionBombError as exc:
@@ -198,7 +243,7 @@ def _decode(fp: IO[bytes], box: tuple[int, int], max_pixels: int) -> Decoded:
     except UnidentifiedImageError as exc:
         raise _refuse_unidentified(fp, exc) from exc
     except _DECODE_ERRORS as exc:
-        raise Unsupported(f"unreadable image header: {exc}", "corrupt") from exc
+        raise _corrupt("unreadable image header", exc, fp) from exc
 
     with image:
         width, height = image.size
@@ -228,7 +273,7 @@ def _decode(fp: IO[bytes], box: tuple[int, int], max_pixels: int) -> Decoded:
         except Image.DecompressionBombError as exc:
             raise Unsupported(f"too many pixels: {exc}", "too_many_pixels") from exc
         except _DECODE_ERRORS as exc:
-            raise Unsupported(f"corrupt or truncated {source_format}: {exc}", "corrupt") from exc
+            raise _corrupt(f"corrupt or truncated {source_format}", exc, fp) from exc
 
     for op in _TRANSPOSE.get(orientation, ()):
         display = display.transpose(op)

@@ -150,10 +150,15 @@ class JobQueue:
                              .where(memories.c.id == job.memory_id,
                                     memories.c.thumbhash.is_(None))
                              .values(thumbhash=thumbhash))
+            unmade = set(job.missing) - present - {d.role for d in made} - coming
             if coming - present:
                 # A client is uploading a role right now: look again later (without using up
                 # an attempt); by then it is committed, or its session ended and we make it.
                 conn.execute(_later(job.memory_id, now, self.backoff))
+            elif unmade:
+                # A client upload this job left a role to ended without it since the claim:
+                # run again now (no attempt used) and make it.
+                conn.execute(_later(job.memory_id, now, 0.0))
             else:
                 _end(conn, job.memory_id, DONE, None, now)
             return True

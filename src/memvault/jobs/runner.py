@@ -148,8 +148,12 @@ class DerivativeRunner:
                 log.warning("jobs.timeout", memory_id=job.memory_id, state=state)
                 return
             except (ProcessExpired, MemoryError) as exc:
+                why = str(exc) or ("it ran out of memory" if isinstance(exc, MemoryError)
+                                   else type(exc).__name__)
+                if isinstance(exc, MemoryError) and self.memory_limit > 0:
+                    why += f" (MEMVAULT_DERIVATIVE_MEMORY_LIMIT is {self.memory_limit} bytes)"
                 state = await self.queue.fail(
-                    job, self.worker_id, f"the decoder process failed: {exc}")
+                    job, self.worker_id, f"the decoder process failed: {why}")
                 log.warning("jobs.crashed", memory_id=job.memory_id, state=state, error=str(exc))
                 return
         staged = [
