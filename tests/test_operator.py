@@ -148,3 +148,19 @@ def test_no_password_is_shown_in_the_settings_in_force() -> None:
     for secret in ("S3cretPW", "L1stenPW", "Q3ryPW"):
         assert secret not in shown
     assert "memvault:***@db" in shown
+
+
+def test_a_new_data_folder_is_for_the_service_user_alone(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    server = LiveServer(data)
+    server.start()
+    try:
+        assert httpx.post(f"{server.url}/v1/capsules", json={"name": "x"},
+                          headers={"Authorization": f"Bearer {server.token}"}).status_code == 201
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for name in ("memvault.db", "memvault.db-wal", "admin.token"):
+            if (data / name).exists():
+                assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+        assert (data / "memvault.db-wal").exists()
+    finally:
+        server.kill()

@@ -144,12 +144,13 @@ def token_create(
 @db_app.command("upgrade")
 def db_upgrade(data: DataOpt = None) -> None:
     """Apply pending schema migrations."""
+    from memvault.http.app import prepare_data_dir
     from memvault.metadata.migrate import upgrade
 
     settings = _settings(data)
 
     async def run() -> None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings)
         await upgrade(settings.resolved_database_url)
 
     _operator_command(run())

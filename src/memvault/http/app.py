@@ -61,7 +61,7 @@ async def open_services(
             settings.data_dir / "memvault.db").is_file():
         raise NoDatabase(f"no memvault database in {settings.data_dir} — check --data (or "
                          "MEMVAULT_DATA_DIR); `memvault serve` makes one on its first start")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     url = settings.resolved_database_url
     try:
         if settings.migrate_on_start:
@@ -101,6 +101,17 @@ async def open_services(
                       max_attempts=settings.derivative_attempts),
     )
     return db, services
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Make the data folder (0700) and, for the embedded default, an empty database file
+    (0600; SQLite gives its WAL the same mode): token hashes and everyone's metadata are
+    for the service's user alone, like the blob files. Existing ones are left as they are."""
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if settings.database_in_data_dir:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(settings.data_dir / "memvault.db",
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 async def ensure_admin(settings: Settings, auth: AuthService) -> None:
