@@ -16,7 +16,7 @@ from memvault.admission import TransferSlots
 from memvault.auth import AuthService
 from memvault.capsules import CapsuleService
 from memvault.clock import Clock, SystemClock
-from memvault.errors import Conflict
+from memvault.errors import Conflict, Unavailable
 from memvault.http import asset_routes, library_routes, ops_routes, problems, upload_routes
 from memvault.http.deps import Services
 from memvault.http.limits import JsonBodyLimit
@@ -72,8 +72,8 @@ async def open_services(
     try:
         try:
             state = await schema_state(db)
-        except (OSError, SQLAlchemyError) as exc:
-            raise DatabaseUnusable(url, exc) from exc
+        except (OSError, SQLAlchemyError, Unavailable) as exc:
+            raise DatabaseUnusable(url, exc.__cause__ or exc) from exc
         if state == "ahead":
             raise SchemaTooNew(str(await current_revision(db)))
         if state == "behind" and not settings.migrate_on_start:

@@ -27,8 +27,9 @@ async def readyz(svc: Svc) -> dict[str, Any]:
     checks: dict[str, str] = {}
     try:
         checks["metadata"] = "ok" if await is_current(svc.db) else "schema out of date"
-    except (sa.exc.SQLAlchemyError, OSError) as exc:  # reported: readiness says what is wrong
-        checks["metadata"] = f"unreachable: {exc.__class__.__name__}: {exc}"
+    except (sa.exc.SQLAlchemyError, OSError, Unavailable) as exc:  # readiness says what is wrong
+        cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ else exc
+        checks["metadata"] = f"unreachable: {cause.__class__.__name__}: {cause}"
     try:
         await svc.store.check()
         checks["blobs"] = "ok"

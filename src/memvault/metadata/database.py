@@ -32,17 +32,20 @@ through its connection only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from memvault.aio import uncancelled
+from memvault.errors import Unavailable
 
 T = TypeVar("T")
 
@@ -52,6 +55,10 @@ Work = Callable[[sa.Connection], T]
 _READ_THREADS = 4
 _RACE_RETRIES = 3
 _RETRY_STATES = {"40P01", "40001"}
+_SERVER_GOING = {"57P01", "57P02", "57P03"}
+"""Shut down by an administrator, crashed, or not accepting connections yet."""
+
+log = structlog.get_logger("memvault.metadata")
 """deadlock_detected, serialization_failure: the transaction was rolled back whole."""
 
 
@@ -112,8 +119,9 @@ class Database:
         """Run ``work`` on a read connection; each statement sees what was committed before it."""
         if self._sqlite:
             return await _settle(self._read_threads, functools.partial(_read, self._reader, work))
-        async with self._async.connect() as conn:
-            return await conn.run_sync(work)
+        with _reachable():
+            async with self._async.connect() as conn:
+                return await conn.run_sync(work)
 
     async def transact(self, work: Work[T], *, durable: bool = True) -> T:
         """Run ``work`` in one write transaction: committed if it returns, rolled back if not.
@@ -125,19 +133,47 @@ class Database:
         if self._sqlite:
             job = functools.partial(_write, self._writer, work, durable)
             return await _settle(self._write_thread, job)
-        for attempt in range(_RACE_RETRIES + 1):
-            try:
-                async with self._async.begin() as conn:
-                    return await conn.run_sync(work)
-            except sa.exc.IntegrityError:
-                # A concurrent transaction inserted the same key first (see the module
-                # docstring); a real constraint violation fails the same way again.
-                if attempt == _RACE_RETRIES:
-                    raise
-            except sa.exc.DBAPIError as exc:
-                if attempt == _RACE_RETRIES or _sqlstate(exc) not in _RETRY_STATES:
-                    raise
+        with _reachable():
+            for attempt in range(_RACE_RETRIES + 1):
+                try:
+                    async with self._async.begin() as conn:
+                        return await conn.run_sync(work)
+                except sa.exc.IntegrityError:
+                    # A concurrent transaction inserted the same key first (see the module
+                    # docstring); a real constraint violation fails the same way again.
+                    if attempt == _RACE_RETRIES:
+                        raise
+                except sa.exc.DBAPIError as exc:
+                    if attempt == _RACE_RETRIES or _sqlstate(exc) not in _RETRY_STATES:
+                        raise
         raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """Database work whose connection failures are the client's 503 (``_unavailable``)."""
+    try:
+        yield
+    except (sa.exc.DBAPIError, OSError, TimeoutError) as exc:
+        unavailable = _unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
+
+
+def _unavailable(exc: Exception) -> Unavailable | None:
+    """A 503 for a database that cannot be reached or dropped the connection (the client
+    tries again once it is back); None for anything else, which stays what it is."""
+    lost = isinstance(exc, OSError | TimeoutError)
+    if isinstance(exc, sa.exc.DBAPIError):
+        state = _sqlstate(exc) or ""
+        lost = (exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError)
+                or state.startswith("08") or state in _SERVER_GOING)
+    if not lost:
+        return None
+    log.warning("database.unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+    return Unavailable("the metadata database cannot be reached right now; try again",
+                       retry_after=5)
 
 
 def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:

@@ -250,8 +250,9 @@ class SessionService:
             await self.placements.reserve([(v.sha256, v.session.size) for v in verified],
                                           holders=[(v.session.id, v.sha256) for v in verified])
         except Unavailable as busy:  # that content's unused file is being deleted right now
-            _name(busy, next(v.session.id for v in verified
-                             if v.sha256 == busy.extra.get("sha256")), len(items))
+            held = [v.session.id for v in verified if v.sha256 == busy.extra.get("sha256")]
+            if held:  # (or the database is unreachable: then no upload is to blame)
+                _name(busy, held[0], len(items))
             raise
         moved = await asyncio.gather(*(self._place(v) for v in verified),
                                      return_exceptions=True)
