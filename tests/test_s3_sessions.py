@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from memvault.errors import ChecksumMismatch, Internal, PayloadTooLarge
+from memvault.errors import ChecksumMismatch, Expired, Internal, NotFound, PayloadTooLarge
 from memvault.metadata.schema import blobs, upload_parts
 from memvault.sessions import ChunkChecksums
 from memvault.settings import Settings
@@ -205,6 +205,53 @@ async def test_same_content_again_is_stored_once(
         assert s3_server.objects(bucket, prefix) == [f"{prefix}{keys[0]}"]
         query = sa.select(blobs.c.refcount).where(blobs.c.sha256 == sha)
         assert await ip.db.query(lambda conn: conn.execute(query).scalar_one()) == 2
+
+
+async def test_a_multipart_upload_the_store_dropped_ends_its_session(
+    s3_server: S3Server, s3_settings: dict[str, Any],
+) -> None:
+    """A bucket lifecycle rule (or MinIO's stale-upload expiry) aborted the upload: the
+    session ends, expired and marked lost, instead of answering "try again" for ever."""
+    async with inprocess(**s3_settings) as ip:
+        data = os.urandom(2 * PART)
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "dropped"))
+        await put(ip, ip.uploads, session.id, 0, data)
+        bucket, prefix = bucket_of(ip)
+        [upload] = s3_server.uploads(bucket, prefix)
+        s3_server.client().abort_multipart_upload(
+            Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        with pytest.raises(Expired) as info:
+            await put(ip, ip.uploads, session.id, 1, data)
+        assert info.value.extra.get("lost") is True
+        with pytest.raises(Expired):
+            await ip.uploads.status(ip.caller, session.id)
+        # Another upload of the same file begins afresh.
+        again, created = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "dropped"))
+        assert created
+        assert again.id != session.id
+
+
+async def test_an_abort_while_the_store_is_down_still_ends_the_session(
+    s3_server: S3Server, s3_settings: dict[str, Any],
+) -> None:
+    """The session ends (its row is the truth); the multipart upload it leaves is the
+    staging sweep's. The abort is not a 503 whose retry could only be a 404."""
+    async with inprocess(**s3_settings) as ip:
+        data = os.urandom(PART)
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "down"))
+        down = Settings(**{**s3_settings, "data_dir": ip.settings.data_dir,
+                           "s3_endpoint_url": "http://127.0.0.1:9"})
+        store = await open_blob_store(down)
+        cut_off = UploadService(ip.db, store, ip.clock, ip.settings, ip.capsules)
+        try:
+            await cut_off.abort(ip.caller, session.id)
+        finally:
+            await cut_off.sessions.close()
+            await close_blob_store(store)
+        with pytest.raises(NotFound):
+            await ip.uploads.status(ip.caller, session.id)
+        bucket, prefix = bucket_of(ip)
+        assert len(s3_server.uploads(bucket, prefix)) == 1  # left for the sweep
 
 
 async def test_chunk_size_follows_the_part_limits(s3_settings: dict[str, Any]) -> None:

@@ -107,7 +107,10 @@ class UploadService:
                 fsync=settings.fsync,
                 hash_lag=settings.hash_lag,
                 pace=Pace(settings.min_transfer_rate, settings.transfer_grace),
-                staging_loss_is_final=settings.database_in_data_dir and not settings.s3_location,
+                # S3 confirms a lost multipart upload itself (``list_parts`` answering
+                # NoSuchUpload: a lifecycle rule or MinIO's stale-upload expiry took it); a
+                # local staging file is only known lost where the database shares its folder.
+                staging_loss_is_final=bool(settings.s3_location) or settings.database_in_data_dir,
             ),
             on_commit=self._on_commit,
             on_end=self._on_end,

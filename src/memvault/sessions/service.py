@@ -562,7 +562,13 @@ class SessionService:
 
         if not await self.db.transact(end):
             return False
-        await self.store.discard(session.staging_key)
+        try:
+            await self.store.discard(session.staging_key)
+        except Exception:  # the session has ended all the same; only its bytes are left
+            # No pending session owns that staging area any more: the reaper's staging
+            # sweep removes it within the hour. Failing here would tell the client to
+            # retry an abort whose retry can only be a 404.
+            log.warning("session.discard_failed", session_id=session.id, exc_info=True)
         return True
 
     async def sweep_staging(self, grace: float = 3600.0) -> int:
