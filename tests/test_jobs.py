@@ -36,6 +36,12 @@ async def _original(ip: InProcess, key: str, data: bytes | None = None) -> str:
     return memory.id
 
 
+async def _all_made(ip: InProcess, memory_id: str) -> None:
+    memory = await ip.capsules.get_memory(ip.caller, memory_id)
+    assert set(memory.assets) == {"original", "display", "thumb", "placeholder"}
+    assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+
+
 def _queue(ip: InProcess) -> JobQueue:
     return JobQueue(ip.db, ip.clock, lease=30, max_attempts=3, backoff=10)
 
@@ -290,9 +296,7 @@ async def test_a_role_whose_upload_ends_between_claim_and_complete_is_still_made
             await runner._derive(again)
         finally:
             await runner.close()
-        memory = await ip.capsules.get_memory(ip.caller, photo)
-        assert set(memory.assets) == {"original", "display", "thumb", "placeholder"}
-        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+        await _all_made(ip, photo)
 
 
 async def _sent_and_finished(ip: InProcess, data: bytes, role: str, memory_id: str) -> None:
@@ -365,9 +369,7 @@ async def test_a_job_that_meets_a_passing_condition_runs_again_without_using_an_
             await runner._process(job)
         finally:
             await runner.close()
-        memory = await ip.capsules.get_memory(ip.caller, memory_id)
-        assert set(memory.assets) == {"original", "display", "thumb", "placeholder"}
-        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "ready")
+        await _all_made(ip, memory_id)
 
 
 async def test_a_store_that_stays_unavailable_uses_up_the_attempts(
