@@ -19,6 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 from memvault.errors import ChecksumMismatch, Expired, Internal, NotFound, PayloadTooLarge
+from memvault.jobs.queue import JobQueue
+from memvault.jobs.runner import DerivativeRunner
 from memvault.metadata.schema import blobs, upload_parts
 from memvault.sessions import ChunkChecksums
 from memvault.settings import Settings
@@ -252,6 +254,35 @@ async def test_an_abort_while_the_store_is_down_still_ends_the_session(
             await ip.uploads.status(ip.caller, session.id)
         bucket, prefix = bucket_of(ip)
         assert len(s3_server.uploads(bucket, prefix)) == 1  # left for the sweep
+
+
+async def test_a_video_original_is_refused_from_its_first_bytes_not_downloaded(
+    s3_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On S3 the derivative job would fetch the whole original first; a file whose first
+    bytes say it is a video is refused without that."""
+    async with inprocess(**{**s3_settings, "chunk_size": PART}) as ip:
+        video = b"\x00\x00\x00\x18ftypmp42" + os.urandom(PART + 100)
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(video), "video"))
+        for index in range(session.chunk_count):
+            await put(ip, ip.uploads, session.id, index, video)
+        _, memory = await ip.uploads.finish(ip.caller, session.id, len(video),
+                                            hashlib.sha256(video).hexdigest())
+        seen = ranges_read(ip.store, monkeypatch)
+        queue = JobQueue(ip.db, ip.clock, lease=30, max_attempts=3, backoff=10)
+        runner = DerivativeRunner(queue, ip.store, workers=1, timeout=60, memory_limit=0)
+        try:
+            job = await queue.claim(runner.worker_id)
+            assert job is not None
+            await runner._process(job)
+        finally:
+            await runner.close()
+        assert sum(end - start for start, end in seen) <= 64  # the first bytes only
+        memory = await ip.capsules.get_memory(ip.caller, memory.id)
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"),
+                                                   "unsupported")
+        assert memory.derivatives_reason is not None
+        assert "MP4/QuickTime video" in memory.derivatives_reason
 
 
 async def test_chunk_size_follows_the_part_limits(s3_settings: dict[str, Any]) -> None:

@@ -107,14 +107,26 @@ def fit(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
 
 def _refuse_unidentified(fp: IO[bytes], exc: Exception) -> Unsupported:
     fp.seek(0)
-    head = fp.read(32)
+    head = fp.read(SNIFF_BYTES)
     if not head:
         return Unsupported("the file is empty", "corrupt")
-    what = describe(head)
-    if what is not None:
-        return Unsupported(f"not an image: the file is {what}", "not_an_image")
+    refusal = not_an_image(head)
+    if refusal is not None:
+        return refusal
     allowed = ", ".join(ALLOWED_FORMATS)
     return Unsupported(f"not an image format we decode (we decode {allowed})", "unknown_format")
+
+
+SNIFF_BYTES: Final = 32
+
+
+def not_an_image(head: bytes) -> Unsupported | None:
+    """The refusal for a file whose first ``SNIFF_BYTES`` say it is a known non-image (a
+    video, a PDF, an archive), before anything is read or decoded; None if they do not."""
+    what = describe(head)
+    if what is None:
+        return None
+    return Unsupported(f"not an image: the file is {what}", "not_an_image")
 
 
 def _orientation(image: Image.Image) -> int:

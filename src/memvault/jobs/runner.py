@@ -124,6 +124,7 @@ class DerivativeRunner:
 
     async def _derive(self, job: Job) -> None:
         from memvault.derivatives import Unsupported, make_derivatives
+        from memvault.derivatives.decode import SNIFF_BYTES, not_an_image
 
         if set(job.missing) <= job.coming:
             # Nothing a client is not already uploading (or nothing at all) is missing: no
@@ -131,6 +132,17 @@ class DerivativeRunner:
             # role whose upload is then abandoned is still made.
             await self.queue.complete(job, self.worker_id, [], None)
             return
+        if not isinstance(self.store, LocalPaths):
+            # Fetching the original costs its whole size here (a video may be GBs): its
+            # first bytes decide first whether it can be an image at all.
+            head = b"".join([piece async for piece in self.store.read(
+                job.storage_key, 0, min(SNIFF_BYTES, job.size))])
+            refusal = not_an_image(head)
+            if refusal is not None:
+                await self.queue.finish(job, self.worker_id, UNSUPPORTED,
+                                        f"{refusal.code}: {refusal.reason}")
+                log.info("jobs.unsupported", memory_id=job.memory_id, reason=refusal.reason)
+                return
         async with self._source(job) as path:
             future = self._processes().schedule(make_derivatives,
                                                 args=(str(path), self.options),
