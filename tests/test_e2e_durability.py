@@ -191,3 +191,16 @@ def test_openapi_document_lists_the_api(api: Api) -> None:
                  "/v1/uploads/{session_id}/finish", "/v1/memories/{memory_id}/assets/{role}",
                  "/v1/capsules/{capsule_id}/memories"):
         assert path in doc["paths"], path
+    # Errors are documented as the server sends them: problem documents, 400 for a
+    # malformed request, never FastAPI's default 422 shape (422 means a checksum here).
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert "Problem" in doc["components"]["schemas"]
+    begin = doc["paths"]["/v1/uploads"]["post"]["responses"]
+    assert "422" not in begin
+    assert "application/problem+json" in begin["400"]["content"]
+    for path_item in doc["paths"].values():
+        for operation in path_item.values():
+            assert "default" in operation["responses"]
+    r = api.http.post("/v1/uploads", json={"capsule_id": 5})
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_argument"

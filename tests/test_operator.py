@@ -88,7 +88,8 @@ def test_a_database_from_a_newer_version_is_said_to_be_so(tmp_path: Path) -> Non
 def test_commands_on_a_mistyped_data_folder_do_not_make_a_new_vault(tmp_path: Path) -> None:
     missing = tmp_path / "typo"
     for args in (("blobs", "check", "--data", str(missing)),
-                 ("token", "create", "bob", "--data", str(missing))):
+                 ("token", "create", "bob", "--data", str(missing)),
+                 ("worker", "--data", str(missing), "--processes", "1")):
         line = one_sentence(memvault(*args))
         assert "no memvault database in" in line
     assert not missing.exists()
@@ -164,3 +165,9 @@ def test_a_new_data_folder_is_for_the_service_user_alone(tmp_path: Path) -> None
         assert (data / "memvault.db-wal").exists()
     finally:
         server.kill()
+
+
+def test_blobs_check_on_s3_says_it_has_nothing_to_compare(tmp_path: Path) -> None:
+    line = one_sentence(memvault("blobs", "check", "--data", str(tmp_path),
+                                 MEMVAULT_BLOB_STORE="s3://bucket/prefix"))
+    assert "there is no such folder" in line

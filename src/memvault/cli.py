@@ -100,12 +100,15 @@ def worker(
 ) -> None:
     """Run background work alone: derivative jobs and the session reaper (for scale-out)."""
     from memvault.clock import SystemClock
+    from memvault.http.app import preflight
     from memvault.worker import run_worker
 
     settings = _settings(data, derivative_workers=processes)
     if settings.derivative_workers < 1:
         typer.echo("memvault: a worker needs at least one process (--processes N)", err=True)
         raise typer.Exit(2)
+    # A worker serves the servers' database: it never makes a new one.
+    _operator_command(preflight(settings, create=False))
     asyncio.run(run_worker(settings, SystemClock()))
 
 
@@ -196,6 +199,11 @@ def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
     from memvault.storage.factory import close_blob_store
 
     settings = _settings(data)
+    if settings.s3_location:
+        typer.echo("memvault: blobs check compares the data folder's blobs/ with the database; "
+                   "with MEMVAULT_BLOB_STORE=s3://… there is no such folder (use the bucket's "
+                   "inventory)", err=True)
+        raise typer.Exit(2)
 
     async def run() -> BlobCheck:
         db, services = await open_services(settings, SystemClock(), create=False)

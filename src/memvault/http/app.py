@@ -134,12 +134,12 @@ async def ensure_admin(settings: Settings, auth: AuthService) -> None:
                 hint="use this token as 'Authorization: Bearer <token>'")
 
 
-async def preflight(settings: Settings) -> None:
-    """Open and close everything ``serve`` needs, so that what an operator must fix (a data
-    folder that cannot be written, a database that cannot be reached or is of another
-    version, a blob store that refuses) is found before the server starts, and said in one
-    sentence (``startup_problem``) rather than a traceback from inside uvicorn."""
-    db, services = await open_services(settings, SystemClock())
+async def preflight(settings: Settings, *, create: bool = True) -> None:
+    """Open and close everything ``serve`` (or ``worker``) needs, so that what an operator
+    must fix (a data folder that cannot be written, a database that cannot be reached or is
+    of another version, a blob store that refuses) is found before it starts, and said in
+    one sentence (``startup_problem``) rather than a traceback from inside uvicorn."""
+    db, services = await open_services(settings, SystemClock(), create=create)
     try:
         await services.store.check()
     finally:

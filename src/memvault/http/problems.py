@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
@@ -93,7 +96,56 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return problem_response(Internal("internal error; the server log has the details"))
 
 
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; clients switch on `code`, and the other "
+                   "members (e.g. `limit_name`, `missing`, `retry_after`) say more",
+    "type": "object",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"},
+        "status": {"type": "integer"}, "code": {"type": "string"},
+        "detail": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def document(app: FastAPI) -> None:
+    """Make ``/openapi.json`` say what the server answers on error: a problem document, and
+    for a malformed request 400 ``invalid_argument`` (FastAPI's default documents 422 with
+    its own shape, which this API never sends: here 422 is a checksum or length mismatch)."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                             routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components["Problem"] = _PROBLEM_SCHEMA
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation.setdefault("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = _problem(
+                        "invalid_argument: a malformed request (the problem's `errors` "
+                        "say which fields)")
+                responses["default"] = _problem(
+                    "any other error: see the error table in README (`code` and status)")
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    document(app)
     app.add_exception_handler(MemvaultError, _memvault_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
