@@ -527,3 +527,11 @@ def test_a_pixel_limit_above_pillows_own_is_honoured() -> None:
         """
     )
     assert out.splitlines() == ["MemoryError", "too_many_pixels"]
+
+
+def test_a_damaged_whole_webp_is_corrupt_where_memory_is_not_limited() -> None:
+    """WebP says "could not create decoder object" for a damaged file as for no memory:
+    without a memory limit that can only be damage."""
+    webp = encode(Image.new("RGB", (64, 64), (40, 80, 120)), "WEBP")
+    damaged = webp[:20] + bytes(len(webp) - 20)
+    assert _refusal(damaged).code == "corrupt"

@@ -106,6 +106,15 @@ def test_what_stores_and_headers_carry_is_kept_as_given(api: Api) -> None:
     assert read.status_code == 200
     assert read.content == data
     assert read.headers["content-type"].startswith('text/plain; charset="utf-8"')
+    # A file name is taken as the client's file system has it (macOS puts an "Icon\r" in
+    # every folder with a custom icon); it reaches a header only percent-encoded.
+    for filename in ("Icon\r", "tab\tname.jpg"):
+        odd = api.upload(cap, os.urandom(50), filename=filename)
+        read = api.read(odd["memory_id"])
+        assert read.status_code == 200
+        assert read.headers["content-disposition"] == (
+            "inline; filename*=UTF-8''" + filename.replace("\r", "%0D").replace("\t", "%09"))
+        assert odd["asset"]["filename"] == filename
 
 
 def test_ids_no_server_issues_are_404(api: Api) -> None:

@@ -171,3 +171,15 @@ def test_blobs_check_on_s3_says_it_has_nothing_to_compare(tmp_path: Path) -> Non
     line = one_sentence(memvault("blobs", "check", "--data", str(tmp_path),
                                  MEMVAULT_BLOB_STORE="s3://bucket/prefix"))
     assert "there is no such folder" in line
+
+
+def test_an_sqlite_file_of_another_name_in_the_data_folder_is_the_database(
+        tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    env = {"MEMVAULT_DATABASE_URL": f"sqlite:///{data / 'vault.db'}"}
+    assert memvault("db", "upgrade", "--data", str(data), **env).returncode == 0
+    assert not (data / "memvault.db").exists()
+    assert stat.S_IMODE((data / "vault.db").stat().st_mode) == 0o600
+    done = memvault("token", "create", "bob", "--data", str(data), **env)
+    assert done.returncode == 0, done.stderr
+    assert memvault("blobs", "check", "--data", str(data), **env).returncode == 0

@@ -233,6 +233,29 @@ async def test_a_multipart_upload_the_store_dropped_ends_its_session(
         assert again.id != session.id
 
 
+async def test_an_upload_a_finish_sealed_is_not_taken_for_lost(
+    s3_settings: dict[str, Any],
+) -> None:
+    """Between a finish's CompleteMultipartUpload and its commit the upload id is gone too;
+    only an upload gone without its object is lost."""
+    async with inprocess(**s3_settings) as ip:
+        assert isinstance(ip.store, S3BlobStore)
+        data = os.urandom(PART + 10)
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "sealed"))
+        for index in range(session.chunk_count):
+            await put(ip, ip.uploads, session.id, index, data)
+        assert not await ip.store.staging_lost(session.staging_key)
+        query = (sa.select(upload_parts.c.receipt)
+                 .where(upload_parts.c.session_id == session.id)
+                 .order_by(upload_parts.c.offset))
+        receipts = await ip.db.query(lambda conn: conn.execute(query).scalars().all())
+        await ip.store.seal(session.staging_key, len(data), receipts)
+        assert not await ip.store.staging_lost(session.staging_key)
+        _, memory = await ip.uploads.finish(ip.caller, session.id, len(data),
+                                            hashlib.sha256(data).hexdigest())
+        assert memory.assets["original"].size == len(data)
+
+
 async def test_an_abort_while_the_store_is_down_still_ends_the_session(
     s3_server: S3Server, s3_settings: dict[str, Any],
 ) -> None:

@@ -733,6 +733,22 @@ async def test_a_part_of_another_asset_under_the_same_name_is_left_alone(app: In
         assert await mv.download(a, dest=folder / "a.jpg") == folder / "a.jpg"
 
 
+async def test_a_long_file_name_still_downloads_into_a_folder(app: InApp) -> None:
+    """244 bytes of name: with the digest and ".part" it would pass the 255-byte limit."""
+    async with app.client() as mv:
+        cap = await mv.create_capsule("long-name")
+        data = os.urandom(CHUNK)
+        name = "写真" * 40 + ".jpg"
+        memory = (await mv.upload_file(io.BytesIO(data), cap, filename=name)).memory
+        folder = app.root / "long"
+        folder.mkdir()
+        assert len(os.fsencode(part_path(folder / name, memory.assets["original"]).name)) <= 255
+        out = await mv.download(memory, dest=folder)
+        assert out == folder / name
+        assert out.read_bytes() == data
+        assert sorted(p.name for p in folder.iterdir()) == [name]
+
+
 async def test_a_download_whose_stored_bytes_are_damaged_fails_and_says_so(app: InApp) -> None:
     async with app.client() as mv:
         cap = await mv.create_capsule("damaged")

@@ -27,7 +27,7 @@ _MEDIA_TYPE = re.compile(
 )
 """RFC 9110 §8.3.1 ``media-type``: what may stand in a ``Content-Type`` header."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-"""Not in a name, title or file name: control characters and unpaired surrogates."""
+"""Not in a capsule or principal name or a title: control characters, unpaired surrogates."""
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 """Not anywhere: U+0000 (PostgreSQL text refuses it) and unpaired surrogates (not UTF-8)."""
 
@@ -35,11 +35,23 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 def text(value: str, what: str, *, max_length: int, min_length: int = 1) -> str:
     """``value`` if it is ``min_length``-``max_length`` characters of one-line text: no
     control characters (U+0000-U+001F, U+007F-U+009F) and no unpaired surrogates."""
-    if not min_length <= len(value) <= max_length:
-        raise InvalidArgument(f"{what} must be {min_length}-{max_length} characters",
-                              length=len(value))
+    _length(value, what, min_length, max_length)
     _refuse(_CONTROL, value, what, "control characters")
     return value
+
+
+def name(value: str, what: str, *, max_length: int) -> str:
+    """``value`` if it is 1-``max_length`` characters any store keeps: a file name or a key
+    the client chose, taken as it is (macOS's ``Icon\r``, a tab in a file name), but for
+    U+0000 and unpaired surrogates."""
+    _length(value, what, 1, max_length)
+    _refuse(_UNSTORABLE, value, what, "U+0000")
+    return value
+
+
+def _length(value: str, what: str, least: int, most: int) -> None:
+    if not least <= len(value) <= most:
+        raise InvalidArgument(f"{what} must be {least}-{most} characters", length=len(value))
 
 
 def media_type(value: str) -> str:

@@ -227,7 +227,12 @@ class Settings(BaseSettings):
         url = make_url(self.resolved_database_url)
         if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
             return False
-        return Path(url.database).resolve().parent == self.data_dir.resolve()
+        return self.sqlite_file.parent == self.data_dir.resolve()
+
+    @property
+    def sqlite_file(self) -> Path:
+        """The SQLite database file the URL names (meaningful for SQLite only)."""
+        return Path(make_url(self.resolved_database_url).database or "").resolve()
 
     @property
     def migrate_on_start(self) -> bool:

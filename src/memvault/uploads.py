@@ -107,10 +107,7 @@ class UploadService:
                 fsync=settings.fsync,
                 hash_lag=settings.hash_lag,
                 pace=Pace(settings.min_transfer_rate, settings.transfer_grace),
-                # S3 confirms a lost multipart upload itself (``list_parts`` answering
-                # NoSuchUpload: a lifecycle rule or MinIO's stale-upload expiry took it); a
-                # local staging file is only known lost where the database shares its folder.
-                staging_loss_is_final=bool(settings.s3_location) or settings.database_in_data_dir,
+                staging_loss_is_final=settings.database_in_data_dir and not settings.s3_location,
             ),
             on_commit=self._on_commit,
             on_end=self._on_end,
@@ -175,8 +172,8 @@ class UploadService:
             )
         if req.sha256 is not None and not _SHA256.fullmatch(req.sha256):
             raise InvalidArgument("sha256 must be 64 hex digits")
-        inputs.text(req.idempotency_key, "idempotency_key", max_length=200)
-        inputs.text(req.filename, "filename", max_length=500)
+        inputs.name(req.idempotency_key, "idempotency_key", max_length=200)
+        inputs.name(req.filename, "filename", max_length=500)
         inputs.media_type(req.content_type)
 
     def _chunk_size(self, size: int) -> int:

@@ -79,8 +79,13 @@ async def download(api: Transport, memory: Memory, asset: Asset, dest: Path | Bi
 
 
 def part_path(path: Path, asset: Asset) -> Path:
-    """Where ``path``'s bytes gather until they are complete and verified."""
-    return path.with_name(f"{path.name}.{asset.sha256[:16]}.part")
+    """Where ``path``'s bytes gather until they are complete and verified: beside it, named
+    after it and the asset's digest; a hidden name of the digest alone when that would be
+    longer than a file name may be (255 bytes)."""
+    name = f"{path.name}.{asset.sha256[:16]}.part"
+    if len(os.fsencode(name)) > 255:
+        name = f".{asset.sha256[:32]}.part"
+    return path.with_name(name)
 
 
 class _Sink:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import struct
 import threading
 from dataclasses import dataclass
@@ -212,12 +213,23 @@ _WEBP_FAILED: Final = "could not create decoder object"
 
 def _corrupt(what: str, exc: BaseException, fp: IO[bytes]) -> Exception:
     """``Unsupported`` (corrupt, for good), unless the decoder ran out of memory: then a
-    ``MemoryError``, which the job retries and then reports as failed, never as corrupt."""
+    ``MemoryError``, which the job retries and then reports as failed, never as corrupt.
+
+    WebP's message is the same for both: a file shorter than its container says is corrupt;
+    a whole one is corrupt where the process has no memory limit, and either where it has
+    one (the job's decoder processes), which the error then says."""
     text = str(exc).lower()
-    if (any(sign in text for sign in _OUT_OF_MEMORY)
-            or (_WEBP_FAILED in text and _whole_riff(fp))):
+    if any(sign in text for sign in _OUT_OF_MEMORY):
         return MemoryError(f"the decoder ran out of memory ({type(exc).__name__}: {exc})")
+    if _WEBP_FAILED in text and _whole_riff(fp) and _memory_limited():
+        return MemoryError(f"the WebP decoder could not start: the file is damaged, or the "
+                           f"decoder ran out of memory ({exc})")
     return Unsupported(f"{what}: {exc}", "corrupt")
+
+
+def _memory_limited() -> bool:
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return soft != resource.RLIM_INFINITY
 
 
 def _whole_riff(fp: IO[bytes]) -> bool:

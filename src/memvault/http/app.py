@@ -57,8 +57,7 @@ async def open_services(
     With ``create=False`` (the operator commands other than ``serve``), an embedded data
     folder must already hold its database: a mistyped ``--data`` is said so instead of
     quietly becoming a new, empty vault."""
-    if not create and settings.database_in_data_dir and not (
-            settings.data_dir / "memvault.db").is_file():
+    if not create and settings.database_in_data_dir and not settings.sqlite_file.is_file():
         raise NoDatabase(f"no memvault database in {settings.data_dir} — check --data (or "
                          "MEMVAULT_DATA_DIR); `memvault serve` makes one on its first start")
     prepare_data_dir(settings)
@@ -110,8 +109,7 @@ def prepare_data_dir(settings: Settings) -> None:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if settings.database_in_data_dir:
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(settings.data_dir / "memvault.db",
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(settings.sqlite_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 async def ensure_admin(settings: Settings, auth: AuthService) -> None:

@@ -167,13 +167,23 @@ def _unavailable(exc: Exception) -> Unavailable | None:
     lost = isinstance(exc, OSError | TimeoutError)
     if isinstance(exc, sa.exc.DBAPIError):
         state = _sqlstate(exc) or ""
-        lost = (exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError)
-                or state.startswith("08") or state in _SERVER_GOING)
+        cause = exc.orig
+        lost = (exc.connection_invalidated or state.startswith("08") or state in _SERVER_GOING
+                or isinstance(cause, OSError | TimeoutError)
+                or (isinstance(exc, sa.exc.InterfaceError) and _closed(cause)))
     if not lost:
         return None
     log.warning("database.unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
     return Unavailable("the metadata database cannot be reached right now; try again",
                        retry_after=5)
+
+
+def _closed(cause: BaseException | None) -> bool:
+    """asyncpg's "connection is closed" and ConnectionDoesNotExistError; not its other
+    interface errors (e.g. "another operation is in progress", which is a bug here)."""
+    text = str(cause).lower()
+    return (type(cause).__name__ == "ConnectionDoesNotExistError"
+            or ("connection" in text and "closed" in text))
 
 
 def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:

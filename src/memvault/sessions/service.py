@@ -56,7 +56,7 @@ from memvault.sessions.model import (
     SessionSpec,
 )
 from memvault.sessions.transfer import ChunkReceiver
-from memvault.storage.base import BlobStore, StagingGone
+from memvault.storage.base import BlobStore, LossWitness, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -379,8 +379,12 @@ class SessionService:
         And only where the database lives in that same folder (``policy.staging_loss_is_final``,
         the embedded default): with the database elsewhere, a folder that is not mounted, or
         another process's, looks just the same, and its sessions are not lost (a review
-        found this)."""
-        if not self.policy.staging_loss_is_final:
+        found this), or where the store itself witnesses the loss (``LossWitness``: S3, whose
+        multipart upload is gone and was not completed into its object, so a finish that
+        sealed it and has yet to commit is never mistaken for a loss)."""
+        if not self.policy.staging_loss_is_final and not (
+                isinstance(self.store, LossWitness)
+                and await self.store.staging_lost(session.staging_key)):
             return None
         if not await self._end(session, EXPIRED, lost=True, placing=placing):
             return None

@@ -155,6 +155,15 @@ class LocalPaths(Protocol):
 
 
 @runtime_checkable
+class LossWitness(Protocol):
+    """Optional capability: the store can tell for certain that a staging area is gone for
+    good (S3: the multipart upload no longer exists and was not completed into its object,
+    as when a lifecycle rule aborted it), so its session can end instead of retrying."""
+
+    async def staging_lost(self, key: str) -> bool: ...
+
+
+@runtime_checkable
 class ContentAddressed(Protocol):
     """Optional capability: ``commit`` moves bytes to the one place kept for their content
     (the local folder), shared by every commit of the same bytes. Bytes placed for a commit

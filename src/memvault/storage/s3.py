@@ -230,6 +230,18 @@ class S3BlobStore:
             receipt["crc32c"] = answer.get("ChecksumCRC32C") or checksum
         return json.dumps(receipt, separators=(",", ":"))
 
+    async def staging_lost(self, key: str) -> bool:
+        """The multipart upload is gone and no object was completed from it: aborted (a
+        lifecycle rule, MinIO's stale-upload expiry), not finished by a finish that has
+        not committed yet."""
+        name, upload_id = _split(key)
+        if not await self._upload_gone(name, upload_id):
+            return False
+        try:
+            return await self._object_size(self._object(name)) is None
+        except Unavailable:
+            return False
+
     async def _upload_gone(self, name: str, upload_id: str) -> bool:
         """Whether the multipart upload no longer exists (aborted, or completed). Asked after
         a failure, since some stores answer a request to a gone upload with a 500."""
