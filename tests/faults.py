@@ -240,7 +240,14 @@ class TcpProxy:
                 continue
             server.settimeout(None)
             with self._lock:
-                self._open.update((client, server))
+                # A connection accepted just before a cut must not outlive it.
+                live = self._listener is listener
+                if live:
+                    self._open.update((client, server))
+            if not live:
+                client.close()
+                server.close()
+                continue
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
