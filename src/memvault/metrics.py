@@ -37,6 +37,10 @@ class Metrics:
         self.chunk_seconds = Histogram(
             "memvault_chunk_seconds", "Time to receive one chunk request",
             buckets=_LATENCY_BUCKETS, registry=r)
+        self.chunk_bodies = Counter(
+            "memvault_chunk_bodies", "Chunk request bodies by how they were read: 'direct' "
+            "(memvault serve's protocol, into reused buffers) or 'asgi' (another server)",
+            ["reader"], registry=r)
         self.finish_seconds = Histogram(
             "memvault_finish_seconds", "Time to verify and commit an upload",
             buckets=_LATENCY_BUCKETS, registry=r)

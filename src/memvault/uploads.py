@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from memvault.jobs.queue import enqueue
 from memvault.metadata import Database
 from memvault.metadata.schema import assets, capsules, memories, principals, upload_sessions
 from memvault.sessions import (
+    Body,
     ChunkChecksums,
     FinishItem,
     PutResult,
@@ -282,7 +283,7 @@ class UploadService:
         session_id: str,
         index: int,
         content_length: int | None,
-        body: AsyncIterable[bytes],
+        body: Body,
         checksums: ChunkChecksums,
     ) -> PutResult:
         return await self.sessions.put_chunk(

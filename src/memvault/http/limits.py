@@ -7,14 +7,11 @@ is refused before a byte is read, and a body sent without one is cut off at the 
 
 from __future__ import annotations
 
-import re
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memvault.errors import PayloadTooLarge
+from memvault.http.direct import CHUNK_PATH
 from memvault.http.problems import problem_response
-
-_CHUNK_PATH = re.compile(r"^/v1/uploads/[^/]+/chunks/[^/]+$")
 
 
 class JsonBodyLimit:
@@ -23,7 +20,7 @@ class JsonBodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _CHUNK_PATH.match(scope["path"]):
+        if scope["type"] != "http" or CHUNK_PATH.match(scope["path"]):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

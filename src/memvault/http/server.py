@@ -1,26 +1,81 @@
-"""Running the app: uvicorn with httptools, plus the one guard uvicorn lacks.
+"""Running the app: uvicorn with httptools, and memvault's own protocol on top of it.
 
-uvicorn bounds idle keep-alive connections but not a request whose headers arrive slowly:
-a client can hold a connection open for ever by sending a header byte now and then
-(slowloris). ``guarded_protocol`` arms a timer when a request's first byte is parsed (or
-the connection opens) and closes the connection if its headers are not complete in time.
-It hooks only the parser callbacks httptools defines (``on_message_begin``,
-``on_headers_complete``), which is why the uvicorn version range is pinned.
+The protocol adds two things to uvicorn's ``HttpToolsProtocol``:
+
+- **A header timeout.** uvicorn bounds idle keep-alive connections but not a request whose
+  headers arrive slowly: a client can hold a connection open for ever by sending a header
+  byte now and then (slowloris). A timer armed when a request's first byte is parsed (or the
+  connection opens) closes the connection if its headers are not complete in time.
+- **Chunk bodies read straight into reused buffers** (``memvault.http.direct``). The
+  protocol is an ``asyncio.BufferedProtocol``: the loop reads into a buffer the protocol
+  hands it. For everything but a chunk body that is a small scratch buffer fed to the
+  parser (as uvicorn's ``data_received`` would be). For a chunk ``PUT`` with a
+  ``Content-Length``, once the head is parsed the body's bytes bypass the parser: they are
+  read into pooled buffers of the route's ``DirectBody`` (never past the body's end), and
+  when the last byte is in, a fresh parser takes the connection's next request.
+
+It hooks the parser callbacks httptools defines and uvicorn's per-request cycle, which is
+why the uvicorn version range is pinned.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, cast
 
+import httptools
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
+from memvault.http.direct import CHUNK_PATH, EXTENSION, BufferPool, DirectBody
 from memvault.settings import Settings
 
+SCRATCH_BYTES = 64 * 1024
+"""One socket read of anything but a chunk body (uvicorn's own flow-control limit)."""
+POOL_KEEP = 32
+"""Chunk buffers kept for reuse once free: enough for 16 chunks in flight at ``DEPTH`` 2."""
 
-def guarded_protocol(header_timeout: float) -> type[HttpToolsProtocol]:
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
+
+def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
+    pool = BufferPool(settings.write_batch, POOL_KEEP)
+    header_timeout = settings.header_timeout
+
+    class MemvaultProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
+
+        def __init__(self, config: Config, server_state: ServerState,
+                     app_state: dict[str, Any],
+                     _loop: asyncio.AbstractEventLoop | None = None) -> None:
+            super().__init__(config, server_state, app_state, _loop)
+            self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+            self._direct: DirectBody | None = None
+            """The current request's chunk body while bytes of it are due from the socket."""
+            self._into: DirectBody | None = None  # where the read under way goes
+
+        # -- reads into our buffers (through ``MemvaultConnection``) -------------------------
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            body = self._direct
+            if body is not None and body.due:
+                self._into = body
+                return body.space()
+            self._into = None
+            return self._scratch
+
+        def buffer_updated(self, nbytes: int) -> None:
+            body = self._into
+            if body is None:
+                self.data_received(bytes(self._scratch[:nbytes]))
+                return
+            if body.received(nbytes):
+                # The parser saw only the head (and maybe a first piece of the body); the
+                # next request starts afresh.
+                self._direct = None
+                self.parser = _parser(self)
+
+        # -- header timeout ----------------------------------------------------------------
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -30,12 +85,11 @@ def guarded_protocol(header_timeout: float) -> type[HttpToolsProtocol]:
             super().on_message_begin()
             self._arm()
 
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._direct is not None:
+                self._direct.lost()
+                self._direct = None
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -52,7 +106,101 @@ def guarded_protocol(header_timeout: float) -> type[HttpToolsProtocol]:
             if not self.transport.is_closing():
                 self.transport.close()
 
-    return HeaderTimeoutProtocol
+        # -- chunk bodies ------------------------------------------------------------------
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            queued = self.cycle is not None and not self.cycle.response_complete
+            super().on_headers_complete()
+            length = None if queued else self._direct_length()
+            if length:
+                self._start_direct(length)
+
+        def on_body(self, body: bytes) -> None:
+            if self._direct is not None:
+                self._direct.early(body)  # came in the same read as the head
+                if not self._direct.due:
+                    self._direct = None  # all of it: the parser carries on by itself
+                return
+            super().on_body(body)
+
+        def _direct_length(self) -> int | None:
+            """The body's length if this request's body is to be read directly."""
+            scope = self.scope
+            if (scope.get("method") != "PUT" or "path" not in scope
+                    or not CHUNK_PATH.match(scope["path"]) or self.expect_100_continue
+                    or self.parser.should_upgrade()):
+                return None
+            lengths = [v for k, v in self.headers if k == b"content-length"]
+            if (len(lengths) != 1 or not lengths[0].isdigit()
+                    or any(k == b"transfer-encoding" for k, _ in self.headers)):
+                return None  # the route refuses it with the right error
+            return int(lengths[0])
+
+        def _start_direct(self, length: int) -> None:
+            body = DirectBody(length, pool, self._pause, self._resume, self._scratch)
+            extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
+            extensions[EXTENSION] = body
+            self.scope["extensions"] = extensions
+            cycle = self.cycle
+            answered = cycle.on_response
+
+            def response_sent() -> None:
+                body.response_sent()  # what is still due is read and dropped
+                answered()
+
+            cycle.on_response = response_sent
+            self._direct = body
+
+        def _pause(self) -> None:
+            if not self.transport.is_closing():
+                self.flow.pause_reading()
+
+        def _resume(self) -> None:
+            if not self.transport.is_closing():
+                self.flow.resume_reading()
+
+    class MemvaultConnection(asyncio.BufferedProtocol):
+        """What the event loop talks to. uvloop reads into a protocol's buffers only if the
+        protocol is not an ``asyncio.Protocol``, and uvicorn's is; so the loop gets this
+        ``BufferedProtocol``, which passes everything on to the HTTP protocol."""
+
+        def __init__(self, config: Config, server_state: ServerState,
+                     app_state: dict[str, Any],
+                     _loop: asyncio.AbstractEventLoop | None = None) -> None:
+            self.http = MemvaultProtocol(config, server_state, app_state, _loop)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.http.connection_made(transport)  # type: ignore[arg-type]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.http.connection_lost(exc)
+
+        def eof_received(self) -> bool | None:
+            self.http.eof_received()
+            return None
+
+        def pause_writing(self) -> None:
+            self.http.pause_writing()
+
+        def resume_writing(self) -> None:
+            self.http.resume_writing()
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return self.http.get_buffer(sizehint)
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.http.buffer_updated(nbytes)
+
+    return MemvaultConnection
+
+
+def _parser(protocol: HttpToolsProtocol) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(protocol)
+    # As uvicorn sets it: a response to the first of pipelined requests still goes out.
+    with contextlib.suppress(AttributeError):  # httptools < 0.6.3
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
 
 
 def run(app: Any, settings: Settings) -> None:
@@ -62,7 +210,8 @@ def run(app: Any, settings: Settings) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.header_timeout),
+        # A class uvicorn builds each connection's protocol from, as it does its own.
+        http=cast("type[asyncio.Protocol]", memvault_protocol(settings)),
         loop="uvloop",
         log_level="warning",
         access_log=False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import http_sf
 from fastapi import APIRouter, Request, Response
@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from memvault.capsules import Memory
 from memvault.errors import InvalidArgument
 from memvault.http.deps import Caller, Services, Svc
+from memvault.http.direct import EXTENSION, DirectBody
 from memvault.http.schemas import (
     BeginIn,
     ChunkOut,
@@ -22,7 +23,7 @@ from memvault.http.schemas import (
     memory_out,
     session_out,
 )
-from memvault.sessions import ChunkChecksums, FinishItem, Session
+from memvault.sessions import Body, ChunkChecksums, FinishItem, Session
 from memvault.uploads import BeginRequest
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
@@ -73,7 +74,7 @@ async def put_chunk(
     checksums = parse_content_digest(request.headers.get("content-digest"))
     with svc.slots.hold(caller.id), svc.metrics.chunk_seconds.time():
         result = await svc.uploads.put_chunk(
-            caller, session_id, index, _content_length(request), _body(request), checksums
+            caller, session_id, index, _content_length(request), _body(request, svc), checksums
         )
     if not result.duplicate:
         svc.metrics.bytes_received.inc(result.session.chunk_range(index)[1])
@@ -121,9 +122,14 @@ def _content_length(request: Request) -> int | None:
     return int(raw)
 
 
-async def _body(request: Request) -> AsyncIterator[bytes]:
-    async for piece in request.stream():
-        yield piece
+def _body(request: Request, svc: Services) -> Body:
+    """The chunk's body: read directly by ``memvault serve``'s protocol, else through ASGI."""
+    direct = request.scope.get("extensions", {}).get(EXTENSION)
+    if isinstance(direct, DirectBody):
+        svc.metrics.chunk_bodies.labels("direct").inc()
+        return direct
+    svc.metrics.chunk_bodies.labels("asgi").inc()
+    return request.stream()
 
 
 def parse_content_digest(header: str | None) -> ChunkChecksums:

@@ -2,8 +2,12 @@
 
 from memvault.sessions.model import ChunkChecksums, PutResult, Session, SessionSpec
 from memvault.sessions.service import CommitHook, EndHook, FinishItem, SessionService
+from memvault.sessions.streaming import Batch, Body, ChunkBody
 
 __all__ = [
+    "Batch",
+    "Body",
+    "ChunkBody",
     "ChunkChecksums",
     "CommitHook",
     "EndHook",

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,6 +55,7 @@ from memvault.sessions.model import (
     SessionPolicy,
     SessionSpec,
 )
+from memvault.sessions.streaming import Body
 from memvault.sessions.transfer import ChunkReceiver
 from memvault.storage.base import BlobStore, LossWitness, StagingGone
 
@@ -215,7 +216,7 @@ class SessionService:
         owner: str,
         index: int,
         content_length: int | None,
-        body: AsyncIterable[bytes],
+        body: Body,
         checksums: ChunkChecksums,
     ) -> PutResult:
         """Receive chunk ``index``. Nothing is counted as received unless every check passes."""

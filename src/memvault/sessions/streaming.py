@@ -1,17 +1,20 @@
 """Moving one chunk's bytes from the request to storage, digesting them on the way.
 
-Bytes are gathered from the socket into batches of ``write_batch`` bytes (a list of the
-pieces the server handed us, not a copy). Each batch is written and then digested in one
-worker-thread call while the event loop already gathers the next one, so at most two
-batches per chunk are in memory, whatever the chunk or file size (DESIGN §3.1).
+A chunk's body is a ``ChunkBody``: batches of about ``write_batch`` bytes. Read through ASGI
+(``PieceBody``), a batch is a list of the pieces the server handed us, not a copy; read by
+memvault's own HTTP protocol (``memvault.http.direct``), a batch is one buffer the socket was
+read into. Each batch is written and then digested in one worker-thread call while the next
+one arrives, so at most two batches per chunk are in memory, whatever the chunk or file size
+(DESIGN §3.1), and a batch goes back to its body (``written``) once it is on storage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import crc32c
 import structlog
@@ -19,9 +22,65 @@ import structlog
 from memvault.errors import ChecksumMismatch, InvalidArgument, PayloadTooLarge, RequestTimeout
 from memvault.hashing import Sha256State
 from memvault.sessions.model import ChunkChecksums, Pace
-from memvault.storage.base import PartWriter
+from memvault.storage.base import PartWriter, Piece
 
 log = structlog.get_logger("memvault.sessions")
+
+Batch = Sequence[Piece]
+"""Pieces of a body, back to back (``bytes``, or ``memoryview``s of a reused buffer)."""
+
+
+class ChunkBody(Protocol):
+    """A request body as batches of roughly ``batch_bytes`` (the last may be smaller)."""
+
+    def batches(
+        self, batch_bytes: int, arrived: Callable[[int], None]
+    ) -> AsyncGenerator[Batch, None]:
+        """The body's batches; ``arrived(n)`` is told the body's total so far whenever bytes
+        arrive (a slow body is judged by its bytes, not by its batches)."""
+        ...
+
+    def written(self, batch: Batch) -> None:
+        """``batch`` is on storage and digested: its memory may be reused."""
+
+
+class PieceBody:
+    """A body that arrives as arbitrary pieces (ASGI ``http.request`` messages), gathered
+    into lists of about ``batch_bytes``."""
+
+    def __init__(self, pieces: AsyncIterable[bytes]) -> None:
+        self._pieces = pieces
+
+    async def batches(
+        self, batch_bytes: int, arrived: Callable[[int], None]
+    ) -> AsyncGenerator[Batch, None]:
+        batch: list[bytes] = []
+        size = seen = 0
+        async for piece in self._pieces:
+            if not piece:
+                continue
+            seen += len(piece)
+            arrived(seen)
+            batch.append(piece)
+            size += len(piece)
+            if size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def written(self, batch: Batch) -> None:
+        pass
+
+
+Body = ChunkBody | AsyncIterable[bytes]
+"""What the services take as a chunk's body: either kind (an async iterable of pieces is
+gathered into batches)."""
+
+
+def chunk_body(body: Body) -> ChunkBody:
+    return PieceBody(body) if isinstance(body, AsyncIterable) else body
+
 
 CatchUp = Callable[[Sha256State, int], Awaitable[None]]
 """Hashes the first ``n`` bytes this chunk has written into a state (read back from staging)."""
@@ -49,7 +108,7 @@ class ChunkDigests:
         if self.want_sha256:
             self._sha = hashlib.sha256()
 
-    def update(self, pieces: list[bytes]) -> None:
+    def update(self, pieces: Batch) -> None:
         for piece in pieces:
             self.crc = crc32c.crc32c(piece, self.crc)
             if self._sha is not None:
@@ -96,7 +155,7 @@ class ChunkDigests:
 
 
 async def stream_chunk(
-    body: AsyncIterable[bytes],
+    body: ChunkBody,
     length: int,
     digests: ChunkDigests,
     writer: PartWriter | None,
@@ -113,7 +172,7 @@ async def stream_chunk(
     try:
         async with asyncio.timeout(pace.deadline(start, 0)) as watchdog:
             seen = await _consume(body, length, digests, writer, batch_bytes,
-                                  lambda n: watchdog.reschedule(pace.deadline(start, n)))
+                                  lambda n: _extend(watchdog, pace.deadline(start, n)))
     except TimeoutError:
         if not watchdog.expired():
             raise
@@ -127,8 +186,13 @@ async def stream_chunk(
         )
 
 
+def _extend(watchdog: asyncio.Timeout, deadline: float | None) -> None:
+    if not watchdog.expired():  # once expired, the task is being cancelled: too late
+        watchdog.reschedule(deadline)
+
+
 async def _consume(
-    body: AsyncIterable[bytes],
+    body: ChunkBody,
     length: int,
     digests: ChunkDigests,
     writer: PartWriter | None,
@@ -137,46 +201,48 @@ async def _consume(
 ) -> int:
     """Write and digest ``body`` batch by batch; returns the bytes seen."""
     pending: asyncio.Future[None] | None = None
-    batch: list[bytes] = []
-    batch_size = 0
     seen = 0
 
-    async def flush(pieces: list[bytes]) -> None:
-        await digests.adopt()  # every earlier batch is written and digested by now
-        if writer is None:
-            await asyncio.to_thread(digests.update, pieces)
-        else:
-            # Written, then digested, in one worker-thread call: two hand-offs per batch
-            # were measurably slower at 4 in flight (docs/decisions.md).
-            await writer.write(pieces, digests.update)
+    async def flush(batch: Batch) -> None:
+        reusable = True
+        try:
+            await digests.adopt()  # every earlier batch is written and digested by now
+            if writer is None:
+                await asyncio.to_thread(digests.update, batch)
+            else:
+                # Written, then digested, in one worker-thread call: two hand-offs per batch
+                # were measurably slower at 4 in flight (docs/decisions.md).
+                await writer.write(batch, digests.update)
+        except asyncio.CancelledError:
+            # A cancelled call's worker thread goes on (``storage.descriptor``) and may still
+            # be reading the batch: its memory must not be read into again.
+            reusable = False
+            raise
+        finally:
+            if reusable:
+                body.written(batch)
 
+    batches = body.batches(batch_bytes, progress)
     try:
-        async for piece in body:
-            if not piece:
-                continue
-            seen += len(piece)
-            progress(seen)
+        async for batch in batches:
+            seen += sum(len(piece) for piece in batch)
             if seen > length:
+                body.written(batch)
                 raise PayloadTooLarge(
                     f"chunk body is longer than its {length} bytes", limit=length
                 )
-            batch.append(piece)
-            batch_size += len(piece)
-            if batch_size >= batch_bytes:
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(flush(batch))
-                batch, batch_size = [], 0
+            if pending is not None:
+                await pending
+            pending = asyncio.ensure_future(flush(batch))
         if pending is not None:
             await pending
             pending = None
-        if batch:
-            await flush(batch)
     finally:
         if pending is not None:
             # Never leave a write running behind a failed request: a thread cannot be
             # cancelled, and a late write would land on top of a retry of the same chunk.
             await _settle(pending)
+        await batches.aclose()
     return seen
 
 

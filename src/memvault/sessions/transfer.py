@@ -14,7 +14,7 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,7 +44,7 @@ from memvault.sessions.model import (
     Session,
     SessionPolicy,
 )
-from memvault.sessions.streaming import ChunkDigests, stream_chunk
+from memvault.sessions.streaming import Body, ChunkBody, ChunkDigests, chunk_body, stream_chunk
 from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
@@ -115,7 +115,7 @@ class ChunkReceiver:
         session: Session,
         index: int,
         content_length: int | None,
-        body: AsyncIterable[bytes],
+        body: Body,
         checksums: ChunkChecksums,
     ) -> PutResult:
         """Receive chunk ``index`` of a live session; nothing counts unless every check passes."""
@@ -145,8 +145,8 @@ class ChunkReceiver:
         # Registered before the claim reads the frontier, so a hand-off there is never missed.
         adoption = self._frontier.expect(session.id, offset) if self._adopts else None
         try:
-            return await self._receive(session, index, offset, length, claim, body, checksums,
-                                       adoption)
+            return await self._receive(session, index, offset, length, claim,
+                                       chunk_body(body), checksums, adoption)
         finally:
             if adoption is not None:
                 self._frontier.forget(session.id, offset, adoption)
@@ -158,7 +158,7 @@ class ChunkReceiver:
         offset: int,
         length: int,
         claim: str,
-        body: AsyncIterable[bytes],
+        body: ChunkBody,
         checksums: ChunkChecksums,
         adoption: asyncio.Future[Sha256State] | None,
     ) -> PutResult:
@@ -330,7 +330,7 @@ class ChunkReceiver:
         session: Session,
         offset: int,
         length: int,
-        body: AsyncIterable[bytes],
+        body: ChunkBody,
         checksums: ChunkChecksums,
     ) -> bool:
         """Digest a body for a range someone else holds; True if it matches what is stored."""

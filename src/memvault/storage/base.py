@@ -36,12 +36,16 @@ class BlobMissing(Exception):
     """A committed blob the metadata refers to is not in the store: data loss, never normal."""
 
 
-Digest = Callable[[list[bytes]], None]
+Piece = bytes | memoryview
+"""Part of a chunk in memory: a ``bytes`` the HTTP server handed over, or a view of a reused
+buffer the body was read into (``memvault.http.direct``)."""
+
+Digest = Callable[[Sequence[Piece]], None]
 """What the core runs over each batch of a chunk after it is written (its digests)."""
 
 
 class PartWriter(Protocol):
-    async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
+    async def write(self, pieces: Sequence[Piece], then: Digest | None = None) -> None:
         """Write ``pieces`` back to back at the writer's current position; then, if given,
         run ``then(pieces)`` in the same worker thread (one hand-off per batch, not two)."""
         ...

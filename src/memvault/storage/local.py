@@ -39,7 +39,7 @@ import structlog
 
 from memvault.errors import InsufficientStorage, Unavailable
 from memvault.hashing import Sha256State
-from memvault.storage.base import BlobMissing, Digest, StagingGone
+from memvault.storage.base import BlobMissing, Digest, Piece, StagingGone
 from memvault.storage.descriptor import Descriptor, opened
 from memvault.storage.writeback import release_cache, start_writeback
 
@@ -81,18 +81,18 @@ class LocalPartWriter:
         self._release = release
         self._closed = False
 
-    async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
+    async def write(self, pieces: Sequence[Piece], then: Digest | None = None) -> None:
         with out_of_space_is_typed():
             written = await self._file.run(self._write_sync, list(pieces), self._offset, then)
         self._offset += written
 
-    def _write_sync(self, pieces: list[bytes], offset: int, then: Digest | None) -> int:
+    def _write_sync(self, pieces: list[Piece], offset: int, then: Digest | None) -> int:
         written = self._pwritev_all(pieces, offset)
         if then is not None:
             then(pieces)
         return written
 
-    def _pwritev_all(self, pieces: list[bytes], offset: int) -> int:
+    def _pwritev_all(self, pieces: list[Piece], offset: int) -> int:
         total = 0
         views = [memoryview(p) for p in pieces if p]
         while views:

@@ -27,7 +27,7 @@ from pathlib import Path
 import crc32c
 
 from memvault.hashing import Sha256State
-from memvault.storage.base import Digest
+from memvault.storage.base import Digest, Piece
 from memvault.storage.descriptor import Descriptor
 from memvault.storage.local import out_of_space_is_typed
 
@@ -62,12 +62,12 @@ class SpooledPart:
         self._written = 0
         self._crc = 0
 
-    async def write(self, pieces: Sequence[bytes], then: Digest | None = None) -> None:
+    async def write(self, pieces: Sequence[Piece], then: Digest | None = None) -> None:
         assert self._file is not None
         with out_of_space_is_typed():
             self._written += await self._file.run(self._append, list(pieces), then)
 
-    def _append(self, pieces: list[bytes], then: Digest | None = None) -> int:
+    def _append(self, pieces: list[Piece], then: Digest | None = None) -> int:
         total = 0
         for piece in pieces:
             view = memoryview(piece)

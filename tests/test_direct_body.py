@@ -1,0 +1,203 @@
+"""Chunk bodies read straight into reused buffers by ``memvault serve``'s own protocol.
+
+Every other end-to-end test drives this path too (they all upload through ``memvault
+serve``); these tests aim at the edges of the hand-over between the HTTP parser and the
+direct reads: a body that arrives whole with its head, a body cut into tiny pieces, a next
+request right behind a body, a response sent before the body was read, and the ASGI path
+other servers use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import time
+
+import httpx
+
+from tests.conftest import LiveServer
+from tests.helpers import Api, metric
+
+CHUNK = 256 * 1024  # the module server's chunk size (SMALL_CHUNKS)
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection on a raw socket: requests go out as the test
+    writes them (whole, in pieces, or back to back), responses are read one by one."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        self.token = server.token
+        self._buffer = b""
+
+    def head(self, method: str, path: str, length: int | None = None,
+             token: str | None = None) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1",
+                 f"Authorization: Bearer {token or self.token}"]
+        if length is not None:
+            lines += ["Content-Type: application/octet-stream", f"Content-Length: {length}"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> httpx.Response:
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill()
+        head, _, rest = self._buffer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            self._buffer = rest
+            self._fill()
+            rest = self._buffer
+        self._buffer = rest[length:]
+        return httpx.Response(int(lines[0].split(" ")[1]), headers=headers,
+                              content=rest[:length])
+
+    def _fill(self) -> None:
+        piece = self.sock.recv(1 << 16)
+        assert piece, "the server closed the connection"
+        self._buffer += piece
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _chunk_path(session: dict[str, object], index: int) -> str:
+    return f"/v1/uploads/{session['id']}/chunks/{index}"
+
+
+def _committed(api: Api, session: dict[str, object], data: bytes) -> None:
+    """Finish the session: its digest and its stored bytes are the data's."""
+    done = api.finish(session, data)
+    assert done.status_code == 200, done.text
+    assert done.json()["asset"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert api.read(done.json()["memory_id"]).content == data
+
+
+def test_memvault_serve_reads_chunk_bodies_directly(api: Api, server: LiveServer) -> None:
+    direct = metric(server, "memvault_chunk_bodies_total", reader="direct")
+    asgi = metric(server, "memvault_chunk_bodies_total", reader="asgi")
+    data = os.urandom(3 * CHUNK + 1000)
+    done = api.upload(api.capsule(), data, order=[3, 1, 0, 2])
+    assert done["asset"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert api.read(done["memory_id"]).content == data
+    assert metric(server, "memvault_chunk_bodies_total", reader="direct") == direct + 4
+    assert metric(server, "memvault_chunk_bodies_total", reader="asgi") == asgi
+
+
+def test_body_in_the_same_write_as_its_head_then_the_next_request(
+    api: Api, server: LiveServer
+) -> None:
+    data = os.urandom(5000)  # small: the whole body comes in the read that carries the head
+    s = api.session(api.capsule(), len(data))
+    conn = Conn(server)
+    try:
+        status = conn.head("GET", f"/v1/uploads/{s['id']}")
+        conn.send(conn.head("PUT", _chunk_path(s, 0), len(data)) + data + status)
+        put = conn.response()
+        assert put.status_code == 200, put.text
+        assert put.json()["bytes_received"] == len(data)
+        after = conn.response()
+        assert after.status_code == 200, after.text
+        assert after.json()["received"] == [0]
+    finally:
+        conn.close()
+    _committed(api, s, data)
+
+
+def test_large_body_then_a_request_right_behind_it(api: Api, server: LiveServer) -> None:
+    data = os.urandom(2 * CHUNK)
+    s = api.session(api.capsule(), len(data))
+    conn = Conn(server)
+    try:
+        # Both chunks and a status request in one stream of bytes: each body must end
+        # exactly at its Content-Length, and the parser take up the next request there.
+        stream = b"".join(
+            conn.head("PUT", _chunk_path(s, i), CHUNK) + data[i * CHUNK:(i + 1) * CHUNK]
+            for i in (1, 0)
+        ) + conn.head("GET", f"/v1/uploads/{s['id']}")
+        conn.send(stream)
+        for _ in (1, 0):
+            r = conn.response()
+            assert r.status_code == 200, r.text
+        status = conn.response()
+        assert status.json()["received"] == [0, 1]
+    finally:
+        conn.close()
+    _committed(api, s, data)
+
+
+def test_body_trickled_in_tiny_pieces(api: Api, server: LiveServer) -> None:
+    data = os.urandom(2 * CHUNK)
+    s = api.session(api.capsule(), len(data))
+    rng = random.Random(7)
+    conn = Conn(server)
+    try:
+        for index in (0, 1):
+            body = data[index * CHUNK:(index + 1) * CHUNK]
+            payload = conn.head("PUT", _chunk_path(s, index), CHUNK) + body
+            at = 0
+            while at < len(payload):  # cut anywhere, the head included
+                step = rng.choice((1, 7, 500, 4096, 70_000))
+                conn.send(payload[at:at + step])
+                at += step
+                if rng.random() < 0.05:
+                    time.sleep(0.002)
+            r = conn.response()
+            assert r.status_code == 200, r.text
+    finally:
+        conn.close()
+    _committed(api, s, data)
+
+
+def test_refused_before_the_body_is_read_and_the_connection_goes_on(
+    api: Api, server: LiveServer
+) -> None:
+    data = os.urandom(CHUNK)
+    s = api.session(api.capsule(), len(data))
+    conn = Conn(server)
+    try:
+        # A wrong token: answered from the head alone, before the body is sent at all.
+        conn.send(conn.head("PUT", _chunk_path(s, 0), CHUNK, token="mvt_wrong"))
+        refused = conn.response()
+        assert refused.status_code == 401, refused.text
+        # The body still comes (a client may send it regardless); it is read and dropped,
+        # and the next request on the connection is understood.
+        conn.send(data)
+        conn.send(conn.head("PUT", _chunk_path(s, 0), CHUNK) + data)
+        r = conn.response()
+        assert r.status_code == 200, r.text
+        assert r.json()["duplicate"] is False
+        # Different bytes at a received index: read to the end, compared, refused.
+        other = os.urandom(CHUNK)
+        conn.send(conn.head("PUT", _chunk_path(s, 0), CHUNK) + other)
+        assert conn.response().status_code == 409
+        conn.send(conn.head("GET", f"/v1/uploads/{s['id']}"))
+        assert conn.response().json()["received"] == [0]
+    finally:
+        conn.close()
+    _committed(api, s, data)
+
+
+def test_expect_100_continue_is_read_through_asgi(api: Api, server: LiveServer) -> None:
+    data = os.urandom(CHUNK)
+    s = api.session(api.capsule(), len(data))
+    asgi = metric(server, "memvault_chunk_bodies_total", reader="asgi")
+    conn = Conn(server)
+    try:
+        head = conn.head("PUT", _chunk_path(s, 0), CHUNK)
+        conn.send(head[:-2] + b"Expect: 100-continue\r\n\r\n")
+        interim = conn.sock.recv(1 << 16)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        conn.send(data)
+        r = conn.response()
+        assert r.status_code == 200, r.text
+    finally:
+        conn.close()
+    assert metric(server, "memvault_chunk_bodies_total", reader="asgi") == asgi + 1
+    _committed(api, s, data)
