@@ -63,6 +63,7 @@ from _common import (
     GiB,
     MiB,
     ServerProcess,
+    durable_write_seconds,
     format_size,
     free_port,
     make_file,
@@ -397,6 +398,7 @@ class Bench:
         self.asgi_failure: str | None = None
         self.verified: list[str] = []
         self.disk_refs: list[tuple[int, float]] = []  # (size, s) to write + fsync a source
+        self.durable: list[float] = []  # s to write the compare file as 4 writers + fdatasync
         self.reports: list[ServerReport] = []
         self._server_seq = 0
 
@@ -559,6 +561,12 @@ class Bench:
                     f"{seconds:6.2f} s {mb_per_s(src.size, seconds):6.1f} MB/s  "
                     f"peak {mib(run.hwm_kib)} MiB  (stored file verified)"
                 )
+                # The disk's ceiling for a server that syncs every chunk, in the same minute.
+                os.sync()
+                durable = durable_write_seconds(src.path, src.size, self.work / "durable.bin")
+                self.durable.append(durable)
+                say(f"  {'disk: 4 writers, sync/chunk':24} {format_size(src.size):>7} run "
+                    f"{i + 1}/{repeat}: {durable:6.2f} s {mb_per_s(src.size, durable):6.1f} MB/s")
             report = ServerReport(f"tuspyserver ({format_size(src.size)})")
             report.lines = self._log_findings(server.log_tail(64 * MiB))
             self.reports.append(report)
@@ -779,7 +787,17 @@ def report(
         rows = [config_row(c, tus) for c in side]
         rows.append(config_row(tus, tus))
         print_table([*CONFIG_HEADERS, "ratio"], rows)
-        out(f"   tuspyserver: {tus.note}; memvault: httpx client, fsync per chunk\n")
+        out(f"   tuspyserver: {tus.note}; memvault: httpx client, fsync per chunk")
+        if bench.durable:
+            ceiling = mb_per_s(compare, median(bench.durable))
+            target = 1.5 * tus.mbps
+            out(f"   disk ceiling for a server that fdatasyncs every 8 MiB chunk (4 writers, "
+                f"no HTTP, no hashing; after each tuspyserver run): {ceiling:.0f} MB/s "
+                f"median ({', '.join(f'{mb_per_s(compare, d):.0f}' for d in bench.durable)})")
+            verdict = "above" if target > ceiling else "within"
+            out(f"   1.5 x tuspyserver = {target:.0f} MB/s: {verdict} what this disk made "
+                f"durable in this run ({ceiling / tus.mbps:.2f} x tuspyserver)")
+        out("")
 
     if bench.asgi or bench.asgi_failure:
         out(f"3. memvault's ASGI server, {format_size(compare)} x{COMPARE_IN_FLIGHT} in flight "
