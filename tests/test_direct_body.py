@@ -201,3 +201,27 @@ def test_expect_100_continue_is_read_through_asgi(api: Api, server: LiveServer) 
         conn.close()
     assert metric(server, "memvault_chunk_bodies_total", reader="asgi") == asgi + 1
     _committed(api, s, data)
+
+
+def test_a_body_still_arriving_after_an_early_answer_keeps_the_connection(
+    api: Api, server: LiveServer
+) -> None:
+    # uvicorn arms its keep-alive timer (5 s) when a response is complete. A slow client
+    # still sending the body of a refused chunk is not idle: it must not be cut off.
+    data = os.urandom(CHUNK)
+    s = api.session(api.capsule(), len(data))
+    conn = Conn(server)
+    try:
+        conn.send(conn.head("PUT", _chunk_path(s, 0), CHUNK, token="mvt_wrong"))
+        assert conn.response().status_code == 401
+        pieces = 14
+        step = -(-CHUNK // pieces)
+        for at in range(0, CHUNK, step):  # 6.5 s in all, longer than the keep-alive
+            conn.send(data[at:at + step])
+            time.sleep(0.5)
+        conn.send(conn.head("GET", f"/v1/uploads/{s['id']}"))
+        status = conn.response()
+        assert status.status_code == 200, status.text
+        assert status.json()["received"] == []
+    finally:
+        conn.close()

@@ -41,6 +41,9 @@ POOL_KEEP = 32
 def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
     pool = BufferPool(settings.write_batch, POOL_KEEP)
     header_timeout = settings.header_timeout
+    # One for all connections, as uvloop's own read buffer is: whatever is read into it is
+    # copied out (or dropped) before the next read anywhere.
+    scratch = memoryview(bytearray(SCRATCH_BYTES))
 
     class MemvaultProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -49,7 +52,6 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                      app_state: dict[str, Any],
                      _loop: asyncio.AbstractEventLoop | None = None) -> None:
             super().__init__(config, server_state, app_state, _loop)
-            self._scratch = memoryview(bytearray(SCRATCH_BYTES))
             self._direct: DirectBody | None = None
             """The current request's chunk body while bytes of it are due from the socket."""
             self._into: DirectBody | None = None  # where the read under way goes
@@ -62,18 +64,29 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 self._into = body
                 return body.space()
             self._into = None
-            return self._scratch
+            return scratch
 
         def buffer_updated(self, nbytes: int) -> None:
             body = self._into
             if body is None:
-                self.data_received(bytes(self._scratch[:nbytes]))
+                self.data_received(bytes(scratch[:nbytes]))
                 return
+            # Bytes arrived: the connection is not idle (a body still coming after an early
+            # answer must not be cut by the keep-alive timer that answer armed).
+            self._unset_keepalive_if_required()
             if body.received(nbytes):
                 # The parser saw only the head (and maybe a first piece of the body); the
                 # next request starts afresh.
                 self._direct = None
                 self.parser = _parser(self)
+                if self.cycle.response_complete:
+                    self._idle()
+
+        def _idle(self) -> None:
+            """Arm the keep-alive timer, as uvicorn does once a response is complete."""
+            if not self.transport.is_closing() and not self.pipeline:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
         # -- header timeout ----------------------------------------------------------------
 
@@ -138,7 +151,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             return int(lengths[0])
 
         def _start_direct(self, length: int) -> None:
-            body = DirectBody(length, pool, self._pause, self._resume, self._scratch)
+            body = DirectBody(length, pool, self._pause, self._resume, scratch)
             extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
             extensions[EXTENSION] = body
             self.scope["extensions"] = extensions
@@ -157,7 +170,8 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 self.flow.pause_reading()
 
         def _resume(self) -> None:
-            if not self.transport.is_closing():
+            # Not while uvicorn holds reading for a pipelined request of its own.
+            if not self.transport.is_closing() and not self.pipeline:
                 self.flow.resume_reading()
 
     class MemvaultConnection(asyncio.BufferedProtocol):

@@ -226,13 +226,16 @@ async def _consume(
     try:
         async for batch in batches:
             seen += sum(len(piece) for piece in batch)
-            if seen > length:
-                body.written(batch)
-                raise PayloadTooLarge(
-                    f"chunk body is longer than its {length} bytes", limit=length
-                )
-            if pending is not None:
-                await pending
+            try:
+                if seen > length:
+                    raise PayloadTooLarge(
+                        f"chunk body is longer than its {length} bytes", limit=length
+                    )
+                if pending is not None:
+                    await pending
+            except BaseException:
+                body.written(batch)  # in no worker thread's hands yet
+                raise
             pending = asyncio.ensure_future(flush(batch))
         if pending is not None:
             await pending
