@@ -225,3 +225,23 @@ def test_a_body_still_arriving_after_an_early_answer_keeps_the_connection(
         assert status.json()["received"] == []
     finally:
         conn.close()
+
+
+def test_a_refused_body_longer_than_any_chunk_is_not_drained(
+    api: Api, server: LiveServer
+) -> None:
+    s = api.session(api.capsule(), CHUNK)
+    too_long = 128 * 1024 * 1024  # twice MEMVAULT_MAX_CHUNK_SIZE's default
+    conn = Conn(server)
+    try:
+        conn.send(conn.head("PUT", _chunk_path(s, 0), too_long) + os.urandom(4096))
+        refused = conn.response()
+        assert refused.status_code == 413, refused.text
+        # The rest (~128 MiB) would only be read and thrown away: the server hangs up at once
+        # (not after the 5 s keep-alive timeout of an idle connection).
+        conn.sock.settimeout(2)
+        assert conn.sock.recv(1) == b""
+    finally:
+        conn.close()
+    r = api.put(s, 0, os.urandom(CHUNK))  # the session is untouched and usable
+    assert r.status_code == 200, r.text

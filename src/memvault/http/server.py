@@ -44,6 +44,9 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
     # One for all connections, as uvloop's own read buffer is: whatever is read into it is
     # copied out (or dropped) before the next read anywhere.
     scratch = memoryview(bytearray(SCRATCH_BYTES))
+    # A refused body longer than any chunk may be is not read to its end: the connection
+    # closes once the answer is out (uvicorn would read and drop it all).
+    drain_limit = settings.max_chunk_size
 
     class MemvaultProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -159,7 +162,9 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             answered = cycle.on_response
 
             def response_sent() -> None:
-                body.response_sent()  # what is still due is read and dropped
+                body.response_sent()  # what is still due is read and dropped ...
+                if body.due > drain_limit and not self.transport.is_closing():
+                    self.transport.close()  # ... unless no chunk is that large
                 answered()
 
             cycle.on_response = response_sent
