@@ -14,6 +14,7 @@ import os
 import random
 import socket
 import time
+from typing import Any
 
 import httpx
 
@@ -71,6 +72,19 @@ def _chunk_path(session: dict[str, object], index: int) -> str:
     return f"/v1/uploads/{session['id']}/chunks/{index}"
 
 
+def _start(api: Api, server: LiveServer, size: int) -> tuple[bytes, dict[str, Any], Conn]:
+    """Random data of ``size`` bytes, a session for it and a raw connection."""
+    data = os.urandom(size)
+    return data, api.session(api.capsule(), size), Conn(server)
+
+
+def _refused_head(conn: Conn, session: dict[str, object]) -> None:
+    """Send the head of chunk 0 with a wrong token: 401 at once, the body not read yet."""
+    conn.send(conn.head("PUT", _chunk_path(session, 0), CHUNK, token="mvt_wrong"))
+    refused = conn.response()
+    assert refused.status_code == 401, refused.text
+
+
 def _committed(api: Api, session: dict[str, object], data: bytes) -> None:
     """Finish the session: its digest and its stored bytes are the data's."""
     done = api.finish(session, data)
@@ -111,9 +125,7 @@ def test_body_in_the_same_write_as_its_head_then_the_next_request(
 
 
 def test_large_body_then_a_request_right_behind_it(api: Api, server: LiveServer) -> None:
-    data = os.urandom(2 * CHUNK)
-    s = api.session(api.capsule(), len(data))
-    conn = Conn(server)
+    data, s, conn = _start(api, server, 2 * CHUNK)
     try:
         # Both chunks and a status request in one stream of bytes: each body must end
         # exactly at its Content-Length, and the parser take up the next request there.
@@ -133,10 +145,8 @@ def test_large_body_then_a_request_right_behind_it(api: Api, server: LiveServer)
 
 
 def test_body_trickled_in_tiny_pieces(api: Api, server: LiveServer) -> None:
-    data = os.urandom(2 * CHUNK)
-    s = api.session(api.capsule(), len(data))
     rng = random.Random(7)
-    conn = Conn(server)
+    data, s, conn = _start(api, server, 2 * CHUNK)
     try:
         for index in (0, 1):
             body = data[index * CHUNK:(index + 1) * CHUNK]
@@ -158,14 +168,10 @@ def test_body_trickled_in_tiny_pieces(api: Api, server: LiveServer) -> None:
 def test_refused_before_the_body_is_read_and_the_connection_goes_on(
     api: Api, server: LiveServer
 ) -> None:
-    data = os.urandom(CHUNK)
-    s = api.session(api.capsule(), len(data))
-    conn = Conn(server)
+    data, s, conn = _start(api, server, CHUNK)
     try:
         # A wrong token: answered from the head alone, before the body is sent at all.
-        conn.send(conn.head("PUT", _chunk_path(s, 0), CHUNK, token="mvt_wrong"))
-        refused = conn.response()
-        assert refused.status_code == 401, refused.text
+        _refused_head(conn, s)
         # The body still comes (a client may send it regardless); it is read and dropped,
         # and the next request on the connection is understood.
         conn.send(data)
@@ -185,10 +191,8 @@ def test_refused_before_the_body_is_read_and_the_connection_goes_on(
 
 
 def test_expect_100_continue_is_read_through_asgi(api: Api, server: LiveServer) -> None:
-    data = os.urandom(CHUNK)
-    s = api.session(api.capsule(), len(data))
     asgi = metric(server, "memvault_chunk_bodies_total", reader="asgi")
-    conn = Conn(server)
+    data, s, conn = _start(api, server, CHUNK)
     try:
         head = conn.head("PUT", _chunk_path(s, 0), CHUNK)
         conn.send(head[:-2] + b"Expect: 100-continue\r\n\r\n")
@@ -208,12 +212,9 @@ def test_a_body_still_arriving_after_an_early_answer_keeps_the_connection(
 ) -> None:
     # uvicorn arms its keep-alive timer (5 s) when a response is complete. A slow client
     # still sending the body of a refused chunk is not idle: it must not be cut off.
-    data = os.urandom(CHUNK)
-    s = api.session(api.capsule(), len(data))
-    conn = Conn(server)
+    data, s, conn = _start(api, server, CHUNK)
     try:
-        conn.send(conn.head("PUT", _chunk_path(s, 0), CHUNK, token="mvt_wrong"))
-        assert conn.response().status_code == 401
+        _refused_head(conn, s)
         pieces = 14
         step = -(-CHUNK // pieces)
         for at in range(0, CHUNK, step):  # 6.5 s in all, longer than the keep-alive
