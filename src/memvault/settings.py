@@ -163,7 +163,8 @@ class Settings(BaseSettings):
         "process's claim is taken over after this)",
     )
     write_batch: int = Field(
-        default=512 * 1024, ge=4096, description="bytes gathered from the socket per storage write"
+        default=512 * 1024, ge=4096,
+        description="bytes per storage write (the size of the buffers chunk bodies are read into)"
     )
     fsync: bool = Field(default=True, description="fsync each chunk before acknowledging it")
     hash_lag: int = Field(
