@@ -74,6 +74,7 @@ class DirectBody:
         pause: Callable[[], None],
         resume: Callable[[], None],
         scratch: memoryview,
+        asked: Callable[[], None] = lambda: None,
     ) -> None:
         self.length = length
         self.due = length
@@ -81,6 +82,7 @@ class DirectBody:
         self._pool = pool
         self._pause, self._resume = pause, resume
         self._scratch = scratch
+        self._on_ask = asked  # e.g. "100 Continue" to a client waiting for it
         self._early: list[bytes] = []
         self._current: bytearray | None = None
         self._filled = 0
@@ -94,6 +96,11 @@ class DirectBody:
         self._dropping = False  # the response is out: read what is still due, keep nothing
         if self.due:
             self._hold()  # until the route asks
+
+    @property
+    def asked(self) -> bool:
+        """Whether the route has asked for the body (and so the client been told to send it)."""
+        return self._asked
 
     # -- producer (the protocol, on the event loop) -------------------------------------
 
@@ -154,7 +161,9 @@ class DirectBody:
         """Each full buffer as a batch (``batch_bytes`` is the buffers' size already)."""
         self._arrived = arrived
         try:
-            self._asked = True
+            if not self._asked:
+                self._asked = True
+                self._on_ask()
             self._let_go()
             if self.length - self.due:
                 arrived(self.length - self.due)

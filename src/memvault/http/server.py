@@ -10,7 +10,8 @@ The protocol adds two things to uvicorn's ``HttpToolsProtocol``:
   protocol is an ``asyncio.BufferedProtocol``: the loop reads into a buffer the protocol
   hands it. For everything but a chunk body that is a small scratch buffer fed to the
   parser (as uvicorn's ``data_received`` would be). For a chunk ``PUT`` with a
-  ``Content-Length``, once the head is parsed the body's bytes bypass the parser: they are
+  ``Content-Length``, once the head is parsed the body's bytes bypass the parser (a client
+  that sent ``Expect: 100-continue`` is told to go on when the route asks): they are
   read into pooled buffers of the route's ``DirectBody`` (never past the body's end), and
   when the last byte is in, a fresh parser takes the connection's next request.
 
@@ -144,8 +145,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             """The body's length if this request's body is to be read directly."""
             scope = self.scope
             if (scope.get("method") != "PUT" or "path" not in scope
-                    or not CHUNK_PATH.match(scope["path"]) or self.expect_100_continue
-                    or self.parser.should_upgrade()):
+                    or not CHUNK_PATH.match(scope["path"]) or self.parser.should_upgrade()):
                 return None
             lengths = [v for k, v in self.headers if k == b"content-length"]
             if (len(lengths) != 1 or not lengths[0].isdigit()
@@ -154,17 +154,30 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             return int(lengths[0])
 
         def _start_direct(self, length: int) -> None:
-            body = DirectBody(length, pool, self._pause, self._resume, scratch)
+            cycle = self.cycle
+            expects = self.expect_100_continue
+
+            def proceed() -> None:
+                """The route asks for the body: a client waiting for "100 Continue" gets it
+                now (uvicorn sends it on the first ``receive``)."""
+                if cycle.waiting_for_100_continue and not self.transport.is_closing():
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    cycle.waiting_for_100_continue = False
+
+            body = DirectBody(length, pool, self._pause, self._resume, scratch, proceed)
             extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
             extensions[EXTENSION] = body
             self.scope["extensions"] = extensions
-            cycle = self.cycle
             answered = cycle.on_response
 
             def response_sent() -> None:
-                body.response_sent()  # what is still due is read and dropped ...
-                if body.due > drain_limit and not self.transport.is_closing():
-                    self.transport.close()  # ... unless no chunk is that large
+                refused_unseen = expects and not body.asked
+                body.response_sent()  # what is still due is read and dropped, unless
+                # no chunk is that large, or the client was never told to send it (it may
+                # not: the connection cannot tell its next request from the body)
+                if ((body.due > drain_limit or (refused_unseen and body.due))
+                        and not self.transport.is_closing()):
+                    self.transport.close()
                 answered()
 
             cycle.on_response = response_sent
