@@ -208,7 +208,9 @@ def test_expect_100_continue_is_answered_when_the_route_asks(
         # server cannot tell what follows from the body; it answers and hangs up.
         head = conn.head("PUT", _chunk_path(s, 0), CHUNK, token="mvt_wrong")
         conn.send(head[:-2] + b"Expect: 100-continue\r\n\r\n")
-        assert conn.response().status_code == 401
+        refused = conn.response()
+        assert refused.status_code == 401
+        assert refused.headers["connection"] == "close"
         conn.sock.settimeout(2)
         assert conn.sock.recv(1) == b""
     finally:
@@ -248,6 +250,7 @@ def test_a_refused_body_longer_than_any_chunk_is_not_drained(
         conn.send(conn.head("PUT", _chunk_path(s, 0), too_long) + os.urandom(4096))
         refused = conn.response()
         assert refused.status_code == 413, refused.text
+        assert refused.headers["connection"] == "close"
         # The rest (~128 MiB) would only be read and thrown away: the server hangs up at once
         # (not after the 5 s keep-alive timeout of an idle connection).
         conn.sock.settimeout(2)
@@ -256,3 +259,18 @@ def test_a_refused_body_longer_than_any_chunk_is_not_drained(
         conn.close()
     r = api.put(s, 0, os.urandom(CHUNK))  # the session is untouched and usable
     assert r.status_code == 200, r.text
+
+
+def test_a_refused_body_that_stops_coming_is_an_idle_connection(
+    api: Api, server: LiveServer
+) -> None:
+    data, s, conn = _start(api, server, CHUNK)
+    try:
+        _refused_head(conn, s)
+        conn.send(data[:1000])  # then nothing: closed like any idle keep-alive connection
+        conn.sock.settimeout(15)
+        started = time.monotonic()
+        assert conn.sock.recv(1) == b""
+        assert time.monotonic() - started < 10
+    finally:
+        conn.close()

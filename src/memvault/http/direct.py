@@ -97,11 +97,6 @@ class DirectBody:
         if self.due:
             self._hold()  # until the route asks
 
-    @property
-    def asked(self) -> bool:
-        """Whether the route has asked for the body (and so the client been told to send it)."""
-        return self._asked
-
     # -- producer (the protocol, on the event loop) -------------------------------------
 
     def early(self, data: bytes) -> None:

@@ -45,7 +45,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
     # One for all connections, as uvloop's own read buffer is: whatever is read into it is
     # copied out (or dropped) before the next read anywhere.
     scratch = memoryview(bytearray(SCRATCH_BYTES))
-    # A refused body longer than any chunk may be is not read to its end: the connection
+    # A body longer than any chunk may be is refused and not read to its end: the connection
     # closes once the answer is out (uvicorn would read and drop it all).
     drain_limit = settings.max_chunk_size
 
@@ -83,8 +83,9 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 # next request starts afresh.
                 self._direct = None
                 self.parser = _parser(self)
-                if self.cycle.response_complete:
-                    self._idle()
+            if self.cycle.response_complete:
+                self._idle()  # from the last byte of a refused body: one that stops coming
+                # is an idle connection like any other
 
         def _idle(self) -> None:
             """Arm the keep-alive timer, as uvicorn does once a response is complete."""
@@ -155,7 +156,13 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
 
         def _start_direct(self, length: int) -> None:
             cycle = self.cycle
-            expects = self.expect_100_continue
+            keep_alive = cycle.keep_alive
+            if length > drain_limit or self.expect_100_continue:
+                # An answer closes the connection (and says so): a body longer than any
+                # chunk is refused for sure and not worth reading to its end; a client
+                # waiting for "100 Continue" may never send its body, so what follows an
+                # answer could not be told from it.
+                cycle.keep_alive = False
 
             def proceed() -> None:
                 """The route asks for the body: a client waiting for "100 Continue" gets it
@@ -163,6 +170,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 if cycle.waiting_for_100_continue and not self.transport.is_closing():
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     cycle.waiting_for_100_continue = False
+                    cycle.keep_alive = keep_alive and length <= drain_limit
 
             body = DirectBody(length, pool, self._pause, self._resume, scratch, proceed)
             extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
@@ -171,13 +179,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             answered = cycle.on_response
 
             def response_sent() -> None:
-                refused_unseen = expects and not body.asked
-                body.response_sent()  # what is still due is read and dropped, unless
-                # no chunk is that large, or the client was never told to send it (it may
-                # not: the connection cannot tell its next request from the body)
-                if ((body.due > drain_limit or (refused_unseen and body.due))
-                        and not self.transport.is_closing()):
-                    self.transport.close()
+                body.response_sent()  # what is still due is read and dropped
                 answered()
 
             cycle.on_response = response_sent
