@@ -22,7 +22,9 @@ Flow, so that memory stays bounded by what the session core has admitted:
 - then at most ``DEPTH`` buffers per body are out (filling, full, or being written), and
   reading pauses while all are;
 - if the response goes out before the whole body has been read (an error), the rest is
-  read into a scratch buffer and dropped, so the connection stays usable (as uvicorn does).
+  read into a scratch buffer and dropped, so the connection stays usable (as uvicorn does);
+  the protocol closes it instead when the body is longer than any chunk, or when the client
+  was waiting for "100 Continue" and never got it (``memvault.http.server``).
 """
 
 from __future__ import annotations
