@@ -124,7 +124,7 @@ def _content_length(request: Request) -> int | None:
 
 def _body(request: Request, svc: Services) -> Body:
     """The chunk's body: read directly by ``memvault serve``'s protocol, else through ASGI."""
-    direct = request.scope.get("extensions", {}).get(EXTENSION)
+    direct = (request.scope.get("extensions") or {}).get(EXTENSION)
     if isinstance(direct, DirectBody):
         svc.metrics.chunk_bodies.labels("direct").inc()
         return direct
