@@ -163,7 +163,7 @@ class Settings(BaseSettings):
         "process's claim is taken over after this)",
     )
     write_batch: int = Field(
-        default=512 * 1024, ge=4096,
+        default=2 * MiB, ge=4096,
         description="bytes per storage write (the size of the buffers chunk bodies are read into)"
     )
     fsync: bool = Field(default=True, description="fsync each chunk before acknowledging it")
@@ -250,8 +250,9 @@ class Settings(BaseSettings):
 
 
 def _default_transfer_slots() -> int:
-    """32 transfers per core, fewer on a small machine: each holds up to two write batches
-    (1 MiB by default) plus socket buffers, so 64 MiB of memory per 16 transfers is ample."""
+    """32 transfers per core, fewer on a small machine: each holds one write batch (2 MiB by
+    default; two through ASGI) plus socket buffers, so 64 MiB of memory per 16 transfers is
+    ample."""
     cores = os.cpu_count() or 1
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

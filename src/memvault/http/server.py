@@ -35,12 +35,12 @@ from memvault.settings import Settings
 
 SCRATCH_BYTES = 64 * 1024
 """One socket read of anything but a chunk body (uvicorn's own flow-control limit)."""
-POOL_KEEP = 32
-"""Chunk buffers kept for reuse once free: enough for 16 chunks in flight at ``DEPTH`` 2."""
+POOL_KEEP_BYTES = 32 * 1024 * 1024
+"""Chunk buffers kept for reuse once free: 16 chunks in flight with the default write batch."""
 
 
 def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
-    pool = BufferPool(settings.write_batch, POOL_KEEP)
+    pool = BufferPool(settings.write_batch, max(1, POOL_KEEP_BYTES // settings.write_batch))
     header_timeout = settings.header_timeout
     # One for all connections, as uvloop's own read buffer is: whatever is read into it is
     # copied out (or dropped) before the next read anywhere.

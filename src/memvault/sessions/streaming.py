@@ -4,8 +4,10 @@ A chunk's body is a ``ChunkBody``: batches of about ``write_batch`` bytes. Read 
 (``PieceBody``), a batch is a list of the pieces the server handed us, not a copy; read by
 memvault's own HTTP protocol (``memvault.http.direct``), a batch is one buffer the socket was
 read into. Each batch is written and then digested in one worker-thread call while the next
-one arrives, so at most two batches per chunk are in memory, whatever the chunk or file size
-(DESIGN §3.1), and a batch goes back to its body (``written``) once it is on storage.
+one arrives (through ASGI; memvault's own protocol holds one buffer per body and lets the
+kernel's socket buffer take what arrives meanwhile), so at most two batches per chunk are in
+memory, whatever the chunk or file size (DESIGN §3.1), and a batch goes back to its body
+(``written``) once it is on storage.
 """
 
 from __future__ import annotations
