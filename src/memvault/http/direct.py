@@ -51,9 +51,9 @@ CHUNK_PATH = re.compile(r"^/v1/uploads/[^/]+/chunks/[^/]+$")
 class BufferPool:
     """Buffers of one size, kept for reuse (up to ``keep`` of them) once given back.
 
-    Each is an anonymous mapping of its own rather than a ``bytearray``: page-aligned, its
-    memory exactly its size and, once dropped, back to the system instead of left in a malloc
-    arena (with 2 MiB buffers, 8 chunks in flight peaked 3-4 MiB lower this way)."""
+    Each is a private anonymous mapping of its own rather than a ``bytearray``: page-aligned,
+    its memory exactly its size and, once dropped, back to the system instead of left in a
+    malloc arena (with 2 MiB buffers, 8 chunks in flight peaked 2-4 MiB lower this way)."""
 
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
@@ -61,7 +61,7 @@ class BufferPool:
         self._free: list[mmap.mmap] = []
 
     def take(self) -> mmap.mmap:
-        return self._free.pop() if self._free else mmap.mmap(-1, self.size)
+        return self._free.pop() if self._free else mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE)
 
     def give(self, buffer: mmap.mmap) -> None:
         if len(self._free) < self.keep:
