@@ -14,14 +14,26 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import SMALL_CHUNKS, LiveServer, _server
 from tests.helpers import Api, metric
 
 CHUNK = 256 * 1024  # the module server's chunk size (SMALL_CHUNKS)
+BUFFER = 64 * 1024  # its write batch: a chunk's body fills, hands over and refills 4 buffers
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The module's server, with buffers smaller than a chunk: every body here pauses the
+    socket when its buffer is full and resumes it once the buffer is written, as a real
+    chunk does with the default 2 MiB buffers and 8 MiB chunks."""
+    env = {**SMALL_CHUNKS, "MEMVAULT_WRITE_BATCH": str(BUFFER)}
+    yield from _server(tmp_path_factory.mktemp("direct"), env)
 
 
 class Conn:
@@ -102,6 +114,14 @@ def test_memvault_serve_reads_chunk_bodies_directly(api: Api, server: LiveServer
     assert api.read(done["memory_id"]).content == data
     assert metric(server, "memvault_chunk_bodies_total", reader="direct") == direct + 4
     assert metric(server, "memvault_chunk_bodies_total", reader="asgi") == asgi
+
+
+@pytest.mark.parametrize("size", [BUFFER - 1, BUFFER, BUFFER + 1, CHUNK + 2 * BUFFER - 1])
+def test_bodies_ending_around_a_buffer_boundary(api: Api, server: LiveServer, size: int) -> None:
+    data = os.urandom(size)
+    done = api.upload(api.capsule(), data)
+    assert done["asset"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert api.read(done["memory_id"]).content == data
 
 
 def test_body_in_the_same_write_as_its_head_then_the_next_request(

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memvault.settings import Settings
+from memvault.settings import TRANSFER_MEMORY, Settings, _default_transfer_slots, _usable_memory
 from tests.conftest import LiveServer
 from tests.helpers import problem
 
@@ -40,6 +40,20 @@ def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("memvault: ")
     return lines[0]
+
+
+def test_transfer_slots_follow_a_container_memory_limit(tmp_path: Path) -> None:
+    physical = _usable_memory(limits=[])
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")
+    v1.write_text("9223372036854771712\n")  # cgroup v1's "no limit"
+    assert _usable_memory(limits=[v2, v1, tmp_path / "absent"]) == physical
+    v2.write_text(f"{512 * 1024 * 1024}\n")
+    assert _usable_memory(limits=[v2, v1]) == 512 * 1024 * 1024
+    # 512 MiB: 64 slots at most, so their write batches take at most a quarter of it.
+    assert _default_transfer_slots(512 * 1024 * 1024) == min(64, 32 * (os.cpu_count() or 1))
+    assert _default_transfer_slots(16 * 1024 * 1024) == 4  # never fewer than four
+    assert 4 * Settings().write_batch <= TRANSFER_MEMORY
 
 
 @pytest.mark.parametrize(("name", "value"), [

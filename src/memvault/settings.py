@@ -8,6 +8,7 @@ they differ only in the values, and ``effective()`` is logged at start-up.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -249,16 +250,34 @@ class Settings(BaseSettings):
         return values
 
 
-def _default_transfer_slots() -> int:
-    """32 transfers per core, fewer on a small machine: each holds one write batch (2 MiB by
-    default; two through ASGI) plus socket buffers, so 64 MiB of memory per 16 transfers is
-    ample."""
+TRANSFER_MEMORY = 8 * MiB
+"""Memory set aside per transfer slot: its write batch (2 MiB by default, in one buffer or two
+halves) is a quarter of it, so the slots' batches never take more than a quarter of memory."""
+
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _default_transfer_slots(memory: int | None = None) -> int:
+    """32 transfers per core, at most 256, fewer where memory is small."""
     cores = os.cpu_count() or 1
+    usable = _usable_memory() if memory is None else memory
+    return max(4, min(32 * cores, 256, usable // TRANSFER_MEMORY))
+
+
+def _usable_memory(limits: Sequence[str | Path] = _CGROUP_LIMITS) -> int:
+    """Physical memory, or the container's limit where that is lower (cgroup v2 or v1)."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = 1024 * MiB
-    return max(4, min(32 * cores, 256, memory // (4 * MiB)))
+    for path in limits:
+        try:
+            limit = Path(path).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if limit.isdigit():  # "max" (v2) or a huge number (v1) when there is no limit
+            memory = min(memory, int(limit))
+    return memory
 
 
 def redact(url: str) -> str:

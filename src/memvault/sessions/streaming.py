@@ -4,10 +4,10 @@ A chunk's body is a ``ChunkBody``: batches of about ``write_batch`` bytes. Read 
 (``PieceBody``), a batch is a list of the pieces the server handed us, not a copy; read by
 memvault's own HTTP protocol (``memvault.http.direct``), a batch is one buffer the socket was
 read into. Each batch is written and then digested in one worker-thread call while the next
-one arrives (through ASGI; memvault's own protocol holds one buffer per body and lets the
-kernel's socket buffer take what arrives meanwhile), so at most two batches per chunk are in
-memory, whatever the chunk or file size (DESIGN §3.1), and a batch goes back to its body
-(``written``) once it is on storage.
+one arrives (through ASGI, in batches of half ``write_batch``; memvault's own protocol holds
+one buffer per body and lets the kernel's socket buffer take what arrives meanwhile), so a
+chunk in flight holds about ``write_batch`` bytes, whatever the chunk or file size (DESIGN
+§3.1), and a batch goes back to its body (``written``) once it is on storage.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class ChunkBody(Protocol):
 
 class PieceBody:
     """A body that arrives as arbitrary pieces (ASGI ``http.request`` messages), gathered
-    into lists of about ``batch_bytes``."""
+    into lists of about half ``batch_bytes``: one is written while the next is gathered, so
+    a chunk holds what one buffer holds when memvault's own protocol reads it."""
 
     def __init__(self, pieces: AsyncIterable[bytes]) -> None:
         self._pieces = pieces
@@ -58,6 +59,7 @@ class PieceBody:
     ) -> AsyncGenerator[Batch, None]:
         batch: list[bytes] = []
         size = seen = 0
+        batch_bytes = max(1, batch_bytes // 2)
         async for piece in self._pieces:
             if not piece:
                 continue
