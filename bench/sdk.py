@@ -60,6 +60,7 @@ from PIL import Image
 from _common import (
     KiB,
     MiB,
+    ServerProcess,
     durable_write_seconds,
     format_size,
     free_port,
@@ -189,6 +190,23 @@ class Trace:
         }
 
 
+class Cpu:
+    """CPU seconds a timed upload cost the server process and this (client) process.
+
+    Read right after the call returns: a server's work after its last answer (a background
+    unlink, a derivative job) is not counted; nor is the CPU of the SDK's derivative worker
+    process (``derivatives="auto"``)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.server_start = server.cpu_seconds()
+        self.client_start = time.process_time()
+
+    def add_to(self, row: Row) -> None:
+        row.server_cpu.append(self.server.cpu_seconds() - self.server_start)
+        row.client_cpu.append(time.process_time() - self.client_start)
+
+
 @dataclass
 class Row:
     label: str
@@ -196,10 +214,12 @@ class Row:
     seconds: list[float] = field(default_factory=list)
     traces: list[Trace] = field(default_factory=list)
     note: str = ""
+    server_cpu: list[float] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
 
 
-async def memory_runs(args: argparse.Namespace, work: Path, base: str, token: str,
-                      rows: dict[str, Row], cold: list[Trace]) -> None:
+async def memory_runs(args: argparse.Namespace, work: Path, server: ServerProcess, base: str,
+                      token: str, rows: dict[str, Row], cold: list[Trace]) -> None:
     rng = random.Random(1)
     plain = work / "original.bin"
     plain.write_bytes(rng.randbytes(ORIGINAL_SIZE - 8) + b"\0" * 8)
@@ -222,10 +242,12 @@ async def memory_runs(args: argparse.Namespace, work: Path, base: str, token: st
         Stamp.file(plain)
         await mv.upload_memory(plain, capsule=cap, derivatives=Stamp.given(rng))
         tus_store = work / "tus-store"
-        with run_tuspyserver(tus_store, (port := free_port())) as _tus:
+        with run_tuspyserver(tus_store, (port := free_port())) as tus:
             for i in range(args.rounds):
                 os.sync()
+                cpu = Cpu(tus)
                 seconds = upload_with_tuspy(tus_endpoint(port), plain, files_dir=tus_store)
+                cpu.add_to(rows["tus"])
                 rows["tus"].seconds.append(seconds)
                 for entry in tus_store.iterdir():
                     if entry.is_file():
@@ -239,6 +261,7 @@ async def memory_runs(args: argparse.Namespace, work: Path, base: str, token: st
                                                ("alone", plain, None)):
                     Stamp.file(path)
                     os.sync()
+                    cpu = Cpu(server)
                     trace = Trace(time.perf_counter())
                     if derivatives is None:
                         done = await mv.upload_file(path, cap, on_progress=trace.on)
@@ -251,6 +274,7 @@ async def memory_runs(args: argparse.Namespace, work: Path, base: str, token: st
                         trace.end = time.perf_counter()
                         assert len(memory.assets) == 4, memory
                     assert memory.assets["original"].size == path.stat().st_size
+                    cpu.add_to(rows[key])
                     rows[key].seconds.append(trace.end - trace.start)
                     rows[key].traces.append(trace)
                 say(f"  round {i + 1}/{args.rounds}: tus {rows['tus'].seconds[-1]:.3f} s, "
@@ -268,10 +292,14 @@ def print_memory_section(rows: dict[str, Row], cold: list[Trace]) -> None:
         table.append([row.label, format_size(row.size) if row.size % KiB == 0
                       else f"{row.size / MiB:.1f} MiB", len(row.seconds),
                       f"{s * 1000:.0f}", f"{min(row.seconds) * 1000:.0f}",
-                      f"{max(row.seconds) * 1000:.0f}", f"{s / tus:.2f}", row.note])
+                      f"{max(row.seconds) * 1000:.0f}", f"{s / tus:.2f}",
+                      _ms(row.server_cpu), _ms(row.client_cpu), row.note])
     print("1. 20 MiB original: tuspyserver receiving it alone vs memvault's SDK building the "
           "memory (end to end, warm client; median of the rounds)")
-    print_table(["what", "original", "runs", "ms (med)", "min", "max", "x tus", "note"], table)
+    print_table(["what", "original", "runs", "ms (med)", "min", "max", "x tus",
+                 "server CPU ms", "client CPU ms", "note"], table)
+    print("   CPU: medians over the rounds, read as each call returns; two cores allow "
+          "2 CPU-ms per ms")
     print("   where the time goes (ms, median over the rounds; from the SDK's progress events)")
     parts_rows = []
     for key in ("alone", "given", "auto"):
@@ -288,6 +316,10 @@ def print_memory_section(rows: dict[str, Row], cold: list[Trace]) -> None:
     print(f"   target (issue 3): 4-asset memory <= 1.2 x tuspyserver's 20 MiB: "
           f"{ratio:.2f} x ({'met' if ratio <= 1.2 else 'NOT met'}); the disk alone took "
           f"{median(rows['disk'].seconds) / tus:.2f} x to make the 20 MiB durable\n")
+
+
+def _ms(seconds: list[float]) -> str:
+    return f"{median(seconds) * 1000:.0f}" if seconds else "-"
 
 
 # --- section 2: throughput on a big file ---------------------------------------------------------
@@ -447,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "auto": Row("SDK upload_memory, derivatives=auto (real JPEG)", 0),
             }
             cold: list[Trace] = []
-            asyncio.run(memory_runs(args, work, base, token, rows, cold))
+            asyncio.run(memory_runs(args, work, server, base, token, rows, cold))
             print_memory_section(rows, cold)
             if not args.skip_throughput:
                 results = throughput_runs(args, work, data_dir, base, token)
