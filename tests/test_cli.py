@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SMALL_CHUNKS, LiveServer
-from tests.helpers import mint_token
+from tests.helpers import Api, mint_token
 
 MiB = 1024 * 1024
 
@@ -201,6 +201,25 @@ def test_no_derivatives_and_a_failing_file_give_exit_code_1(cli: Cli, tmp_path: 
     assert failed["errors"][0]["code"] == "payload_too_large"
 
 
+def interrupt_upload(cli: Cli, api: Api, *args: str, chunks: int = 10) -> str:
+    """Run ``memvault upload ARGS`` and Ctrl-C it once the server holds ``chunks`` chunks
+    of its one file (but not all); its stderr."""
+    proc = subprocess.Popen(cli.argv("upload", *args, "--parallel", "1"), env=cli.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        sessions = api.http.get("/v1/uploads").json()["items"]
+        if sessions and sessions[0]["received_count"] >= chunks:
+            break
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the upload never got going"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    return stderr
+
+
 def test_ctrl_c_then_the_same_command_resumes(cli: Cli, tmp_path: Path) -> None:
     cli.login()
     folder = tmp_path / "videos"
@@ -208,21 +227,7 @@ def test_ctrl_c_then_the_same_command_resumes(cli: Cli, tmp_path: Path) -> None:
     (folder / "long.mov").write_bytes(os.urandom(48 * MiB))
     api = cli.server.api()
     try:
-        proc = subprocess.Popen(
-            cli.argv("upload", str(folder), "--capsule", "cli-videos", "--create",
-                     "--parallel", "1"),
-            env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while True:  # interrupt once the server holds some, but not all, of the file
-            sessions = api.http.get("/v1/uploads").json()["items"]
-            if sessions and sessions[0]["received_count"] >= 10:
-                break
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the upload never got going"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 130, stderr
+        stderr = interrupt_upload(cli, api, str(folder), "--capsule", "cli-videos", "--create")
         assert "interrupted — run the same command again to resume" in stderr
         [session] = api.http.get("/v1/uploads").json()["items"]
         held = session["received_count"]
@@ -240,6 +245,35 @@ def test_ctrl_c_then_the_same_command_resumes(cli: Cli, tmp_path: Path) -> None:
         memory = api.http.get(f"/v1/memories/{file['memory_id']}").json()
         assert memory["id"] == session["memory_id"]
         assert api.http.get("/v1/uploads").json()["items"] == []
+    finally:
+        api.http.close()
+
+
+def test_a_file_found_stored_has_its_interrupted_upload_aborted(
+        cli: Cli, tmp_path: Path) -> None:
+    # Interrupted, then its bytes reach the capsule another way (a copy under another name):
+    # the next run skips the file and must not leave its old session holding a place.
+    cli.login()
+    data = os.urandom(24 * MiB)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "clip.mov").write_bytes(data)
+    (tmp_path / "b" / "copy.mov").write_bytes(data)
+    api = cli.server.api()
+    try:
+        interrupt_upload(cli, api, str(tmp_path / "a"), "--capsule", "cli-aborts", "--create",
+                         "--no-derivatives", chunks=3)
+        assert len(api.http.get("/v1/uploads").json()["items"]) == 1
+        done = cli("upload", str(tmp_path / "b"), "--capsule", "cli-aborts",
+                   "--no-derivatives")
+        assert done.returncode == 0, done.stderr
+        done = cli("upload", str(tmp_path / "a"), "--capsule", "cli-aborts",
+                   "--no-derivatives")
+        assert done.returncode == 0, done.stderr
+        assert "clip.mov: already in 'cli-aborts'" in done.stdout
+        assert "its interrupted upload was aborted" in done.stdout
+        assert api.http.get("/v1/uploads").json()["items"] == []
+        assert list((cli.home / "state").rglob("uploads/*.json")) == []
     finally:
         api.http.close()
 
@@ -333,6 +367,14 @@ def test_json_is_printed_when_the_whole_command_fails(cli: Cli, tmp_path: Path) 
     cli("capsule", "create", "cli-json-dup")
     done = cli("capsule", "create", "cli-json-dup", "--json")
     assert json.loads(done.stdout)["error"]["code"] == "conflict"
+    # Usage errors too, with exit code 2.
+    for args in [("upload", str(tmp_path / "missing.bin"), "--capsule", "x"),
+                 ("upload", "--capsule", "x"), ("ls", "x", "--bogus")]:
+        done = cli(*args, "--json")
+        assert done.returncode == 2, (args, done.stderr)
+        error = json.loads(done.stdout)["error"]
+        assert error["code"] == "usage", (args, error)
+        assert error["message"] in done.stderr
 
 
 def test_a_remembered_hash_that_went_stale_is_forgotten(cli: Cli, tmp_path: Path) -> None:

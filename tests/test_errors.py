@@ -440,6 +440,18 @@ def test_400_bad_role(api: Api) -> None:
     assert api.http.get(f"/v1/capsules/{cap}/memories").json()["items"] == []
 
 
+def test_400_empty_derivative(api: Api) -> None:
+    cap = api.capsule()
+    for role in ["display", "thumb", "placeholder"]:
+        body = problem(api.begin(cap, 0, role=role), 400, "invalid_argument")
+        assert body["role"] == role
+        assert body["detail"] == f"a {role} derivative cannot be empty", body
+    assert api.http.get(f"/v1/capsules/{cap}/memories").json()["items"] == []
+    # An empty original is a file like any other.
+    s = api.session(cap, 0)
+    complete(api, s, b"")
+
+
 def test_400_bad_sha256_at_begin(api: Api) -> None:
     cap = api.capsule()
     for bad in ["xyz", "a" * 63, "a" * 65, "g" * 64, " " + "a" * 63, ""]:

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import os
+import signal
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from memvault.client import (
     AsyncClient,
@@ -38,7 +40,9 @@ from memvault.client import (
     UploadMemoryError,
 )
 from memvault.client.download import part_path
+from memvault.client.source import FINGERPRINT_BLOCK
 from memvault.client.upload import ChunkUpload
+from memvault.client.workers import DerivativeWorkers
 from memvault.commands.messages import sentence
 from tests.asgi import CHUNK, InApp, faults, in_app
 from tests.faults import Fault, chunk_faults, unavailable
@@ -463,6 +467,21 @@ async def test_a_post_that_may_have_reached_the_server_is_not_repeated(app: InAp
         assert (await mv.capsule("once", create=True)).name == "once"
 
 
+async def test_the_pending_cap_says_what_frees_a_place_not_a_day_to_wait() -> None:
+    async with in_app(max_pending_per_capsule=1) as app, app.client() as mv:
+        cap = (await mv.create_capsule("cap-full")).id
+        write(app.root / "a.bin", 6 * CHUNK)
+        await _cancel_after(mv, app.root / "a.bin", cap, 2, parallel=1)
+        with pytest.raises(ResourceExhausted) as info:
+            await mv.upload_file(io.BytesIO(b"x"), cap, filename="b.bin")
+        assert info.value.retry_after is not None
+        assert info.value.retry_after > 3600
+        message = sentence(info.value)
+        assert message.startswith("resource_exhausted: 1 uploads are already pending")
+        assert "`memvault sessions` lists them" in message
+        assert "try again in" not in message
+
+
 async def test_unavailable_exhausted_keeps_the_typed_error(app: InApp) -> None:
     policy = RetryPolicy(attempts=2, base_delay=0.001)
     async with app.client(rule=chunk_faults(unavailable(0), every=1, times=9),
@@ -611,6 +630,109 @@ async def test_an_interrupted_memory_upload_resumes_both_lanes(
     assert memory.assets["original"].sha256 == sha(original)
     assert {r: memory.assets[r].sha256 for r in given} == {r: sha(d) for r, d in given.items()}
     assert await mv.list_sessions() == []
+
+
+async def test_a_cancelled_memory_upload_has_aborted_lane_b_when_it_returns(
+        app: InApp, mv: AsyncClient) -> None:
+    # Cancelling run() cancels lane B, and lane A's end would cancel it again: that second
+    # cancel used to break lane B out of its shielded aborts, so the call returned with the
+    # derivatives' sessions still pending (and a client closed right after never sent them).
+    cap = (await mv.create_capsule("cancel-lanes")).id
+    path = app.root / "a.jpg"
+    write(path, 40 * CHUNK)
+    given = {"display": os.urandom(2 * CHUNK), "thumb": os.urandom(CHUNK // 2)}
+    sent: set[str] = set()
+    lane_b_sent = asyncio.Event()
+
+    def progress(p: Progress) -> None:
+        if p.role in given and p.phase == "transfer" and p.bytes_done == p.total:
+            sent.add(p.role)
+            if sent == set(given):
+                lane_b_sent.set()
+
+    task = asyncio.create_task(mv.upload_memory(path, capsule=cap, derivatives=given,
+                                                parallel=1, on_progress=progress))
+    await lane_b_sent.wait()
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert {s.role for s in await mv.list_sessions()} == {"original"}
+
+
+async def test_empty_derivatives_are_refused_before_anything_is_sent(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = await mv.create_capsule("empty-derivative")
+    write(app.root / "a.jpg", 2 * CHUNK)
+    with pytest.raises(ValueError, match="the thumb derivative is empty"):
+        await mv.upload_memory(app.root / "a.jpg", capsule=cap, derivatives={"thumb": b""})
+    (app.root / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UploadMemoryError) as info:  # a path is read in lane B
+        await mv.upload_memory(app.root / "a.jpg", capsule=cap,
+                               derivatives={"display": app.root / "empty.jpg"})
+    [error] = info.value.exceptions
+    assert "the display derivative is empty" in str(error)
+    memory = await mv.get_memory(info.value.memory_id or "")
+    assert sorted(memory.assets) == ["original"]  # the server makes the display itself
+    assert await mv.list_sessions() == []
+
+
+async def test_two_files_of_one_name_in_two_folders_never_share_a_session(
+        app: InApp, mv: AsyncClient) -> None:
+    # Same name, size, modification time and end blocks (the fingerprint), other middle.
+    cap = (await mv.create_capsule("same-name")).id
+    head, tail = os.urandom(FINGERPRINT_BLOCK), os.urandom(FINGERPRINT_BLOCK)
+    paths = []
+    for folder in ("a", "b"):
+        (app.root / folder).mkdir()
+        path = app.root / folder / "x.bin"
+        path.write_bytes(head + os.urandom(20 * CHUNK) + tail)
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+        paths.append(path)
+    await _cancel_after(mv, paths[0], cap, 4, parallel=1)
+    [first] = await mv.list_sessions()
+    done = await mv.upload_file(paths[1], cap)
+    assert done.session_id != first.id
+    assert done.chunks_skipped == 0
+    assert done.asset.sha256 == sha(paths[1].read_bytes())
+    # The first file's interrupted upload is untouched, and resumes.
+    assert [s.id for s in await mv.list_sessions()] == [first.id]
+    resumed = await mv.upload_file(paths[0], cap)
+    assert resumed.session_id == first.id
+    assert resumed.asset.sha256 == sha(paths[0].read_bytes())
+
+
+async def test_discard_upload_aborts_what_an_interrupted_call_left(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("discard")).id
+    path = app.root / "f.bin"
+    write(path, 10 * CHUNK)
+    await _cancel_after(mv, path, cap, 3, parallel=1)
+    assert len(await mv.list_sessions()) == 1
+    assert await mv.discard_upload(path, cap) is True
+    assert await mv.list_sessions() == []
+    assert await mv.discard_upload(path, cap) is False  # nothing recorded any more
+    done = await mv.upload_file(path, cap)
+    assert done.chunks_skipped == 0
+
+
+async def test_the_derivative_worker_outlives_a_ctrl_c_the_app_handles(tmp_path: Path) -> None:
+    # Ctrl-C goes to the whole process group. An app that catches it and carries on (the
+    # CLI under a shell that ignores it, a GUI) must not lose its worker mid-upload.
+    path = tmp_path / "a.jpg"
+    Image.effect_noise((64, 48), 50).convert("RGB").save(path, "JPEG")
+    workers = DerivativeWorkers()
+    try:
+        await workers.make(str(path))
+        [worker] = workers._idle
+        os.kill(worker.proc.pid, signal.SIGINT)
+        await asyncio.sleep(0.3)
+        assert worker.proc.returncode is None
+        made = await workers.make(str(path))
+        assert made.thumb.data
+        assert workers._idle == [worker]
+    finally:
+        await workers.close()
 
 
 async def test_the_thumbhash_given_or_made_is_stored(app: InApp, mv: AsyncClient) -> None:

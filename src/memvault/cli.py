@@ -5,6 +5,7 @@ client of any memvault server, log in, make capsules, upload, list and download
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -344,4 +345,23 @@ def admin_sessions(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
-    app()
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    # A script that asked for JSON gets a document for a usage error too (README: "also when
+    # the whole command fails"), not only Click's text on stderr.
+    from memvault.commands.library import fail
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:
+        # Click's errors (Typer's copy of them in newer versions): a message and an exit
+        # code, 2 for usage errors.
+        status = getattr(exc, "exit_code", None)
+        if not isinstance(status, int) or not hasattr(exc, "format_message"):
+            raise
+        sys.exit(fail(exc.format_message(), code="usage" if status == 2 else "error",
+                      as_json=True, status=status))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -166,6 +166,10 @@ class UploadService:
             raise InvalidArgument(f"role must be one of {', '.join(ROLES)}", role=req.role)
         if req.size < 0:
             raise InvalidArgument("size must be zero or more")
+        if req.size == 0 and req.role != "original":
+            # An empty file is a valid original; an empty image is never a derivative, and
+            # once stored it would stand for the role (the server's job would not make it).
+            raise InvalidArgument(f"a {req.role} derivative cannot be empty", role=req.role)
         if req.size > self.settings.max_upload_size:
             raise PayloadTooLarge(
                 f"{req.size} bytes is more than this server accepts in one upload",

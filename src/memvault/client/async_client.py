@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from memvault.client.retry import RetryPolicy
 from memvault.client.source import Source
 from memvault.client.state import StateStore, default_state_dir
 from memvault.client.transport import Transport
-from memvault.client.upload import ChunkUpload, ProgressCallback
+from memvault.client.upload import ChunkUpload, ProgressCallback, discard_recorded, record_key
 from memvault.client.workers import DerivativeWorkers
 from memvault.errors import Conflict, NotFound
 
@@ -257,6 +258,17 @@ class AsyncClient:
             return await upload.run()
         finally:
             source.close()
+
+    async def discard_upload(self, path: str | os.PathLike[str], capsule: CapsuleRef, *,
+                             memory: MemoryRef | None = None, role: str = "original") -> bool:
+        """Abort the unfinished upload of ``path`` that this client's state records (one an
+        earlier ``upload_file``/``upload_memory`` call left, interrupted) and forget it, so it
+        does not hold its place on the server until it expires. For a file found stored
+        already, or no longer wanted. True if there was one."""
+        resolved = await asyncio.to_thread(Path(path).resolve)
+        key = record_key(self.api.url, _capsule_id(capsule),
+                         _memory_id(memory) if memory is not None else None, role, resolved)
+        return await discard_recorded(self.api, self.state, key)
 
     async def list_sessions(self) -> list[Session]:
         """The caller's pending upload sessions, with what each has received."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import resource
+import signal
 import struct
 import sys
 from typing import BinaryIO
@@ -38,6 +39,9 @@ def frame(message: object) -> bytes:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group; the SDK decides what an interrupt means (an
+    # app may well carry on) and ends this worker itself, by closing its stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     if limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -54,6 +54,7 @@ Derivatives = Literal["auto"] | Mapping[str, "str | os.PathLike[str] | bytes"] |
 is not an image, or for a stream); a mapping: role → path or bytes, as given; ``None``: none
 from this client (the server makes them after the original is stored)."""
 
+_EMPTY = "the {role} derivative is empty: give an image, or leave the role out"
 _EXTENSIONS = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png",
                "image/avif": "avif", "image/gif": "gif"}
 
@@ -89,6 +90,9 @@ class MemoryUpload:
             if unknown:
                 raise ValueError(f"unknown derivative roles {sorted(unknown)}; "
                                  f"use {', '.join(DERIVED_ROLES)}")
+            for role, value in derivatives.items():
+                if isinstance(value, bytes) and not value:
+                    raise ValueError(_EMPTY.format(role=role))
         self.api = api
         self.workers = workers
         self.source = source
@@ -118,8 +122,8 @@ class MemoryUpload:
 
         def stop_b(task: asyncio.Task[None]) -> None:
             if task.cancelled() or task.exception() is not None:
-                lane_b.cancel()
-                made.cancel()
+                _stop(lane_b)
+                _stop(made)
 
         lane_a.add_done_callback(stop_b)
         tasks = (lane_a, lane_b, made)
@@ -127,7 +131,7 @@ class MemoryUpload:
             await asyncio.wait([lane_a, lane_b])
         finally:
             for task in tasks:
-                task.cancel()
+                _stop(task)
             await asyncio.gather(*tasks, return_exceptions=True)
         errors: list[Exception] = []
         a_error = lane_a.exception()
@@ -166,7 +170,7 @@ class MemoryUpload:
         """Lane A's session is about to be aborted: end lane B first (it aborts its own), so
         the abort of the session that made the memory finds it empty and drops it."""
         if self._lane_b_task is not None and not self._lane_b_task.done():
-            self._lane_b_task.cancel()
+            _stop(self._lane_b_task)
             await asyncio.wait([self._lane_b_task])
 
     async def _lane_a(self, lane_b: asyncio.Task[None]) -> None:
@@ -206,6 +210,8 @@ class MemoryUpload:
                 data, name = value, role
             else:
                 data, name = await asyncio.to_thread(Path(value).read_bytes), str(value)
+                if not data:
+                    raise ValueError(_EMPTY.format(role=role) + f" ({name})")
             out.append(Derived(role, data, content_type(name, data[:64])))
         return out, self.thumbhash
 
@@ -295,6 +301,14 @@ class MemoryUpload:
     async def _roles(self, memory_id: str) -> set[str]:
         response = await self.api.call("GET", f"/v1/memories/{memory_id}")
         return set(Memory.model_validate(response.json()).assets)
+
+
+def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` once: a second cancel would break a lane out of the shielded aborts
+    it runs on its way out (Ctrl-C cancels ``run``, and lane A's end then stops lane B
+    again), and the sessions it had open would be left pending."""
+    if not task.done() and not task.cancelling():
+        task.cancel()
 
 
 async def _all(coros: Iterable[Coroutine[Any, Any, None]]) -> None:

@@ -156,6 +156,7 @@ class Client:
     update_memory = _blocking(AsyncClient.update_memory)
     upload_file = _blocking(AsyncClient.upload_file)
     upload_memory = _blocking(AsyncClient.upload_memory)
+    discard_upload = _blocking(AsyncClient.discard_upload)
     list_sessions = _blocking(AsyncClient.list_sessions)
     admin_sessions = _blocking(AsyncClient.admin_sessions)
     get_session = _blocking(AsyncClient.get_session)

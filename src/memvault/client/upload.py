@@ -5,9 +5,9 @@ derivatives are attached; ``run`` does them in order for ``upload_file``.
 
 * **Begin or resume.** A path's upload is recorded locally (``state.StateStore``) under a key
   made of server, capsule, memory, role and path, with the file's fingerprint; the
-  idempotency key sent with begin is derived from the fingerprint, the file name and the
-  target, so a begin retried after a lost answer (or by a process that lost its record)
-  finds the same pending session. A recorded session is asked what it holds
+  idempotency key sent with begin is derived from the fingerprint, the file's path (a
+  stream's name) and the target, so a begin retried after a lost answer (or by a process
+  that lost its record) finds the same pending session. A recorded session is asked what it holds
   (``GET /v1/uploads/{id}``); a record of another version of the file has its session
   aborted.
 * **Chunks.** The file is read once, in order, one chunk at a time, off the event loop; each
@@ -35,6 +35,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -65,6 +66,23 @@ class _SessionLost(Exception):
     def __init__(self, error: MemvaultError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def record_key(server: str, capsule_id: str, memory_id: str | None, role: str,
+               path: Path | None) -> str:
+    """Where a path's unfinished upload is recorded (``StateStore``)."""
+    return StateStore.key(server, capsule_id, memory_id, role, str(path))
+
+
+async def discard_recorded(api: Transport, state: StateStore, key: str) -> bool:
+    """Abort the recorded unfinished upload under ``key`` and forget it; False if none."""
+    record = state.load_upload(key)
+    if record is None:
+        return False
+    with contextlib.suppress(NotFound, Expired):
+        await api.call("DELETE", f"/v1/uploads/{record.session_id}")
+    state.drop_upload(key)
+    return True
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -121,8 +139,7 @@ class ChunkUpload:
         self.on_progress = on_progress
         # Only a file on disk can be found again by a later call: only it gets a record.
         self.state = state if source.path is not None else None
-        self.record_key = StateStore.key(api.url, capsule_id, memory_id, role,
-                                         str(source.path))
+        self.record_key = record_key(api.url, capsule_id, memory_id, role, source.path)
         self.fingerprint = ""
         self.idempotency_key = idempotency_key or ""
         self.before_discard = before_discard
@@ -177,10 +194,14 @@ class ChunkUpload:
             lambda: (self.source.fingerprint(), self.source.head()))
         self.fingerprint = fingerprint.digest() if fingerprint is not None else random_key()
         # The server compares a repeated key's request with the pending session's (file
-        # name included), so identical copies under two names must not share a key.
+        # name included), so identical copies under two names must not share a key; nor
+        # may two files of one name in two folders, whose fingerprints can match (same size,
+        # time and end blocks) while their middles differ: the second would take over the
+        # first's session and its chunks.
         self.idempotency_key = self.idempotency_key or StateStore.key(
-            "memvault-upload-v2", self.capsule_id, self.target_memory, self.role,
-            self.source.name, self.fingerprint)
+            "memvault-upload-v3", self.capsule_id, self.target_memory, self.role,
+            str(self.source.path) if self.source.path is not None else self.source.name,
+            self.fingerprint)
         self.content_type = self.content_type or content_type(self.source.name, head)
 
     async def open(self) -> Session:

@@ -39,7 +39,12 @@ def sentence(error: BaseException, *, url: str = "") -> str:
         return (f"{code}: capsule {name!r} not found — create it with "
                 f"`memvault capsule create {_quote(name)}`")
     if isinstance(error, ResourceExhausted):
-        wait = f" — try again in {error.retry_after:.0f} s" if error.retry_after else ""
+        if error.extra.get("limit_name") == "pending_sessions_per_capsule":
+            # Its Retry-After is when the oldest pending upload expires (up to a day): a
+            # place frees as soon as any of them finishes or is aborted.
+            return (f"{code}: {error.detail} — `memvault sessions` lists them; run the "
+                    "command again once some have finished, or with fewer --jobs")
+        wait = f" — try again in {_duration(error.retry_after)}" if error.retry_after else ""
         return f"{code}: {error.detail}{wait}"
     if isinstance(error, InsufficientStorage):
         return f"{code}: the server is short of storage: {error.detail}"
@@ -57,6 +62,14 @@ def sentence(error: BaseException, *, url: str = "") -> str:
         return (f"{code}: {error.detail} — is {url or 'the URL'} a memvault server, or is a "
                 "proxy in the way?")
     return f"{code}: {error.detail}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
 
 
 def _quote(name: str) -> str:

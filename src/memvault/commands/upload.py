@@ -190,16 +190,19 @@ class _Run:
                 memory_id = await asyncio.shield(held)
                 if memory_id is not None:
                     outcome.status, outcome.memory_id = "skipped", memory_id
+                    aborted = await self._discard_interrupted(path)
                     advance(outcome.size)
                     self._say(f"= {name}: the same as another file of this run, now in "
-                              f"{self.capsule.name!r} as {memory_id}")
+                              f"{self.capsule.name!r} as {memory_id}{aborted}")
                     return
             claim = self._claims[outcome.sha256] = asyncio.get_running_loop().create_future()
             present = await self.mv.find_memories(self.capsule, outcome.sha256)
             if present:
                 outcome.status, outcome.memory_id = "skipped", present[0].id
+                aborted = await self._discard_interrupted(path)
                 advance(outcome.size)
-                self._say(f"= {name}: already in {self.capsule.name!r} as {present[0].id}")
+                self._say(f"= {name}: already in {self.capsule.name!r} as {present[0].id}"
+                          f"{aborted}")
                 return
             self.bars.update(bar, description=name, completed=0)
 
@@ -246,6 +249,15 @@ class _Run:
                 claim.set_result(outcome.memory_id if stored else None)
                 if not stored and self._claims.get(outcome.sha256 or "") is claim:
                     del self._claims[outcome.sha256 or ""]
+
+    async def _discard_interrupted(self, path: Path) -> str:
+        """A file skipped as stored may have an interrupted upload of an earlier run (whose
+        bytes reached the capsule meanwhile under another name, or through another run):
+        abort it, so its session does not hold a place in the capsule until it expires.
+        Returns what to add to the line that reports the skip."""
+        if await self.mv.discard_upload(path, self.capsule):
+            return "; its interrupted upload was aborted"
+        return ""
 
     async def _sha256(self, path: Path) -> str:
         """The file's SHA-256, remembered by fingerprint so a second run need not read it."""
