@@ -10,7 +10,10 @@ and the server process's CPU time (user + system, from ``/proc/PID/stat``) per r
 
 This is the fixed cost of an upload, which dominates for small files (a 3 MB photo, its
 display, thumb and placeholder), apart from the per-byte costs ``bench/upload.py`` measures.
-It prints figures and asserts nothing about speed.
+A second section uploads ``--files`` files of 100 KB through the SDK (``upload_file``), one
+at a time and 8 at once, and prints files per second with the server's and the client's CPU
+per file: what a folder of small files gets. It prints figures and asserts nothing about
+speed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import asyncio
 import base64
 import hashlib
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +35,7 @@ import crc32c
 import httpx
 
 from _common import ServerProcess, print_table
+from memvault.client import AsyncClient, Capsule
 from upload import read_token, start_memvault
 
 ROUND = 25
@@ -123,24 +129,64 @@ async def measure(server: ServerProcess, base: str, token: str, uploads: int) ->
     return costs
 
 
+SMALL_FILE = 100_000
+
+
+async def small_files(server: ServerProcess, base: str, token: str, work: Path,
+                      files: int) -> list[list[str]]:
+    """``files`` uploads of 100 KB through the SDK at 1 and 8 at once (after 10 untimed)."""
+    rows = []
+    async with AsyncClient(base, token, state_dir=work / "sdk-state") as mv:
+        for at_once in (1, 8):
+            folder = work / f"small-{at_once}"
+            folder.mkdir()
+            paths = []
+            for i in range(files + 10):
+                path = folder / f"f{i}.bin"
+                path.write_bytes(os.urandom(SMALL_FILE))
+                paths.append(path)
+            cap = await mv.create_capsule(f"bench-small-{at_once}")
+            slots = asyncio.Semaphore(at_once)
+            await asyncio.gather(*(_upload(mv, p, cap, slots) for p in paths[:10]))
+            cpu, client, start = server.cpu_seconds(), time.process_time(), time.perf_counter()
+            await asyncio.gather(*(_upload(mv, p, cap, slots) for p in paths[10:]))
+            wall = time.perf_counter() - start
+            used, client_used = server.cpu_seconds() - cpu, time.process_time() - client
+            rows.append([str(at_once), str(files), f"{files / wall:.0f}",
+                         f"{used / files * 1000:.1f}", f"{client_used / files * 1000:.1f}"])
+    return rows
+
+
+async def _upload(mv: AsyncClient, path: Path, cap: Capsule, slots: asyncio.Semaphore) -> None:
+    async with slots:
+        await mv.upload_file(path, cap)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--uploads", type=int, default=200,
                         help="small uploads to time (a multiple of 25; default 200)")
+    parser.add_argument("--files", type=int, default=300,
+                        help="100 KB files to upload through the SDK, per row (default 300)")
     args = parser.parse_args(argv)
     uploads = max(ROUND, args.uploads // ROUND * ROUND)
     work = Path(tempfile.mkdtemp(prefix="memvault-bench-requests-"))
     try:
         server, base = start_memvault(work / "data", "uvicorn")
         with server:
-            costs = asyncio.run(measure(server, base, read_token(work / "data"), uploads))
+            token = read_token(work / "data")
+            costs = asyncio.run(measure(server, base, token, uploads))
+            files = asyncio.run(small_files(server, base, token, work, args.files))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\none request at a time, {uploads} small uploads (1000 bytes, one chunk each)")
     print_table(["request", "n", "wall ms", "server CPU ms"], costs.rows())
-    print("\ncommand: ./run bench request_cost" + (f" --uploads {args.uploads}"
-                                                 if argv is None and args.uploads != 200
-                                                 else ""))
+    print(f"\nsmall files through the SDK (upload_file, {SMALL_FILE // 1000} KB each: begin, "
+          "one chunk, finish)")
+    print_table(["at once", "files", "files/s", "server CPU ms/file", "client CPU ms/file"],
+                files)
+    given = sys.argv[1:] if argv is None else list(argv)
+    print("\ncommand: " + shlex.join(["./run", "bench", "request_cost", *given]))
 
 
 if __name__ == "__main__":
