@@ -278,6 +278,33 @@ def test_a_file_found_stored_has_its_interrupted_upload_aborted(
         api.http.close()
 
 
+def test_sessions_abort_ends_an_interrupted_upload_and_its_record(
+        cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "clip.mov").write_bytes(os.urandom(16 * MiB))
+    api = cli.server.api()
+    try:
+        interrupt_upload(cli, api, str(tmp_path / "v"), "--capsule", "cli-abort", "--create",
+                         "--no-derivatives", chunks=3)
+        [session] = api.http.get("/v1/uploads").json()["items"]
+        assert len(list((cli.home / "state").rglob("uploads/*.json"))) == 1
+        done = cli("sessions", "--abort", session["id"])
+        assert done.returncode == 0, done.stderr
+        assert f"aborted {session['id']}" in done.stdout
+        assert api.http.get("/v1/uploads").json()["items"] == []
+        assert list((cli.home / "state").rglob("uploads/*.json")) == []
+        assert cli("sessions").stdout.strip() == "no upload sessions in progress"
+        done = cli("sessions", "--abort", session["id"], "--abort", "ses_" + "0" * 32,
+                   "--json")
+        assert done.returncode == 1
+        result = json.loads(done.stdout)
+        assert result["aborted"] == []
+        assert [e["code"] for e in result["errors"]] == ["not_found", "not_found"]
+    finally:
+        api.http.close()
+
+
 def test_admin_sessions_needs_an_admin(cli: Cli) -> None:
     cli.login(mint_token(cli.server, "cli-user"))
     done = cli("admin", "sessions")

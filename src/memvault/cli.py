@@ -329,10 +329,17 @@ def get(
 
 
 @app.command(rich_help_panel="Client")
-def sessions(as_json: JsonOpt = False) -> None:
-    """Your upload sessions in progress, with what each has received."""
+def sessions(
+    abort: Annotated[list[str] | None, typer.Option(
+        "--abort", metavar="SESSION_ID",
+        help="abort this session (repeatable): the server drops what it received")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your upload sessions in progress, with what each has received; --abort ends some."""
     from memvault.commands import library
 
+    if abort:
+        raise typer.Exit(library.abort(abort, as_json))
     raise typer.Exit(library.sessions(as_json, admin=False))
 
 

@@ -285,8 +285,15 @@ class AsyncClient:
         return Session.model_validate(response.json())
 
     async def abort_session(self, session_id: str) -> None:
-        """Abort a pending session; the server drops what it received."""
-        await self.api.call("DELETE", f"/v1/uploads/{session_id}")
+        """Abort a pending session; the server drops what it received, and this client
+        forgets any resume record of it (``NotFound`` if there was no such session: the
+        record goes too)."""
+        try:
+            await self.api.call("DELETE", f"/v1/uploads/{session_id}")
+        except NotFound:
+            await asyncio.to_thread(self.state.drop_session, session_id)
+            raise
+        await asyncio.to_thread(self.state.drop_session, session_id)
 
     # -- downloads -------------------------------------------------------------------------
 

@@ -100,6 +100,13 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             self._file("uploads", key).unlink()
 
+    def drop_session(self, session_id: str) -> None:
+        """Forget every record of ``session_id`` (it was aborted, or is gone)."""
+        for path in sorted((self.root / "uploads").glob("*.json")):
+            record = self.load_upload(path.stem)
+            if record is not None and record.session_id == session_id:
+                self.drop_upload(path.stem)
+
     def uploads(self) -> list[UploadRecord]:
         """Every recorded (unfinished) upload."""
         out = []

@@ -206,6 +206,30 @@ def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
     return run(work, patient=True, as_json=as_json)
 
 
+def abort(session_ids: list[str], as_json: bool) -> int:
+    """Abort sessions by id (e.g. one a renamed file left behind); exit 1 if any failed."""
+    async def work(mv: AsyncClient) -> int:
+        aborted, errors = [], []
+        for session_id in dict.fromkeys(session_ids):
+            try:
+                await mv.abort_session(session_id)
+            except MemvaultError as exc:
+                errors.append({"session_id": session_id, "code": exc.code,
+                               "message": sentence(exc, url=mv.url)})
+                output.err.print(f"memvault: {session_id}: {sentence(exc, url=mv.url)}",
+                                 markup=False)
+            else:
+                aborted.append(session_id)
+                if not as_json:
+                    output.out.print(f"aborted {session_id}; the server dropped what it had "
+                                     "received", markup=False)
+        if as_json:
+            output.print_json({"aborted": aborted, "errors": errors})
+        return FAILED if errors else 0
+
+    return run(work, as_json=as_json)
+
+
 def sessions(as_json: bool, admin: bool) -> int:
     async def work(mv: AsyncClient) -> int:
         items = await (mv.admin_sessions() if admin else mv.list_sessions())
