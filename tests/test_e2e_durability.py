@@ -185,6 +185,31 @@ def test_tokens_are_minted_by_cli_and_stored_hashed(server: LiveServer) -> None:
     bob.http.close()
 
 
+def test_a_rotated_token_stops_working_at_once(server: LiveServer) -> None:
+    def memvault(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "memvault", "token", *args, "--data",
+                               str(server.data_dir)], capture_output=True, text=True)
+
+    old = memvault("create", "carol-cli").stdout.strip()
+    carol = server.api(old)
+    cap = carol.http.post("/v1/capsules", json={"name": "carol-things"}).json()["id"]
+    rotated = memvault("rotate", "carol-cli")
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert new.startswith("mvt_")
+    assert new != old
+    r = carol.http.get("/v1/capsules")  # the running server, no restart
+    assert r.status_code == 401
+    assert r.json()["code"] == "unauthenticated"
+    fresh = server.api(new)
+    assert [c["id"] for c in fresh.http.get("/v1/capsules").json()] == [cap]
+    missing = memvault("rotate", "nobody-cli")
+    assert missing.returncode == 1
+    assert "no principal named 'nobody-cli'" in missing.stderr
+    carol.http.close()
+    fresh.http.close()
+
+
 def test_openapi_document_lists_the_api(api: Api) -> None:
     doc = api.http.get("/openapi.json").json()
     for path in ("/v1/uploads", "/v1/uploads/{session_id}/chunks/{index}",

@@ -106,6 +106,12 @@ def test_what_stores_and_headers_carry_is_kept_as_given(api: Api) -> None:
     assert read.status_code == 200
     assert read.content == data
     assert read.headers["content-type"].startswith('text/plain; charset="utf-8"')
+    html = api.upload(cap, b"<script>alert(document.domain)</script>", filename="x.html",
+                      content_type="text/html")
+    page = api.read(html["memory_id"])
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["content-security-policy"] == "sandbox"  # scripts never run here
     # A file name is taken as the client's file system has it (macOS puts an "Icon\r" in
     # every folder with a custom icon); it reaches a header only percent-encoded.
     for filename in ("Icon\r", "tab\tname.jpg"):

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from memvault import inputs
 from memvault.clock import Clock
-from memvault.errors import Conflict, Unauthenticated
+from memvault.errors import Conflict, NotFound, Unauthenticated
 from memvault.ids import new_id
 from memvault.metadata import Database
 from memvault.metadata.schema import principals, tokens
@@ -65,6 +65,24 @@ class AuthService:
 
         await self.db.transact(create)
         return principal, token
+
+    async def rotate_token(self, name: str) -> str:
+        """Revoke every token of the principal ``name`` and return a new one (shown once).
+        The old tokens stop working at the next request: nothing caches them."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock.now()
+
+        def rotate(conn: sa.Connection) -> None:
+            found = conn.execute(
+                sa.select(principals.c.id).where(principals.c.name == name.strip())).first()
+            if found is None:
+                raise NotFound(f"no principal named {name.strip()!r}")
+            conn.execute(sa.delete(tokens).where(tokens.c.principal_id == found.id))
+            conn.execute(sa.insert(tokens).values(
+                token_hash=hash_token(token), principal_id=found.id, created_at=now))
+
+        await self.db.transact(rotate)
+        return token
 
     async def authenticate(self, token: str | None) -> Principal:
         if not token:

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from memvault.auth import AuthService
     from memvault.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -120,6 +123,25 @@ def token_create(
     admin: Annotated[bool, typer.Option(help="make the principal an administrator")] = False,
 ) -> None:
     """Create a principal NAME and print its bearer token (shown only this once)."""
+    typer.echo(_with_auth(data, lambda auth: _token_of(auth.create_principal(
+        name, is_admin=admin))))
+
+
+@token_app.command("rotate")
+def token_rotate(name: str, data: DataOpt = None) -> None:
+    """Revoke every token of the principal NAME and print a new one (shown only this once).
+
+    For a token that leaked or a device that was lost; the old tokens stop working at once.
+    """
+    typer.echo(_with_auth(data, lambda auth: auth.rotate_token(name)))
+
+
+async def _token_of(created: Awaitable[tuple[Any, str]]) -> str:
+    return (await created)[1]
+
+
+def _with_auth(data: Path | None, act: Callable[[AuthService], Awaitable[str]]) -> str:
+    """``act`` on the principals of the configured database (the server may be running)."""
     from memvault.clock import SystemClock
     from memvault.errors import MemvaultError
     from memvault.http.app import open_services
@@ -130,19 +152,17 @@ def token_create(
     async def run() -> str:
         db, services = await open_services(settings, SystemClock(), create=False)
         try:
-            _, token = await services.auth.create_principal(name, is_admin=admin)
-            return str(token)
+            return await act(services.auth)
         finally:
             await services.uploads.sessions.close()
             await close_blob_store(services.store)
             await db.dispose()
 
     try:
-        token = _operator_command(run())
+        return str(_operator_command(run()))
     except MemvaultError as exc:
         typer.echo(f"memvault: {exc.detail}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(token)
 
 
 @db_app.command("upgrade")

@@ -33,6 +33,11 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
         "Accept-Ranges": "bytes",
         # Content-addressed bytes never change; but they are private to their readers.
         "Cache-Control": "private, max-age=31536000, immutable",
+        # Whatever a client uploaded is data, never an active page of this origin: an HTML
+        # or SVG asset opened here runs no script and reaches no cookie or storage, and no
+        # browser second-guesses the stored type. Images and video still show.
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
     }
     if asset.filename:
         headers["Content-Disposition"] = f"inline; filename*=UTF-8''{quote(asset.filename)}"
