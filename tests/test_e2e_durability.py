@@ -212,6 +212,9 @@ def test_a_rotated_token_stops_working_at_once(server: LiveServer) -> None:
 
 def test_openapi_document_lists_the_api(api: Api) -> None:
     doc = api.http.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert doc["paths"]["/v1/capsules"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
     for path in ("/v1/uploads", "/v1/uploads/{session_id}/chunks/{index}",
                  "/v1/uploads/{session_id}/finish", "/v1/memories/{memory_id}/assets/{role}",
                  "/v1/capsules/{capsule_id}/memories"):

@@ -129,8 +129,15 @@ def document(app: FastAPI) -> None:
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         components["Problem"] = _PROBLEM_SCHEMA
-        for path_item in schema.get("paths", {}).values():
+        # Every /v1 route takes a bearer token (the `caller` dependency reads the header
+        # itself); saying so lets /docs send one.
+        schema["components"]["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "a token from `memvault token create NAME` (or `admin.token`)"}}
+        for path, path_item in schema.get("paths", {}).items():
             for operation in path_item.values():
+                if path.startswith("/v1/"):
+                    operation["security"] = [{"bearer": []}]
                 responses = operation.setdefault("responses", {})
                 if responses.pop("422", None) is not None:
                     responses["400"] = _problem(
