@@ -123,8 +123,11 @@ def token_create(
     admin: Annotated[bool, typer.Option(help="make the principal an administrator")] = False,
 ) -> None:
     """Create a principal NAME and print its bearer token (shown only this once)."""
-    typer.echo(_with_auth(data, lambda auth: _token_of(auth.create_principal(
-        name, is_admin=admin))))
+    async def create(auth: AuthService) -> str:
+        _, token = await auth.create_principal(name, is_admin=admin)
+        return token
+
+    typer.echo(_with_auth(data, create))
 
 
 @token_app.command("rotate")
@@ -134,10 +137,6 @@ def token_rotate(name: str, data: DataOpt = None) -> None:
     For a token that leaked or a device that was lost; the old tokens stop working at once.
     """
     typer.echo(_with_auth(data, lambda auth: auth.rotate_token(name)))
-
-
-async def _token_of(created: Awaitable[tuple[Any, str]]) -> str:
-    return (await created)[1]
 
 
 def _with_auth(data: Path | None, act: Callable[[AuthService], Awaitable[str]]) -> str:
