@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from memvault.http.server import MAX_HEAD_BYTES
 from tests.conftest import SMALL_CHUNKS, LiveServer
 from tests.helpers import Api, metric, mint_token, problem
 
@@ -403,3 +404,34 @@ def test_headers_that_trickle_in_lose_their_connection(tmp_path: Path) -> None:
         assert httpx.get(f"{server.url}/healthz").status_code == 200
     finally:
         server.kill()
+
+
+def test_a_head_longer_than_the_server_takes_gets_431_and_the_connection_closes(
+        server: LiveServer) -> None:
+    # httptools would gather a header of any length until the header timeout; the
+    # protocol refuses a head past MAX_HEAD_BYTES (plus the read it began in).
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/capsules HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer ")
+        sent = 0
+        try:
+            while sent < 4 * MAX_HEAD_BYTES:  # a token that never ends
+                sock.sendall(b"x" * 16384)
+                sent += 16384
+                time.sleep(0.002)  # separate reads, as a slow sender's would be
+        except OSError:
+            pass  # closed on us mid-send: the answer is already there to read
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"connection: close" in head.lower()
+    problem = json.loads(body)
+    assert problem["code"] == "headers_too_large"
+    assert problem["limit"] == MAX_HEAD_BYTES
+    # A head of an ordinary size (a 16 KiB header) is read and answered as usual.
+    r = httpx.get(f"{server.url}/v1/capsules",
+                  headers={"Authorization": f"Bearer {server.token}", "X-Big": "y" * 16384})
+    assert r.status_code == 200
+

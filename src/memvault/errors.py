@@ -180,6 +180,12 @@ class InsufficientStorage(MemvaultError):
     title = "Insufficient storage"
 
 
+class HeadersTooLarge(MemvaultError):
+    code = "headers_too_large"
+    status = 431
+    title = "Request header fields too large"
+
+
 class Internal(MemvaultError):
     code = "internal"
     status = 500
@@ -205,6 +211,7 @@ ERRORS: dict[str, type[MemvaultError]] = {
         ResourceExhausted,
         Unavailable,
         InsufficientStorage,
+        HeadersTooLarge,
         Internal,
     )
 }

@@ -6,6 +6,10 @@ The protocol adds two things to uvicorn's ``HttpToolsProtocol``:
   headers arrive slowly: a client can hold a connection open for ever by sending a header
   byte now and then (slowloris). A timer armed when a request's first byte is parsed (or the
   connection opens) closes the connection if its headers are not complete in time.
+- **A bound on a request's head.** httptools gathers a header of any length, so a client
+  could make the server hold megabytes per connection until the header timeout. Once more
+  than ``MAX_HEAD_BYTES`` arrive after a request's first read with its head still
+  incomplete, the answer is 431 ``headers_too_large`` and the connection closes.
 - **Chunk bodies read straight into reused buffers** (``memvault.http.direct``). The
   protocol is an ``asyncio.BufferedProtocol``: the loop reads into a buffer the protocol
   hands it. For everything but a chunk body that is a small scratch buffer fed to the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any, cast
 
 import httptools
@@ -30,11 +35,15 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from memvault.errors import HeadersTooLarge
 from memvault.http.direct import CHUNK_PATH, EXTENSION, BufferPool, DirectBody
 from memvault.settings import Settings
 
 SCRATCH_BYTES = 64 * 1024
 """One socket read of anything but a chunk body (uvicorn's own flow-control limit)."""
+MAX_HEAD_BYTES = 64 * 1024
+"""Bytes a request's head may still take after the read it began in (so at most ~128 KiB in
+all; nginx's default is 32 KiB)."""
 POOL_KEEP_BYTES = 32 * 1024 * 1024
 """Chunk buffers kept for reuse once free: 16 chunks in flight with the default write batch."""
 
@@ -59,6 +68,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self._direct: DirectBody | None = None
             """The current request's chunk body while bytes of it are due from the socket."""
             self._into: DirectBody | None = None  # where the read under way goes
+            self._head_bytes: int | None = None  # read since the head began; None: no head due
 
         # -- reads into our buffers (through ``MemvaultConnection``) -------------------------
 
@@ -73,6 +83,11 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
         def buffer_updated(self, nbytes: int) -> None:
             body = self._into
             if body is None:
+                if self._head_bytes is not None:
+                    self._head_bytes += nbytes
+                    if self._head_bytes > MAX_HEAD_BYTES:
+                        self._refuse_head()
+                        return
                 self.data_received(bytes(scratch[:nbytes]))
                 return
             # Bytes arrived: the connection is not idle (a body still coming after an early
@@ -102,6 +117,23 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._arm()
+            self._head_bytes = 0  # counted from the next read on
+
+        def _refuse_head(self) -> None:
+            self._disarm()
+            self._head_bytes = None
+            if self.transport.is_closing():
+                return
+            error = HeadersTooLarge(
+                f"the request's head is longer than this server takes ({MAX_HEAD_BYTES} bytes "
+                "after its first read)", limit=MAX_HEAD_BYTES)
+            body = json.dumps(error.to_problem()).encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: application/problem+json\r\n"
+                b"connection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -128,6 +160,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            self._head_bytes = None
             queued = self.cycle is not None and not self.cycle.response_complete
             super().on_headers_complete()
             length = None if queued else self._direct_length()
