@@ -7,8 +7,8 @@ derivatives are attached; ``run`` does them in order for ``upload_file``.
   made of server, capsule, memory, role and path, with the file's fingerprint; the
   idempotency key sent with begin is derived from the fingerprint, the file's path (a
   stream's name) and the target, so a begin retried after a lost answer (or by a process
-  that lost its record) finds the same pending session. A recorded session is asked what it holds
-  (``GET /v1/uploads/{id}``); a record of another version of the file has its session
+  that lost its record) finds the same pending session. A recorded session is asked what it
+  holds (``GET /v1/uploads/{id}``); a record of another version of the file has its session
   aborted.
 * **Chunks.** The file is read once, in order, one chunk at a time, off the event loop; each
   chunk is hashed into the whole-file SHA-256 as it is read, and, unless the server already
@@ -74,13 +74,18 @@ def record_key(server: str, capsule_id: str, memory_id: str | None, role: str,
     return StateStore.key(server, capsule_id, memory_id, role, str(path))
 
 
+async def abort_quietly(api: Transport, session_id: str) -> None:
+    """Abort a session; one that is gone already is no error."""
+    with contextlib.suppress(NotFound, Expired):
+        await api.call("DELETE", f"/v1/uploads/{session_id}")
+
+
 async def discard_recorded(api: Transport, state: StateStore, key: str) -> bool:
     """Abort the recorded unfinished upload under ``key`` and forget it; False if none."""
     record = state.load_upload(key)
     if record is None:
         return False
-    with contextlib.suppress(NotFound, Expired):
-        await api.call("DELETE", f"/v1/uploads/{record.session_id}")
+    await abort_quietly(api, record.session_id)
     state.drop_upload(key)
     return True
 
@@ -409,8 +414,7 @@ class ChunkUpload:
             self.chunks_sent += 1
 
     async def _abort_quietly(self, session_id: str) -> None:
-        with contextlib.suppress(NotFound, Expired):
-            await self.api.call("DELETE", f"/v1/uploads/{session_id}")
+        await abort_quietly(self.api, session_id)
 
     async def _discard(self, reason: BaseException) -> None:
         """Abort a session that can never finish, noting it on ``reason``."""
