@@ -201,9 +201,9 @@ def test_no_derivatives_and_a_failing_file_give_exit_code_1(cli: Cli, tmp_path: 
     assert failed["errors"][0]["code"] == "payload_too_large"
 
 
-def interrupt_upload(cli: Cli, api: Api, *args: str, chunks: int = 10) -> str:
-    """Run ``memvault upload ARGS`` and Ctrl-C it once the server holds ``chunks`` chunks
-    of its one file (but not all); its stderr."""
+def interrupt_upload(cli: Cli, api: Api, *args: str, chunks: int = 10, presses: int = 1) -> str:
+    """Run ``memvault upload ARGS`` and Ctrl-C it (``presses`` times, a millisecond apart)
+    once the server holds ``chunks`` chunks of its one file (but not all); its stderr."""
     proc = subprocess.Popen(cli.argv("upload", *args, "--parallel", "1"), env=cli.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -214,7 +214,10 @@ def interrupt_upload(cli: Cli, api: Api, *args: str, chunks: int = 10) -> str:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the upload never got going"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    for press in range(presses):
+        if press:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     return stderr
@@ -245,6 +248,34 @@ def test_ctrl_c_then_the_same_command_resumes(cli: Cli, tmp_path: Path) -> None:
         memory = api.http.get(f"/v1/memories/{file['memory_id']}").json()
         assert memory["id"] == session["memory_id"]
         assert api.http.get("/v1/uploads").json()["items"] == []
+    finally:
+        api.http.close()
+
+
+def test_ctrl_c_twice_quits_at_once_and_the_same_command_resumes(
+        cli: Cli, tmp_path: Path) -> None:
+    # An impatient second Ctrl-C while the first one's clean-up runs: the CLI quits at once
+    # with one sentence (no event-loop traceback), and the upload still resumes.
+    cli.login()
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "clip.mov").write_bytes(os.urandom(48 * MiB))
+    api = cli.server.api()
+    try:
+        stderr = interrupt_upload(cli, api, str(folder), "--capsule", "cli-clips", "--create",
+                                  presses=2)
+        assert "Traceback" not in stderr, stderr
+        assert "Fatal error" not in stderr, stderr
+        assert "interrupted" in stderr
+        [session] = api.http.get("/v1/uploads").json()["items"]
+        held = session["received_count"]
+        assert held >= 10
+
+        done = cli("upload", str(folder), "--capsule", "cli-clips", "--json")
+        assert done.returncode == 0, done.stderr
+        [file] = json.loads(done.stdout)["files"]
+        assert file["resumed_chunks"] >= held
+        assert file["memory_id"] == session["memory_id"]
     finally:
         api.http.close()
 
