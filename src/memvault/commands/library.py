@@ -85,15 +85,18 @@ class _Interrupts:
 
     def __call__(self, signum: int, frame: object) -> None:
         self.count += 1
-        if self.count == 1 and self.task is not None and not self.task.done():
+        if self.task is None:
+            raise KeyboardInterrupt  # the command has not started: nothing to end
+        if self.count == 1 and not self.task.done():
             assert self.loop is not None
             self.task.cancel()
             self.loop.call_soon_threadsafe(lambda: None)  # wake the loop up
             return
-        if self.task is None or self.task.done():
-            raise KeyboardInterrupt
-        os.write(2, "memvault: interrupted again — quitting now; run the same command again "
-                    "to resume\n".encode())
+        # Pressed again during the clean-up, or once while the loop shuts down: a
+        # KeyboardInterrupt now would land inside whatever callback the loop is running.
+        again = " again — quitting now" if self.count > 1 else ""
+        os.write(2, f"memvault: interrupted{again}; run the same command again to "
+                    "resume\n".encode())
         os._exit(INTERRUPTED)
 
 
