@@ -125,14 +125,18 @@ class CapsuleService:
         title: str | None = None,
         taken_at: str | None = None,
         meta: dict[str, Any] | None = None,
+        begun_by: str | None = None,
     ) -> str:
-        """Insert a memory into a capsule ``caller`` may write to (inside a transaction)."""
+        """Insert a memory into a capsule ``caller`` may write to (inside a transaction).
+
+        ``begun_by`` names the upload session whose begin creates it (see ``memories``).
+        """
         fields = _memory_fields({"title": title, "taken_at": taken_at, "meta": meta or {}})
         check_writable(conn, caller, capsule_id)
         memory_id = new_id("mem")
         conn.execute(_NEW_MEMORY, {
             "id": memory_id, "capsule_id": capsule_id, **fields,
-            "created_by": caller.id, "created_at": self.clock.now(),
+            "created_by": caller.id, "created_at": self.clock.now(), "begun_by": begun_by,
         })
         return memory_id
 

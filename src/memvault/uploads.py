@@ -29,6 +29,7 @@ from memvault.capsules import (
 )
 from memvault.clock import Clock, iso
 from memvault.errors import (
+    Conflict,
     InsufficientStorage,
     InvalidArgument,
     NotFound,
@@ -67,6 +68,42 @@ _PENDING_IN_CAPSULE = sa.select(
     upload_sessions.c.idem_scope == sa.bindparam("scope"),
     upload_sessions.c.state == PENDING,
 )
+_MEMORY_BEGUN_BY = sa.select(memories.c.begun_by).where(memories.c.id == sa.bindparam("memory_id"))
+_LOCK_MEMORY = _MEMORY_BEGUN_BY.with_for_update()
+_SHARE_MEMORY = _MEMORY_BEGUN_BY.with_for_update(read=True)
+_ANY_ASSET = sa.select(assets.c.role).where(
+    assets.c.memory_id == sa.bindparam("memory_id")).limit(1)
+_DROP_MEMORY = sa.delete(memories).where(memories.c.id == sa.bindparam("memory_id"))
+_PENDING_SESSION = sa.select(upload_sessions.c.id).where(
+    upload_sessions.c.id == sa.bindparam("session_id"), upload_sessions.c.state == PENDING)
+
+
+def _holders(memory_id: str) -> sa.Select[tuple[str]]:
+    """Pending sessions that may still fill ``memory_id``: the one whose begin created it
+    (bound as ``begun_by``; it has no exclusive key) and any holding a ``memory/role``."""
+    return sa.select(upload_sessions.c.id).where(
+        upload_sessions.c.state == PENDING,
+        sa.or_(upload_sessions.c.id == sa.bindparam("begun_by"),
+               upload_sessions.c.exclusive_key.startswith(f"{memory_id}/", autoescape=True)),
+    ).limit(1)
+
+
+def _hold_memory(conn: sa.Connection, memory_id: str, role: str) -> None:
+    """Keep ``memory_id`` from being removed by an ending session until this begin commits.
+
+    A shared lock on its row on PostgreSQL (an end takes it exclusively first; SQLite's one
+    writer serialises the two anyway). A begin that finds the row gone answers ``not_found``.
+    While the session whose begin created the memory is pending, that session is the upload
+    of its original, so another original into it is a ``conflict``.
+    """
+    row = conn.execute(_SHARE_MEMORY, {"memory_id": memory_id}).first()
+    if row is None:
+        raise NotFound(f"memory {memory_id} not found")
+    if role != "original" or row.begun_by is None:
+        return
+    if conn.execute(_PENDING_SESSION, {"session_id": row.begun_by}).first() is not None:
+        raise Conflict("another upload for the same target is in progress",
+                       target=f"{memory_id}/original")
 
 
 @dataclass(frozen=True)
@@ -125,7 +162,7 @@ class UploadService:
         free = await self.store.free_bytes()
         now = self.clock.now()
 
-        def prepare(conn: sa.Connection) -> dict[str, Any]:
+        def prepare(conn: sa.Connection, session_id: str) -> dict[str, Any]:
             # Only a new session is checked against limits: a retried begin that finds its
             # pending session already holds its place.
             check_writable(conn, caller, req.capsule_id)
@@ -136,16 +173,17 @@ class UploadService:
             self._check_pending_cap(conn, caller, req.capsule_id)
             self._check_headroom(conn, free, req.size)
             self._check_quotas(conn, caller.id, req.size, now)
-            created = req.memory_id is None
             if req.memory_id is None:
-                memory_id = self.capsules.create_memory(conn, caller, req.capsule_id)
+                memory_id = self.capsules.create_memory(conn, caller, req.capsule_id,
+                                                        begun_by=session_id)
             else:
                 memory_id = req.memory_id
                 capsule_id = memory_capsule(conn, caller, memory_id)
                 if capsule_id != req.capsule_id:
                     raise NotFound(f"memory {memory_id} not found in capsule {req.capsule_id}")
+                _hold_memory(conn, memory_id, req.role)
                 check_role_free(conn, memory_id, req.role)
-            return {"memory_id": memory_id, "created_memory": created}
+            return {"memory_id": memory_id}
 
         spec = SessionSpec(
             owner=caller.id,
@@ -345,18 +383,19 @@ class UploadService:
         )
 
     def _on_end(self, conn: sa.Connection, session: Session) -> None:
-        """Drop the memory this session created, if nothing else has filled or claimed it."""
-        attrs = session.attrs
-        if not attrs.get("created_memory"):
+        """Drop the memory this session was to fill if a begin created it and nothing else
+        has filled or still holds it.
+
+        Runs when any session ends unfinished (abort, expiry, lost staging): the one whose
+        begin created the memory, or a derivative's into it; whichever ends last removes it.
+        The memory's row is locked first, so two sessions ending at once (each on its own
+        PostgreSQL connection) cannot each see the other still pending and both keep it.
+        """
+        memory_id = session.attrs["memory_id"]
+        begun_by = conn.execute(_LOCK_MEMORY, {"memory_id": memory_id}).scalar()
+        if begun_by is None:  # made with POST .../memories, or gone already
             return
-        memory_id = attrs["memory_id"]
-        has_asset = conn.execute(
-            sa.select(assets.c.role).where(assets.c.memory_id == memory_id)
-        ).first()
-        other = conn.execute(
-            sa.select(upload_sessions.c.id).where(
-                upload_sessions.c.exclusive_key.startswith(f"{memory_id}/", autoescape=True)
-            )
-        ).first()
-        if has_asset is None and other is None:
-            conn.execute(sa.delete(memories).where(memories.c.id == memory_id))
+        filled = conn.execute(_ANY_ASSET, {"memory_id": memory_id}).first()
+        held = conn.execute(_holders(memory_id), {"begun_by": begun_by}).first()
+        if filled is None and held is None:
+            conn.execute(_DROP_MEMORY, {"memory_id": memory_id})

@@ -65,6 +65,9 @@ memories = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     # ThumbHash of the placeholder, so a page can paint it without a request.
     sa.Column("thumbhash", sa.String(64), nullable=True),
+    # The upload session whose begin created the memory (None: made with POST .../memories).
+    # Whichever session holding such a memory ends last unfinished removes it if it is empty.
+    sa.Column("begun_by", sa.String(40), nullable=True),
     sa.Index("ix_memories_capsule_created", "capsule_id", "created_at", "id"),
 )
 

@@ -93,12 +93,13 @@ class SessionService:
     async def begin(
         self,
         spec: SessionSpec,
-        prepare: Callable[[sa.Connection], dict[str, Any]] | None = None,
+        prepare: Callable[[sa.Connection, str], dict[str, Any]] | None = None,
     ) -> tuple[Session, bool]:
         """Create a session, or return the pending one with the same idempotency key.
 
-        ``prepare`` runs in the same transaction only when a new session is made (e.g. to
-        create the memory it fills) and returns attributes stored with the session.
+        ``prepare(conn, session_id)`` runs in the same transaction only when a new session is
+        made (e.g. to create the memory it fills, naming the session that began it) and
+        returns attributes stored with the session.
         Returns ``(session, created)``.
         """
         existing = await self._find_pending(spec)
@@ -133,7 +134,7 @@ class SessionService:
             if found is not None:
                 return found
             if prepare is not None:
-                row["attrs"] = {**spec.attrs, **prepare(conn)}
+                row["attrs"] = {**spec.attrs, **prepare(conn, session_id)}
             if spec.exclusive_key is not None:
                 holder = conn.execute(_EXCLUSIVE_HOLDER, {"key": spec.exclusive_key})
                 if holder.first() is not None:
