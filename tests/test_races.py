@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from memvault.errors import Conflict, MemvaultError, ResourceExhausted, Unavailable
+from memvault.errors import Conflict, MemvaultError, NotFound, ResourceExhausted, Unavailable
 from memvault.metadata.schema import blobs, memories
 from memvault.sessions import ChunkChecksums, FinishItem
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
@@ -398,3 +398,30 @@ async def test_joint_finishes_of_crossed_contents_share_blobs_without_deadlock(
             assert not isinstance(second, BaseException), second
             for data in (x, y):
                 assert await _refcount(ip, hashlib.sha256(data).hexdigest()) == 2
+
+
+async def _read_until_done(ip: InProcess, memory_id: str, task: asyncio.Future[None]) -> list[Any]:
+    """Reads of the memory back to back until ``task`` is done (so across its commit)."""
+    seen = []
+    while not task.done():
+        seen += await _outcomes([ip.capsules.get_memory(ip.caller, memory_id)])
+    return seen
+
+
+async def test_a_memory_read_while_its_upload_is_aborted_is_there_or_not_found(
+    database_url: str | None,
+) -> None:
+    """A read runs in one snapshot: the abort that removes a begun memory commits before or
+    after it, never between its statements (on PostgreSQL it once did: the memory's capsule
+    was found, the memory was then gone, and the read answered 500)."""
+    async with inprocess(database_url=database_url) as ip:
+        for round_ in range(ROUNDS):
+            session, _ = await ip.uploads.begin(
+                ip.caller, ip.begin_request(CHUNK, f"read-{round_}"))
+            memory_id = session.attrs["memory_id"]
+            abort = asyncio.ensure_future(ip.uploads.abort(ip.caller, session.id))
+            readers = await asyncio.gather(
+                *(_read_until_done(ip, memory_id, abort) for _ in range(3)))
+            await abort
+            for outcome in (o for seen in readers for o in seen):
+                assert isinstance(outcome, NotFound) or outcome.id == memory_id, outcome

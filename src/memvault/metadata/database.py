@@ -116,11 +116,19 @@ class Database:
             await self._async.dispose()
 
     async def query(self, work: Work[T]) -> T:
-        """Run ``work`` on a read connection; each statement sees what was committed before it."""
+        """Run ``work`` in one read-only snapshot: every statement in it sees the same commits.
+
+        SQLite's read transaction gives that; on PostgreSQL it is ``REPEATABLE READ READ ONLY``
+        (asyncpg sends it with the ``BEGIN``, no extra round trip; a read-only transaction never
+        fails to serialise). Under READ COMMITTED a commit could land between two statements of
+        one read: a memory's capsule found, the memory then gone, and the read failed.
+        """
         if self._sqlite:
             return await _settle(self._read_threads, functools.partial(_read, self._reader, work))
         with _reachable():
             async with self._async.connect() as conn:
+                await conn.execution_options(isolation_level="REPEATABLE READ",
+                                             postgresql_readonly=True)
                 return await conn.run_sync(work)
 
     async def transact(self, work: Work[T], *, durable: bool = True) -> T:
