@@ -871,6 +871,48 @@ async def test_a_long_file_name_still_downloads_into_a_folder(app: InApp) -> Non
         assert sorted(p.name for p in folder.iterdir()) == [name]
 
 
+@pytest.mark.parametrize("name", ["写真" * 80 + ".jpg", "x" * 400 + ".jpeg", "y" * 300])
+async def test_a_file_name_longer_than_a_file_may_be_is_shortened_in_a_folder(
+        app: InApp, name: str) -> None:
+    """The server keeps names of up to 500 characters; a folder gets the longest prefix that
+    fits 255 bytes, with the extension (before: every byte fetched and verified, then the
+    rename failed with a raw OSError, for ever)."""
+    async with app.client() as mv:
+        cap = await mv.create_capsule("longer-name")
+        data = os.urandom(CHUNK + 1)
+        memory = (await mv.upload_file(io.BytesIO(data), cap, filename=name)).memory
+        folder = app.root / "longer"
+        folder.mkdir()
+        out = await mv.download(memory, dest=folder)
+        assert out is not None
+        assert out.read_bytes() == data
+        assert [p.name for p in folder.iterdir()] == [out.name]
+        assert 250 <= len(os.fsencode(out.name)) <= 255
+        ext = os.path.splitext(name)[1]
+        assert out.name.endswith(ext)
+        assert name.startswith(out.name[: len(out.name) - len(ext)])
+
+
+@pytest.mark.parametrize("given", ["../admin/config", "..", ".", "../../healthz",
+                                   "{memory}/assets/original", "{memory}?x=1", "{memory}#f"])
+async def test_an_id_that_is_no_id_is_not_found_and_never_another_path(
+        app: InApp, given: str) -> None:
+    """Ids go into the path as one segment each: a caller's string never reaches another
+    route (the admin config, with the caller's token) or a query."""
+    async with app.client() as mv:
+        cap = await mv.create_capsule("ids")
+        memory = await mv.create_memory(cap)
+        hostile = given.format(memory=memory.id)
+        with pytest.raises(NotFound):
+            await mv.get_memory(hostile)
+        with pytest.raises(NotFound):
+            await mv.list_memories(hostile.replace(memory.id, cap.id))
+        with pytest.raises(NotFound):
+            await mv.get_session(hostile)
+        with pytest.raises(NotFound):
+            await mv.abort_session(hostile)
+
+
 async def test_a_download_whose_stored_bytes_are_damaged_fails_and_says_so(app: InApp) -> None:
     async with app.client() as mv:
         cap = await mv.create_capsule("damaged")

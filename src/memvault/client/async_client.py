@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self
+from urllib.parse import quote
 
 import httpx
 
@@ -130,12 +131,12 @@ class AsyncClient:
         """An empty memory, to fill with ``upload_file(..., memory=...)``."""
         body = {"title": title, "taken_at": taken_at, "metadata": metadata}
         response = await self.api.call(
-            "POST", f"/v1/capsules/{_capsule_id(capsule)}/memories",
+            "POST", f"/v1/capsules/{_segment(_capsule_id(capsule))}/memories",
             json={k: v for k, v in body.items() if v is not None}, idempotent=False)
         return Memory.model_validate(response.json())
 
     async def get_memory(self, memory: MemoryRef) -> Memory:
-        response = await self.api.call("GET", f"/v1/memories/{_memory_id(memory)}")
+        response = await self.api.call("GET", f"/v1/memories/{_segment(_memory_id(memory))}")
         return Memory.model_validate(response.json())
 
     async def list_memories(self, capsule: CapsuleRef, *, limit: int = 50,
@@ -149,7 +150,7 @@ class AsyncClient:
         if sha256 is not None:
             params["sha256"] = sha256.lower()
         response = await self.api.call(
-            "GET", f"/v1/capsules/{_capsule_id(capsule)}/memories", params=params)
+            "GET", f"/v1/capsules/{_segment(_capsule_id(capsule))}/memories", params=params)
         return MemoryPage.model_validate(response.json())
 
     async def iter_memories(self, capsule: CapsuleRef, *, page_size: int = 100,
@@ -187,7 +188,7 @@ class AsyncClient:
         given = {"title": title, "taken_at": taken_at, "metadata": metadata,
                  "thumbhash": thumbhash}
         response = await self.api.call(
-            "PATCH", f"/v1/memories/{_memory_id(memory)}",
+            "PATCH", f"/v1/memories/{_segment(_memory_id(memory))}",
             json={k: v for k, v in given.items() if not isinstance(v, Unset)})
         return Memory.model_validate(response.json())
 
@@ -281,7 +282,7 @@ class AsyncClient:
         return [Session.model_validate(s) for s in response.json()["items"]]
 
     async def get_session(self, session_id: str) -> Session:
-        response = await self.api.call("GET", f"/v1/uploads/{session_id}")
+        response = await self.api.call("GET", f"/v1/uploads/{_segment(session_id)}")
         return Session.model_validate(response.json())
 
     async def abort_session(self, session_id: str) -> None:
@@ -289,7 +290,7 @@ class AsyncClient:
         forgets any resume record of it (``NotFound`` if there was no such session: the
         record goes too)."""
         try:
-            await self.api.call("DELETE", f"/v1/uploads/{session_id}")
+            await self.api.call("DELETE", f"/v1/uploads/{_segment(session_id)}")
         except NotFound:
             await asyncio.to_thread(self.state.drop_session, session_id)
             raise
@@ -325,3 +326,9 @@ def _capsule_id(capsule: CapsuleRef) -> str:
 
 def _memory_id(memory: MemoryRef) -> str:
     return memory.id if isinstance(memory, Memory) else memory
+
+
+def _segment(given_id: str) -> str:
+    """An id as one path segment: ``../admin/config`` or ``x?y`` given as an id is asked for
+    as that id (and is ``not_found``), never as another path or query."""
+    return quote(given_id, safe="").replace(".", "%2E")  # no "." or ".." segment either

@@ -42,7 +42,20 @@ def target_path(dest: Path, memory: Memory, asset: Asset) -> Path:
     name = os.path.basename(asset.filename or "").strip()
     if name in ("", ".", ".."):
         name = f"{memory.id}.{asset.role}"
-    return dest / name
+    return dest / _fitting(name)
+
+
+def _fitting(name: str, limit: int = 255) -> str:
+    """``name`` shortened to what a file name may be (``limit`` bytes), its extension kept:
+    the server takes file names of up to 500 characters."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    stem, ext = os.path.splitext(name)
+    if len(os.fsencode(ext)) > limit // 4:
+        stem, ext = name, ""
+    while stem and len(os.fsencode(stem + ext)) > limit:
+        stem = stem[:-1]
+    return stem.rstrip() + ext
 
 
 async def download(api: Transport, memory: Memory, asset: Asset, dest: Path | BinaryIO,
