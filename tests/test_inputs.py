@@ -123,6 +123,26 @@ def test_what_stores_and_headers_carry_is_kept_as_given(api: Api) -> None:
         assert odd["asset"]["filename"] == filename
 
 
+def test_an_asset_is_served_with_its_stored_type_and_an_encoded_name(api: Api) -> None:
+    """The type exactly as stored (no charset added to a text/ type: a Latin-1 file would
+    then read as UTF-8), a "/" in the name percent-encoded (RFC 8187), and a range unit in
+    any case (RFC 9110 §14.1)."""
+    cap = api.capsule()
+    latin = "Grüße aus Köln".encode("latin-1")
+    done = api.upload(cap, latin, filename="notes 1/2.txt", content_type="text/plain")
+    for method in ("GET", "HEAD"):
+        read = api.http.request(method, f"/v1/memories/{done['memory_id']}/assets/original")
+        assert read.status_code == 200
+        assert read.headers["content-type"] == "text/plain", method
+        assert read.headers["content-disposition"] == (
+            "inline; filename*=UTF-8''notes%201%2F2.txt"), method
+    assert api.read(done["memory_id"]).content == latin
+    for unit in ("bytes", "Bytes", "BYTES"):
+        part = api.read(done["memory_id"], Range=f"{unit}=0-4")
+        assert part.status_code == 206, unit
+        assert part.content == latin[:5]
+
+
 def test_ids_no_server_issues_are_404(api: Api) -> None:
     cap = api.capsule()
     mem = api.upload(cap, b"x")["memory_id"]

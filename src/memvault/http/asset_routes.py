@@ -16,8 +16,9 @@ from memvault.storage.base import BlobMissing
 
 router = APIRouter(prefix="/v1", tags=["library"])
 
-_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
-"""One range; positions past 19 digits (beyond any size) make the header one to ignore."""
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$", re.IGNORECASE)
+"""One range (the unit's case does not matter, RFC 9110 §14.1); positions past 19 digits
+(beyond any size) make the header one to ignore."""
 
 
 @router.api_route("/memories/{memory_id}/assets/{role}", methods=["GET", "HEAD"],
@@ -40,7 +41,9 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
         "Content-Security-Policy": "sandbox",
     }
     if asset.filename:
-        headers["Content-Disposition"] = f"inline; filename*=UTF-8''{quote(asset.filename)}"
+        # RFC 8187: every byte outside attr-char percent-encoded, "/" too.
+        headers["Content-Disposition"] = (
+            f"inline; filename*=UTF-8''{quote(asset.filename, safe='')}")
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     start, end, status = 0, asset.size, 200
@@ -55,13 +58,14 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
     headers["Content-Length"] = str(end - start)
     # Stored types are checked at begin; one from before that check that a header cannot
     # carry is served as plain bytes rather than failing the read.
-    media_type = (asset.content_type if inputs.is_media_type(asset.content_type)
-                  else "application/octet-stream")
+    # As a header, not ``media_type``: Starlette would add "; charset=utf-8" to a text/ type,
+    # and a Latin-1 text file would then read as UTF-8. The bytes are served as stored.
+    headers["Content-Type"] = (asset.content_type if inputs.is_media_type(asset.content_type)
+                               else "application/octet-stream")
     if request.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type=media_type)
+        return Response(status_code=status, headers=headers)
     body = await _primed(svc.store.read(asset.storage_key, start, end))
-    return StreamingResponse(body, status_code=status, headers=headers,
-                             media_type=media_type)
+    return StreamingResponse(body, status_code=status, headers=headers)
 
 
 def _matches(header: str | None, etag: str) -> bool:
