@@ -2,7 +2,8 @@
 
 This is where a session meets the library: begin checks the capsule and creates (or checks)
 the memory in the same transaction as the session; finish's transaction attaches the blob to
-the memory as an asset; abort and expiry drop a memory the session created and never filled.
+the memory as an asset; abort and expiry drop a memory a begin created once no session holds
+it and none filled it.
 """
 
 from __future__ import annotations
