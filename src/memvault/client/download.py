@@ -39,10 +39,10 @@ def target_path(dest: Path, memory: Memory, asset: Asset) -> Path:
     name only: a stored filename never picks the folder)."""
     if not dest.is_dir():
         return dest
-    name = os.path.basename(asset.filename or "").strip()
+    name = _fitting(os.path.basename(asset.filename or "").strip()).strip()
     if name in ("", ".", ".."):
         name = f"{memory.id}.{asset.role}"
-    return dest / _fitting(name)
+    return dest / name
 
 
 def _fitting(name: str, limit: int = 255) -> str:
@@ -55,7 +55,7 @@ def _fitting(name: str, limit: int = 255) -> str:
         stem, ext = name, ""
     while stem and len(os.fsencode(stem + ext)) > limit:
         stem = stem[:-1]
-    return stem.rstrip() + ext
+    return stem + ext
 
 
 async def download(api: Transport, memory: Memory, asset: Asset, dest: Path | BinaryIO,
