@@ -1131,6 +1131,10 @@ def test_500_when_the_blob_behind_an_asset_is_gone(api: Api, server: LiveServer)
         body = problem(r, 500, "internal")
         assert "missing" in body["detail"], body
         assert "blobs/" not in r.text  # no storage paths leaked
+        # HEAD answers as GET would, not 200 for bytes that cannot be served.
+        head = api.http.head(f"/v1/memories/{mem}/assets/original", headers=headers)
+        assert head.status_code == 500, head.headers
+        assert head.headers["content-type"] == "application/problem+json"
     # The metadata still answers, and the server keeps serving everything else.
     assert api.http.get(f"/v1/memories/{mem}").status_code == 200
     assert api.http.get("/healthz").status_code == 200
@@ -1258,6 +1262,26 @@ def test_304_if_none_match(api: Api) -> None:
     r = api.read(mem, **{"If-None-Match": '"something-else"'})
     assert r.status_code == 200
     assert r.content == data
+
+
+def test_412_if_match_names_another_version(api: Api) -> None:
+    """RFC 9110 §13.1.1: If-Match compares strongly and is checked before If-None-Match."""
+    cap = api.capsule()
+    data = os.urandom(CHUNK + 1)
+    mem = api.upload(cap, data)["memory_id"]
+    etag = f'"{sha(data)}"'
+    for header in ['"something-else"', f"W/{etag}"]:
+        for method in ("GET", "HEAD"):
+            r = api.http.request(method, f"/v1/memories/{mem}/assets/original",
+                                 headers={"If-Match": header, "If-None-Match": etag})
+            assert r.status_code == 412, (header, method, r.status_code)
+            if method == "GET":
+                body = problem(r, 412, "precondition_failed")
+                assert body["etag"] == etag
+    for header in [etag, f'"nope", {etag}', "*"]:
+        r = api.read(mem, **{"If-Match": header, "Range": "bytes=0-9"})
+        assert r.status_code == 206, (header, r.text)
+        assert r.content == data[:10]
 
 
 def test_206_range_read(api: Api) -> None:

@@ -12,6 +12,7 @@ The hierarchy is flat on purpose: one base class, one subclass per code::
      ├── Conflict               409 conflict
      ├── Incomplete             409 incomplete          (carries the missing chunk indices)
      ├── Expired                410 expired
+     ├── PreconditionFailed     412 precondition_failed (If-Match names another version)
      ├── PayloadTooLarge        413 payload_too_large
      ├── RangeNotSatisfiable    416 range_not_satisfiable
      ├── ChecksumMismatch       422 checksum_mismatch
@@ -19,6 +20,7 @@ The hierarchy is flat on purpose: one base class, one subclass per code::
      ├── ResourceExhausted      429 resource_exhausted  (carries Retry-After)
      ├── Unavailable            503 unavailable         (carries Retry-After; transient)
      ├── InsufficientStorage    507 insufficient_storage
+     ├── HeadersTooLarge        431 headers_too_large
      └── Internal               500 internal
 
 Services raise these; the HTTP layer renders them as RFC 9457 problem documents and the SDK
@@ -135,6 +137,12 @@ class Expired(MemvaultError):
     title = "Upload session expired"
 
 
+class PreconditionFailed(MemvaultError):
+    code = "precondition_failed"
+    status = 412
+    title = "Precondition failed"
+
+
 class PayloadTooLarge(MemvaultError):
     code = "payload_too_large"
     status = 413
@@ -204,6 +212,7 @@ ERRORS: dict[str, type[MemvaultError]] = {
         Conflict,
         Incomplete,
         Expired,
+        PreconditionFailed,
         PayloadTooLarge,
         RangeNotSatisfiable,
         ChecksumMismatch,

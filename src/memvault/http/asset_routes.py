@@ -1,4 +1,5 @@
-"""Reading an asset's bytes: ``Range`` → 206, ``ETag`` from the SHA-256, ``If-None-Match``."""
+"""Reading an asset's bytes: ``Range`` → 206, ``ETag`` from the SHA-256, ``If-None-Match`` →
+304, ``If-Match`` → 412."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.responses import StreamingResponse
 
 from memvault import inputs
-from memvault.errors import Internal, RangeNotSatisfiable
+from memvault.errors import Internal, PreconditionFailed, RangeNotSatisfiable
 from memvault.http.deps import Caller, Svc
 from memvault.storage.base import BlobMissing
 
@@ -44,7 +45,13 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
         # RFC 8187: every byte outside attr-char percent-encoded, "/" too.
         headers["Content-Disposition"] = (
             f"inline; filename*=UTF-8''{quote(asset.filename, safe='')}")
-    if _matches(request.headers.get("if-none-match"), etag):
+    # RFC 9110 §13.2.2: If-Match first (strong comparison; there is no Last-Modified, so
+    # If-Unmodified-Since and If-Modified-Since are ignored), then If-None-Match (weak).
+    if_match = request.headers.get("if-match")
+    if if_match is not None and not _matches(if_match, etag, weak=False):
+        raise PreconditionFailed("If-Match names another version of this asset; its ETag "
+                                 "is the current one", etag=etag)
+    if _matches(request.headers.get("if-none-match"), etag, weak=True):
         return Response(status_code=304, headers=headers)
     start, end, status = 0, asset.size, 200
     wanted = request.headers.get("range")
@@ -63,15 +70,22 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
     headers["Content-Type"] = (asset.content_type if inputs.is_media_type(asset.content_type)
                                else "application/octet-stream")
     if request.method == "HEAD":
+        # An empty read still finds the blob (a file open, an S3 HEAD), so HEAD answers as
+        # GET would: a 500, not a 200 for bytes a GET cannot serve.
+        await _primed(svc.store.read(asset.storage_key, start, start))
         return Response(status_code=status, headers=headers)
     body = await _primed(svc.store.read(asset.storage_key, start, end))
     return StreamingResponse(body, status_code=status, headers=headers)
 
 
-def _matches(header: str | None, etag: str) -> bool:
+def _matches(header: str | None, etag: str, *, weak: bool) -> bool:
+    """Whether a list of entity tags (or ``*``) names ``etag``; a weak ``W/`` tag counts only
+    in a weak comparison (If-None-Match), never in If-Match's strong one."""
     if not header:
         return False
-    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    tags = {t.strip() for t in header.split(",")}
+    if weak:
+        tags = {t.removeprefix("W/") for t in tags}
     return "*" in tags or etag in tags
 
 
