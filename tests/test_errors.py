@@ -869,6 +869,28 @@ def test_422_chunk_with_wrong_crc32c_content_digest(api: Api) -> None:
     complete(api, s, data)
 
 
+def test_422_content_digest_sent_on_two_header_lines(api: Api) -> None:
+    """Two field lines mean one comma-joined value (RFC 9110 §5.3): a wrong digest on the
+    second line is checked like one on the first."""
+    cap = api.capsule()
+    data = os.urandom(CHUNK + 10)
+    s = api.session(cap, len(data))
+    good = piece(s, data, 0)
+    other = b"y" * len(good)
+    sha_right = digest_header(good)
+    crc_right = digest_header(good, sha256=False, crc=True)
+    for lines in ([sha_right, digest_header(other, sha256=False, crc=True)],
+                  [crc_right, digest_header(other)]):
+        r = api.http.put(f"/v1/uploads/{s['id']}/chunks/0", content=good,
+                         headers=[("Content-Digest", line) for line in lines])
+        problem(r, 422, "checksum_mismatch")
+        assert status_of(api, s["id"])["received"] == []
+    r = api.http.put(f"/v1/uploads/{s['id']}/chunks/0", content=good,
+                     headers=[("Content-Digest", sha_right), ("Content-Digest", crc_right)])
+    assert r.status_code == 200, r.text
+    complete(api, s, data)
+
+
 def test_422_wrong_content_digest_on_a_duplicate_chunk(api: Api) -> None:
     cap = api.capsule()
     data = os.urandom(CHUNK + 10)
@@ -1278,6 +1300,13 @@ def test_412_if_match_names_another_version(api: Api) -> None:
             if method == "GET":
                 body = problem(r, 412, "precondition_failed")
                 assert body["etag"] == etag
+    # A list sent on two field lines is one list (RFC 9110 §5.3).
+    two_lines = [("If-None-Match", '"other"'), ("If-None-Match", etag)]
+    assert api.http.get(f"/v1/memories/{mem}/assets/original",
+                        headers=two_lines).status_code == 304
+    two_lines = [("If-Match", '"other"'), ("If-Match", etag)]
+    assert api.http.get(f"/v1/memories/{mem}/assets/original",
+                        headers=two_lines).status_code == 200
     for header in [etag, f'"nope", {etag}', "*"]:
         r = api.read(mem, **{"If-Match": header, "Range": "bytes=0-9"})
         assert r.status_code == 206, (header, r.text)

@@ -12,7 +12,7 @@ from starlette.responses import StreamingResponse
 
 from memvault import inputs
 from memvault.errors import Internal, PreconditionFailed, RangeNotSatisfiable
-from memvault.http.deps import Caller, Svc
+from memvault.http.deps import Caller, Svc, list_header
 from memvault.storage.base import BlobMissing
 
 router = APIRouter(prefix="/v1", tags=["library"])
@@ -47,11 +47,11 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
             f"inline; filename*=UTF-8''{quote(asset.filename, safe='')}")
     # RFC 9110 §13.2.2: If-Match first (strong comparison; there is no Last-Modified, so
     # If-Unmodified-Since and If-Modified-Since are ignored), then If-None-Match (weak).
-    if_match = request.headers.get("if-match")
+    if_match = list_header(request, "if-match")
     if if_match is not None and not _matches(if_match, etag, weak=False):
         raise PreconditionFailed("If-Match names another version of this asset; its ETag "
                                  "is the current one", etag=etag)
-    if _matches(request.headers.get("if-none-match"), etag, weak=True):
+    if _matches(list_header(request, "if-none-match"), etag, weak=True):
         return Response(status_code=304, headers=headers)
     start, end, status = 0, asset.size, 200
     wanted = request.headers.get("range")

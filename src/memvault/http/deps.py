@@ -35,6 +35,14 @@ class Services:
     runner: DerivativeRunner | None = None
 
 
+def list_header(request: Request, name: str) -> str | None:
+    """A list-valued header (``Content-Digest``, ``If-Match``, ...) as one value: a client may
+    send it on several lines, which mean the same as one line joined by commas (RFC 9110
+    §5.3); reading only the first line would skip what the others say."""
+    lines = request.headers.getlist(name)
+    return ", ".join(lines) if lines else None
+
+
 def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from memvault.capsules import Memory
 from memvault.errors import InvalidArgument
-from memvault.http.deps import Caller, Services, Svc
+from memvault.http.deps import Caller, Services, Svc, list_header
 from memvault.http.direct import EXTENSION, DirectBody
 from memvault.http.schemas import (
     BeginIn,
@@ -71,7 +71,7 @@ async def status(session_id: str, caller: Caller, svc: Svc) -> SessionOut:
 async def put_chunk(
     session_id: str, index: int, request: Request, caller: Caller, svc: Svc
 ) -> ChunkOut:
-    checksums = parse_content_digest(request.headers.get("content-digest"))
+    checksums = parse_content_digest(list_header(request, "content-digest"))
     with svc.slots.hold(caller.id), svc.metrics.chunk_seconds.time():
         result = await svc.uploads.put_chunk(
             caller, session_id, index, _content_length(request), _body(request, svc), checksums
