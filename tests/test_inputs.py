@@ -258,6 +258,56 @@ def test_409_idempotency_key_reused_for_another_target(api: Api) -> None:
     assert [s["id"] for s in items if s["capsule_id"] == cap] == [first["id"]]
 
 
+def test_metadata_depth_counts_objects_and_arrays(api: Api) -> None:
+    """At most 32 nested objects and arrays; the scalar the innermost holds is not a level."""
+    cap = api.capsule()
+    at_limit = {"a": nested(31)}  # the object, then 31 arrays: 32 levels
+    r = api.http.post(f"/v1/capsules/{cap}/memories", json={"metadata": at_limit})
+    assert r.status_code == 201, r.text
+    assert r.json()["metadata"] == at_limit
+    body = problem(api.http.post(f"/v1/capsules/{cap}/memories",
+                                 json={"metadata": {"a": nested(32)}}), 400, "invalid_argument")
+    assert body["limit"] == 32
+
+
+def test_bodies_with_unknown_fields_or_loosely_typed_values_are_400(api: Api) -> None:
+    """A misspelled field is refused, not dropped (``memoryId`` made a new memory), and a
+    JSON value keeps its type (``true`` was a size of 1, ``"10"`` a size of 10)."""
+    cap = api.capsule()
+    mem = api.upload(cap, b"kept")["memory_id"]
+    base = {"capsule_id": cap, "filename": "f.bin", "size": 10, "idempotency_key": "k"}
+    before = memory_ids(api, cap)
+    refused: list[tuple[str, httpx.Response, str]] = [
+        ("memoryId", api.http.post("/v1/uploads", json={**base, "memoryId": mem}), "memoryId"),
+        ("size true", api.http.post("/v1/uploads", json={**base, "size": True}), "size"),
+        ("size '10'", api.http.post("/v1/uploads", json={**base, "size": "10"}), "size"),
+        ("size 10.0", api.http.post("/v1/uploads", json={**base, "size": 10.0}), "size"),
+        ("capsule bogus", api.http.post("/v1/capsules", json={"name": "x", "bogus": 1}),
+         "bogus"),
+        ("memory titel", api.http.post(f"/v1/capsules/{cap}/memories", json={"titel": "x"}),
+         "titel"),
+        ("title 5", api.http.post(f"/v1/capsules/{cap}/memories", json={"title": 5}), "title"),
+    ]
+    for what, r, field in refused:
+        body = problem(r, 400, "invalid_argument")
+        assert field in body["detail"], (what, body)
+    assert memory_ids(api, cap) == before
+    assert [c["name"] for c in api.http.get("/v1/capsules").json()].count("x") == 0
+    assert not [s for s in api.http.get("/v1/uploads").json()["items"]
+                if s["capsule_id"] == cap]
+    # The same requests, well typed, are accepted.
+    s = api.http.post("/v1/uploads", json={**base, "memory_id": mem, "role": "thumb"})
+    assert s.status_code == 201, s.text
+    assert s.json()["memory_id"] == mem
+    sid = s.json()["id"]
+    assert api.http.put(f"/v1/uploads/{sid}/chunks/0", content=b"0123456789").status_code == 200
+    digest = hashlib.sha256(b"0123456789").hexdigest()
+    problem(api.http.post(f"/v1/uploads/{sid}/finish", json={"size": "10", "sha256": digest}),
+            400, "invalid_argument")
+    done = api.http.post(f"/v1/uploads/{sid}/finish", json={"size": 10, "sha256": digest})
+    assert done.status_code == 200, done.text
+
+
 async def test_unstorable_values_never_reach_the_database(database_url: str | None) -> None:
     """PostgreSQL refuses U+0000 in text and NaN in JSON: these used to be 500s there, and a
     file name with U+0000 let every chunk in, then failed every finish."""

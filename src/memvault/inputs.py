@@ -79,7 +79,8 @@ def metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json(value: Any, depth: int) -> None:
-    if depth > METADATA_DEPTH:
+    """``depth`` counts objects and arrays: 32 nested objects may hold a scalar."""
+    if isinstance(value, dict | list) and depth > METADATA_DEPTH:
         raise InvalidArgument(f"metadata is nested more than {METADATA_DEPTH} levels deep",
                               limit=METADATA_DEPTH)
     if isinstance(value, dict):

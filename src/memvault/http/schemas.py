@@ -12,7 +12,15 @@ from memvault.sessions import Session
 from memvault.uploads import MAX_FINISH_BATCH
 
 
-class CapsuleIn(BaseModel):
+class Input(BaseModel):
+    """A request body: a field the API does not know is refused, not dropped (a misspelled
+    ``memoryId`` would otherwise make a new memory), and values keep their JSON types (no
+    ``true`` or ``"10"`` read as a size)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CapsuleIn(Input):
     name: str = Field(min_length=1, max_length=200)
 
 
@@ -22,16 +30,14 @@ class CapsuleOut(BaseModel):
     created_at: str | None
 
 
-class MemoryIn(BaseModel):
+class MemoryIn(Input):
     title: str | None = Field(default=None, max_length=500)
     taken_at: str | None = Field(default=None, max_length=40)
     metadata: dict[str, Any] | None = None
 
 
-class MemoryPatch(BaseModel):
+class MemoryPatch(Input):
     """Fields to change; those left out keep their values (``metadata`` is replaced whole)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     title: str | None = Field(default=None, max_length=500)
     taken_at: str | None = Field(default=None, max_length=40)
@@ -75,7 +81,7 @@ class MemoryPage(BaseModel):
     next_cursor: str | None
 
 
-class BeginIn(BaseModel):
+class BeginIn(Input):
     capsule_id: str
     memory_id: str | None = None
     role: str = "original"
@@ -112,7 +118,7 @@ class ChunkOut(BaseModel):
     bytes_received: int
 
 
-class FinishIn(BaseModel):
+class FinishIn(Input):
     size: int = Field(ge=0)
     sha256: str
 
@@ -129,7 +135,7 @@ class FinishItemIn(FinishIn):
     id: str = Field(description="the upload session")
 
 
-class FinishManyIn(BaseModel):
+class FinishManyIn(Input):
     uploads: list[FinishItemIn] = Field(
         min_length=1, max_length=MAX_FINISH_BATCH,
         description="1 to 16 sessions, each at most once: verified, then committed in one "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
 import http_sf
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from memvault.capsules import Memory
 from memvault.errors import InvalidArgument
@@ -55,6 +56,12 @@ async def status(session_id: str, caller: Caller, svc: Svc) -> SessionOut:
     return session_out(*await svc.uploads.status(caller, session_id))
 
 
+ChunkIndex = Annotated[str, Path(
+    pattern=r"^(0|[1-9][0-9]{0,9})$",
+    description="the chunk's index, 0 to chunk_count - 1, in plain decimal: no sign, space, "
+    "leading zero or `_` (a lax parse would read `1_0` as 10)")]
+
+
 @router.put(
     "/{session_id}/chunks/{index}",
     response_model=ChunkOut,
@@ -69,15 +76,16 @@ async def status(session_id: str, caller: Caller, svc: Svc) -> SessionOut:
     },
 )
 async def put_chunk(
-    session_id: str, index: int, request: Request, caller: Caller, svc: Svc
+    session_id: str, index: ChunkIndex, request: Request, caller: Caller, svc: Svc
 ) -> ChunkOut:
     checksums = parse_content_digest(list_header(request, "content-digest"))
+    chunk = int(index)
     with svc.slots.hold(caller.id), svc.metrics.chunk_seconds.time():
         result = await svc.uploads.put_chunk(
-            caller, session_id, index, _content_length(request), _body(request, svc), checksums
+            caller, session_id, chunk, _content_length(request), _body(request, svc), checksums
         )
     if not result.duplicate:
-        svc.metrics.bytes_received.inc(result.session.chunk_range(index)[1])
+        svc.metrics.bytes_received.inc(result.session.chunk_range(chunk)[1])
     return ChunkOut(index=result.index, duplicate=result.duplicate,
                     received_count=result.received_count, bytes_received=result.bytes_received)
 
