@@ -366,6 +366,19 @@ def test_unknown_route_is_404_problem(server: LiveServer) -> None:
         problem(anonymous.get("/v1/nope"), 404, "not_found")
 
 
+def test_a_trailing_slash_is_404_not_a_redirect(api: Api) -> None:
+    """No 307 to the path without the slash: it answered before authentication, with an
+    http:// Location, and a client taking it for success "aborted" ``DELETE /v1/uploads/``."""
+    s = api.session(api.capsule(), 10)
+    for method, path in [("GET", "/v1/capsules/"), ("POST", "/v1/capsules/"),
+                         ("DELETE", "/v1/uploads/"), ("GET", f"/v1/uploads/{s['id']}/"),
+                         ("GET", "/healthz/")]:
+        r = api.http.request(method, path)
+        assert "location" not in r.headers, (method, path, r.headers)
+        problem(r, 404, "not_found")
+    assert status_of(api, s["id"])["state"] == "pending"
+
+
 def test_wrong_method_is_405_problem_with_allow(server: LiveServer) -> None:
     """RFC 9457: the body's ``status`` matches the response; RFC 9110: 405 MUST carry Allow."""
     with raw_client(server, {"Authorization": f"Bearer {server.token}"}) as http:

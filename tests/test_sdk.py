@@ -419,6 +419,33 @@ async def test_each_transient_fault_is_retried(app: InApp, fault: Fault) -> None
         assert len(faults(mv).log.injected) == 3
 
 
+async def test_a_redirect_is_an_error_never_a_success(app: InApp) -> None:
+    """memvault never redirects; a 307 from something in between is not the abort it
+    answered (the CLI said "aborted" for ``DELETE /v1/uploads/``'s redirect)."""
+    def rule(method: str, path: str, seen: int) -> Fault | None:
+        if method == "DELETE" or (method == "GET" and "/assets/" in path):
+            return Fault(307, {"Location": "http://elsewhere.invalid/"}, body=b"")
+        return None
+
+    async with app.client(rule=rule) as mv:
+        cap = await mv.create_capsule("redirects")
+        write(app.root / "p.bin", 3 * CHUNK)
+        await _cancel_after(mv, app.root / "p.bin", cap.id, 1, parallel=1)
+        [session] = await mv.list_sessions()
+        with pytest.raises(BadResponse) as info:
+            await mv.abort_session(session.id)
+        assert info.value.http_status == 307
+        assert (await mv.get_session(session.id)).state == "pending"
+        done = await mv.upload_file(io.BytesIO(b"abc"), cap, filename="r.bin")
+        with pytest.raises(BadResponse):
+            await mv.download(done.memory, dest=app.root / "r.bin")
+        assert not (app.root / "r.bin").exists()
+        with pytest.raises(InvalidArgument):
+            await mv.abort_session("")
+        with pytest.raises(InvalidArgument):
+            await mv.get_memory("")
+
+
 async def test_retries_are_bounded_and_say_how_long_they_tried(app: InApp) -> None:
     policy = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.002)
     always = chunk_faults(Fault(502, body=b"bad gateway"), every=1, times=99)

@@ -22,7 +22,7 @@ from memvault.client.state import StateStore, default_state_dir
 from memvault.client.transport import Transport
 from memvault.client.upload import ChunkUpload, ProgressCallback, discard_recorded, record_key
 from memvault.client.workers import DerivativeWorkers
-from memvault.errors import Conflict, NotFound
+from memvault.errors import Conflict, InvalidArgument, NotFound
 
 
 class Unset(enum.Enum):
@@ -331,4 +331,6 @@ def _memory_id(memory: MemoryRef) -> str:
 def _segment(given_id: str) -> str:
     """An id as one path segment: ``../admin/config`` or ``x?y`` given as an id is asked for
     as that id (and is ``not_found``), never as another path or query."""
+    if not given_id:
+        raise InvalidArgument("an id cannot be empty")
     return quote(given_id, safe="").replace(".", "%2E")  # no "." or ".." segment either

@@ -155,7 +155,7 @@ async def _fetch(api: Transport, asset: Asset, sink: _Sink, hasher: Any, offset:
         skip = 0
         try:
             async with api.http.stream("GET", asset.url, headers=headers) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 300:
                     await response.aread()
                     error = from_response(response)
                     if not transient_status(error):

@@ -52,7 +52,7 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         idempotent: bool = True,
     ) -> httpx.Response:
-        """Send the request until it succeeds (any 2xx or 3xx answer is returned), fails for
+        """Send the request until it succeeds (a 2xx answer is returned), fails for
         good (raised as its typed error), or the retry policy gives up (the last error,
         with a note saying how long it tried)."""
         attempts = Attempts(self.retry, f"{method} {path}")
@@ -69,8 +69,10 @@ class Transport:
                 if not transient_transport(exc, idempotent=idempotent):
                     raise error from exc
             else:
-                if response.status_code < 400:
+                if response.status_code < 300:
                     return response
+                # Anything else is an error, a 3xx too: memvault never redirects, so one
+                # comes from something in between (before, a 307 counted as done).
                 error = from_response(response)
                 if not transient_status(error):
                     raise error

@@ -204,6 +204,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         version=__version__,
         summary="Resumable, verified uploads of memories into capsules",
         lifespan=lifespan,
+        # No 307 from "/v1/capsules/" to "/v1/capsules": it answered before authentication,
+        # with an http:// Location wrong behind a TLS proxy, and a client taking a redirect
+        # for success thought `DELETE /v1/uploads/` had aborted something. A 404 instead.
+        redirect_slashes=False,
     )
     metrics = Metrics()
     app.state.metrics = metrics
