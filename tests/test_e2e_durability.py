@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openapi_spec_validator import validate
 
 from tests.conftest import LiveServer
 from tests.helpers import Api, metric
@@ -232,3 +233,22 @@ def test_openapi_document_lists_the_api(api: Api) -> None:
     r = api.http.post("/v1/uploads", json={"capsule_id": 5})
     assert r.status_code == 400
     assert r.json()["code"] == "invalid_argument"
+
+
+def test_openapi_document_is_valid_and_says_what_the_routes_take(api: Api) -> None:
+    """A generated client needs a valid document: GET and HEAD of an asset had one
+    operation id between them, which OpenAPI forbids."""
+    doc = api.http.get("/openapi.json").json()
+    validate(doc)  # raises, naming the first error
+    asset = doc["paths"]["/v1/memories/{memory_id}/assets/{role}"]
+    assert asset["get"]["operationId"] != asset["head"]["operationId"]
+    headers = {p["name"] for p in asset["get"]["parameters"] if p["in"] == "header"}
+    assert {"Range", "If-Range", "If-Match", "If-None-Match"} <= headers
+    assert "ETag" in asset["get"]["responses"]["200"]["headers"]
+    chunk = doc["paths"]["/v1/uploads/{session_id}/chunks/{index}"]["put"]
+    params = {p["name"]: p for p in chunk["parameters"]}
+    assert params["index"]["schema"]["pattern"] == "^(0|[1-9][0-9]{0,9})$"
+    assert {"Content-Length", "Content-Digest"} <= set(params)
+    begin = doc["paths"]["/v1/uploads"]["post"]["responses"]
+    assert begin["200"]["content"]["application/json"]["schema"] == (
+        begin["201"]["content"]["application/json"]["schema"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
@@ -21,11 +22,38 @@ _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$", re.IGNORECASE)
 """One range (the unit's case does not matter, RFC 9110 §14.1); positions past 19 digits
 (beyond any size) make the header one to ignore."""
 
+# What /openapi.json says of the two operations below.
+_CONDITIONS = [
+    {"name": name, "in": "header", "required": False, "schema": {"type": "string"},
+     "description": description}
+    for name, description in [
+        ("Range", "one `bytes=` range → 206 (several ranges → the whole asset)"),
+        ("If-Range", "the ETag the range was taken against; another → the whole asset"),
+        ("If-None-Match", "ETags (weak compare) or `*` → 304"),
+        ("If-Match", "ETags (strong compare) or `*`; none matching → 412"),
+    ]
+]
+_SERVED = {name: {"schema": {"type": "string"}, "description": description}
+           for name, description in [
+               ("ETag", "the SHA-256 of the bytes, quoted"),
+               ("Accept-Ranges", "`bytes`"),
+               ("Content-Disposition", "`inline; filename*=UTF-8''…` when a name is stored"),
+           ]}
+_OPENAPI_EXTRA: dict[str, Any] = {"parameters": _CONDITIONS}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "headers": _SERVED},
+    206: {"description": "the requested range",
+          "content": {"application/octet-stream": {}},
+          "headers": {**_SERVED, "Content-Range": {"schema": {"type": "string"}}}},
+    304: {"description": "If-None-Match named the current ETag", "headers": _SERVED},
+}
 
-@router.api_route("/memories/{memory_id}/assets/{role}", methods=["GET", "HEAD"],
-                  response_class=Response,
-                  responses={200: {"content": {"application/octet-stream": {}}},
-                             206: {"description": "the requested range"}})
+
+# GET and HEAD are two operations of the document, each with its own id.
+@router.get("/memories/{memory_id}/assets/{role}", operation_id="read_asset",
+            response_class=Response, responses=_RESPONSES, openapi_extra=_OPENAPI_EXTRA)
+@router.head("/memories/{memory_id}/assets/{role}", operation_id="read_asset_head",
+             response_class=Response, responses=_RESPONSES, openapi_extra=_OPENAPI_EXTRA)
 async def read_asset(memory_id: str, role: str, request: Request, caller: Caller,
                      svc: Svc) -> Response:
     asset = await svc.capsules.get_asset(caller, memory_id, role)

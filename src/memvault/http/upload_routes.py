@@ -31,7 +31,8 @@ router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
 
 @router.post("", status_code=201, response_model=SessionOut,
-             responses={200: {"description": "the pending session with this idempotency key"}})
+             responses={200: {"description": "the pending session with this idempotency key",
+                              "model": SessionOut}})
 async def begin(body: BeginIn, caller: Caller, svc: Svc, response: Response) -> SessionOut:
     session, created = await svc.uploads.begin(caller, BeginRequest(**body.model_dump()))
     if not created:
@@ -66,6 +67,15 @@ ChunkIndex = Annotated[str, Path(
     "/{session_id}/chunks/{index}",
     response_model=ChunkOut,
     openapi_extra={
+        "parameters": [
+            {"name": "Content-Length", "in": "header", "required": True,
+             "schema": {"type": "integer", "minimum": 0},
+             "description": "the chunk's exact length (no chunked transfer coding)"},
+            {"name": "Content-Digest", "in": "header", "required": False,
+             "schema": {"type": "string"},
+             "description": "RFC 9530, e.g. `sha-256=:…:, crc32c=:…:`; a wrong digest → 422 "
+             "`checksum_mismatch` and nothing is received"},
+        ],
         "requestBody": {
             "required": True,
             "content": {"application/octet-stream": {"schema": {"type": "string",
