@@ -86,6 +86,23 @@ async def test_stale_sessions_make_room_after_their_ttl_and_live_ones_stay(
             active.id, streaming.id, session.id}
 
 
+async def test_the_live_list_leaves_out_sessions_past_their_ttl_before_any_reaper(
+    database_url: str | None,
+) -> None:
+    """``GET /v1/uploads`` is the caller's live sessions: one past its TTL is gone from it at
+    once, not only once a reaper (every 60 s by default) or a request for it expires it."""
+    async with inprocess(database_url=database_url) as ip:
+        old, _ = await ip.uploads.begin(ip.caller, ip.begin_request(10, "old"))
+        ip.clock.advance(60)
+        young, _ = await ip.uploads.begin(ip.caller, ip.begin_request(10, "young"))
+        assert [s.id for s in await ip.uploads.list_sessions(ip.caller)] == [old.id, young.id]
+        ip.clock.advance(41)  # old is past its 100 s TTL, young is not
+        assert [s.id for s in await ip.uploads.list_sessions(ip.caller)] == [young.id]
+        assert [s.id for s in await ip.uploads.sessions.list_pending(None)] == [young.id]
+        with pytest.raises(errors.Expired):
+            await ip.uploads.status(ip.caller, old.id)
+
+
 async def test_finish_checks_the_storage_quota_again_and_stays_resumable(
     database_url: str | None,
 ) -> None:

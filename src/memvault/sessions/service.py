@@ -198,10 +198,12 @@ class SessionService:
             lambda conn: _received_parts(conn, session.id)))
 
     async def list_pending(self, owner: str | None) -> list[Session]:
-        """``owner``'s pending sessions, oldest first; everyone's when ``owner`` is None."""
+        """``owner``'s live sessions (pending, not past their TTL), oldest first; everyone's
+        when ``owner`` is None. One past its TTL is left out before the reaper ends it."""
         query = (
             sa.select(upload_sessions)
-            .where(upload_sessions.c.state == PENDING)
+            .where(upload_sessions.c.state == PENDING,
+                   upload_sessions.c.expires_at > self.clock.now())
             .order_by(upload_sessions.c.created_at)
         )
         if owner is not None:
