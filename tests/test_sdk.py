@@ -261,6 +261,31 @@ async def test_an_upload_whose_finish_answer_was_lost_returns_the_committed_resu
         assert [m.id for m in page.items] == [done.memory.id]  # one memory, not two
 
 
+async def test_a_session_another_run_finished_meanwhile_is_that_commit_not_a_failure(
+        app: InApp, mv: AsyncClient) -> None:
+    """Two runs of the same upload share one session (the same idempotency key). When one
+    finishes it while the other is sending, the other stops sending and gets the commit
+    back, instead of a ``conflict`` for a file that is stored (a CLI review found it)."""
+    from memvault.client.source import Source
+
+    cap = (await mv.create_capsule("two-runs")).id
+    data = write(app.root / "f.bin", 4 * CHUNK)
+    source = Source(app.root / "f.bin")
+    try:
+        late = ChunkUpload(mv.api, source, capsule_id=cap, state=mv.state)
+        session = await late.open()
+        first = await mv.upload_file(app.root / "f.bin", cap)  # the other run, to the end
+        assert first.session_id == session.id
+        await late.transfer()
+        done = await late.finish()
+    finally:
+        source.close()
+    assert late.committed_meanwhile
+    assert late.chunks_sent == 0
+    assert (done.memory.id, done.asset.sha256) == (first.memory.id, sha(data))
+    assert await mv.list_sessions() == []
+
+
 async def test_finish_resends_chunks_the_server_lost(app: InApp, mv: AsyncClient) -> None:
     """A power cut may lose a chunk's "received" mark (README: the client re-sends it)."""
     cap = (await mv.create_capsule("lost-mark")).id

@@ -148,6 +148,10 @@ class ChunkUpload:
         self.fingerprint = ""
         self.idempotency_key = idempotency_key or ""
         self.before_discard = before_discard
+        self.committed_meanwhile = False
+        """Another run of the same upload (same file, same idempotency key, so the same
+        session) finished the session while this one was sending: nothing more is sent,
+        and ``finish`` gets that commit back (a replay, when the digest is the same)."""
         """Runs before a session that can never finish is aborted (lane B ends first)."""
         self.session: Session | None = None
         self.sha256: str | None = None
@@ -245,9 +249,11 @@ class ChunkUpload:
 
         async def send(index: int, data: bytes, crc: int) -> None:
             try:
-                await self._put(index, data, crc)
+                sent = await self._put(index, data, crc)
             finally:
                 slots.release()
+            if not sent:
+                return
             self.chunks_sent += 1
             self.bytes_sent += len(data)
             self.bytes_done += len(data)
@@ -257,7 +263,7 @@ class ChunkUpload:
         try:
             async with asyncio.TaskGroup() as tasks:
                 for index in range(s.chunk_count):
-                    wanted = index not in held
+                    wanted = index not in held and not self.committed_meanwhile
                     # The next chunk is read (and hashed) while ``parallel`` are in flight:
                     # at most parallel + 1 chunks are in memory.
                     data, crc = await asyncio.to_thread(
@@ -391,7 +397,8 @@ class ChunkUpload:
             return None
         return Session.model_validate(response.json())
 
-    async def _put(self, index: int, data: bytes, crc: int) -> None:
+    async def _put(self, index: int, data: bytes, crc: int) -> bool:
+        """Send chunk ``index``; False if the session was committed meanwhile."""
         s = self._session()
         digest = base64.b64encode(crc.to_bytes(4, "big")).decode()
         try:
@@ -402,14 +409,19 @@ class ChunkUpload:
         except (NotFound, Expired) as exc:
             raise _SessionLost(exc) from exc
         except Conflict as exc:
+            if exc.extra.get("state") == "committed":
+                self.committed_meanwhile = True
+                return False
             exc.add_note(f"{self.source.name}: chunk {index} differs from the bytes the "
                          "server received for it earlier: the file changed")
             raise
+        return True
 
     async def _resend(self, indices: list[int]) -> None:
         for index in indices:
             data = await asyncio.to_thread(self.source.read, *self._span(index))
-            await self._put(index, data, crc32c.crc32c(data))
+            if not await self._put(index, data, crc32c.crc32c(data)):
+                return
             self.bytes_sent += len(data)
             self.chunks_sent += 1
 
