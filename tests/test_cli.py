@@ -6,19 +6,23 @@ leak between tests; output and exit codes are what a person or a script would se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -121,6 +125,13 @@ def test_server_down_is_said_quickly_and_plainly(cli: Cli) -> None:
     assert done.returncode == 1
     assert "cannot reach the memvault server at http://127.0.0.1:9" in done.stderr
     assert "is it running?" in done.stderr
+    # Transfers too: the patient retries are for a server that has answered once (before,
+    # a mistyped port was retried nine times, over a minute).
+    for args in (("upload", __file__, "-c", "x"), ("get", "mem_" + "0" * 32)):
+        done = cli(*args, MEMVAULT_URL="http://127.0.0.1:9")
+        assert done.returncode == 1, args
+        assert "cannot reach the memvault server at http://127.0.0.1:9" in done.stderr
+        assert done.stderr.count("retrying") <= 2, done.stderr
 
 
 def test_upload_a_folder_then_list_get_and_skip_what_is_there(cli: Cli, tmp_path: Path) -> None:
@@ -157,8 +168,9 @@ def test_upload_a_folder_then_list_get_and_skip_what_is_there(cli: Cli, tmp_path
     got = cli.json("get", beach["id"], "-o", str(out / "copy.jpg"))
     assert Path(got["path"]).read_bytes() == (folder / "beach.jpg").read_bytes()
     done = cli("get", beach["id"], "--role", "poster")
-    assert done.returncode == 1
-    assert "has no 'poster' asset (it has: display, original, placeholder, thumb)" in done.stderr
+    assert done.returncode == 2
+    assert "--role must be one of original, display, thumb, placeholder, not 'poster'" in (
+        done.stderr)
 
     again = cli("upload", str(folder), "--capsule", "cli-trip", "--json")
     assert again.returncode == 0, again.stderr
@@ -177,6 +189,121 @@ def test_upload_a_folder_then_list_get_and_skip_what_is_there(cli: Cli, tmp_path
     assert cli("upload", str(folder), "--capsule", "cli-trip").returncode == 0
     assert not stale.exists()
     assert len(list(hashes.glob("*.json"))) == 3
+
+
+def test_get_never_replaces_another_file_without_force(cli: Cli, tmp_path: Path) -> None:
+    """Two memories' ``IMG_0001.JPG`` into one folder: the second is refused, not written
+    over the first; a file with the same bytes is kept and said so (a CLI review found
+    every existing file replaced without a word)."""
+    cli.login()
+    first, second = tmp_path / "a" / "IMG_0001.JPG", tmp_path / "b" / "IMG_0001.JPG"
+    for path, data in ((first, b"first" * 1000), (second, b"second" * 1000)):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    done = cli("upload", str(first), str(second), "--capsule", "cli-get", "--create",
+               "--no-derivatives", "--json")
+    assert done.returncode == 0, done.stderr
+    ids = {Path(f["path"]).parent.name: f["memory_id"] for f in json.loads(done.stdout)["files"]}
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli("get", ids["a"], "-o", str(out)).returncode == 0
+    done = cli("get", ids["b"], "-o", str(out))
+    assert done.returncode == 1
+    assert "IMG_0001.JPG already exists and holds other bytes — pass --force" in done.stderr
+    assert (out / "IMG_0001.JPG").read_bytes() == first.read_bytes()
+    kept = cli.json("get", ids["a"], "-o", str(out))
+    assert kept["kept"] is True
+    assert kept["path"] == str(out / "IMG_0001.JPG")
+    assert "already there, the same bytes" in cli("get", ids["a"], "-o", str(out)).stdout
+    assert cli("get", ids["b"], "-o", str(out), "--force").returncode == 0
+    assert (out / "IMG_0001.JPG").read_bytes() == second.read_bytes()
+    # A final "/" means a folder: never a file of that name.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    done = cli("get", ids["a"], "-o", f"{notes}/")
+    assert done.returncode == 2
+    assert "is not a folder" in done.stderr
+    assert notes.read_text() == "mine"
+
+
+def test_names_with_control_characters_are_shown_escaped(cli: Cli, tmp_path: Path) -> None:
+    """A file name may hold ESC, BEL or a line break; on a terminal they would recolour or
+    clear it, or forge lines (another principal's names reach ``admin sessions``)."""
+    cli.login()
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    evil = "red\x1b[31mX\x1b[0m\x07 two\nlines.bin"
+    (folder / evil).write_bytes(b"bytes")
+    done = cli("upload", str(folder), "--capsule", "cli-odd-names", "--create",
+               "--no-derivatives")
+    assert done.returncode == 0, done.stderr
+    for text in (done.stdout, cli("ls", "cli-odd-names").stdout):
+        assert not set(text) & {"\x1b", "\x07"}, text
+        assert "red\\x1b[31mX\\x1b[0m\\x07 two\\nlines.bin" in text, text
+    token = mint_token(cli.server, "cli-bob")
+    with httpx.Client(base_url=cli.server.url,
+                      headers={"Authorization": f"Bearer {token}"}) as http:
+        bob = Api(http)
+        begun = bob.begin(bob.capsule(), 10, filename="\x1b]0;pwned\x07\x1b[2Jevil.jpg")
+        assert begun.status_code == 201, begun.text
+        admin = cli("admin", "sessions")
+        assert http.delete(f"/v1/uploads/{begun.json()['id']}").status_code == 204
+    assert admin.returncode == 0, admin.stderr
+    assert not set(admin.stdout) & {"\x1b", "\x07"}, admin.stdout
+    assert "\\x1b]0;pwned\\x07\\x1b[2Jevil.jpg" in admin.stdout
+
+
+def test_results_go_to_stdout_while_bars_are_drawn_on_a_terminal(
+        cli: Cli, tmp_path: Path) -> None:
+    """``memvault upload ... > log`` in a terminal: the bars on stderr, and every file's line
+    in the log (they went to the terminal with the bars, and the log had the summary only)."""
+    cli.login()
+    folder = tmp_path / "logged"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"f{i}.bin").write_bytes(os.urandom(200_000))
+    controller, terminal = pty.openpty()
+    drawn = bytearray()
+
+    def drain() -> None:  # a terminal nobody reads would fill and stop the bars' writes
+        with contextlib.suppress(OSError):
+            while piece := os.read(controller, 65536):
+                drawn.extend(piece)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            cli.argv("upload", str(folder), "--capsule", "cli-log", "--create",
+                     "--no-derivatives"),
+            env=cli.env(), stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=300,
+            check=False)
+    finally:
+        os.close(terminal)
+        reader.join(timeout=10)
+        os.close(controller)
+    assert done.returncode == 0
+    assert drawn, "no bars were drawn on the terminal"
+    lines = done.stdout.strip().splitlines()
+    assert sorted(line.split(" → ")[0] for line in lines[:-1]) == [
+        f"✓ {folder / f'f{i}.bin'}" for i in range(3)], done.stdout
+    assert lines[-1] == "3 uploaded, 0 already present, 0 failed (capsule 'cli-log')"
+
+
+def test_a_missing_path_fails_that_path_and_the_others_upload(cli: Cli, tmp_path: Path) -> None:
+    cli.login()
+    good = tmp_path / "good.bin"
+    good.write_bytes(b"good")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    done = cli("upload", str(good), str(tmp_path / "missing.bin"), str(dangling),
+               "--capsule", "cli-missing", "--create", "--no-derivatives")
+    assert done.returncode == 1, done.stderr
+    assert "missing.bin: FileNotFoundError: no such file or folder" in done.stderr
+    assert "dangling: FileNotFoundError" in done.stderr
+    assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
+                                        "(capsule 'cli-missing')")
+    assert len(cli.json("ls", "cli-missing")) == 1
 
 
 def test_no_derivatives_and_a_failing_file_give_exit_code_1(cli: Cli, tmp_path: Path) -> None:
@@ -446,7 +573,7 @@ def test_json_is_printed_when_the_whole_command_fails(cli: Cli, tmp_path: Path) 
     done = cli("capsule", "create", "cli-json-dup", "--json")
     assert json.loads(done.stdout)["error"]["code"] == "conflict"
     # Usage errors too, with exit code 2.
-    for args in [("upload", str(tmp_path / "missing.bin"), "--capsule", "x"),
+    for args in [("get", "mem_" + "0" * 32, "--role", "poster"),
                  ("upload", "--capsule", "x"), ("ls", "x", "--bogus")]:
         done = cli(*args, "--json")
         assert done.returncode == 2, (args, done.stderr)

@@ -293,8 +293,9 @@ def capsule_list(as_json: JsonOpt = False) -> None:
 
 @app.command(rich_help_panel="Client")
 def upload(
-    paths: Annotated[list[Path], typer.Argument(exists=True, metavar="PATH",
-                                                   help="files and folders")],
+    # Not ``exists=True``: a path that is missing or unreadable fails that path (exit 1),
+    # and the others are still uploaded.
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="files and folders")],
     capsule: Annotated[str, typer.Option("--capsule", "-c", help="capsule name")],
     parallel: Annotated[int, typer.Option(min=1, max=64, help="chunks in flight per file")] = 4,
     jobs: Annotated[int, typer.Option(min=1, max=16, help="files uploaded at once")] = 2,
@@ -334,17 +335,22 @@ def get(
     memory_id: Annotated[str, typer.Argument(metavar="MEMORY_ID")],
     role: Annotated[str, typer.Option(
         help="original, display, thumb or placeholder")] = "original",
-    output_path: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="file or folder to write (default: the current folder)")] = None,
+    output_path: Annotated[str | None, typer.Option(
+        "--output", "-o", metavar="PATH",
+        help="file or folder to write (default: the current folder)")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace a file that is there with other bytes")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Download one asset of a memory, verified against its SHA-256.
 
     An interrupted download continues from its .part file (named after the asset's SHA-256).
+    A file already there is kept: said so if it holds the same bytes, an error otherwise
+    (--force replaces it).
     """
     from memvault.commands import library
 
-    raise typer.Exit(library.get(memory_id, role, output_path, as_json))
+    raise typer.Exit(library.get(memory_id, role, output_path, force=force, as_json=as_json))
 
 
 @app.command(rich_help_panel="Client")

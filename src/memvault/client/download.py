@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import mimetypes
 import os
 import re
 from pathlib import Path
@@ -36,12 +37,15 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 def target_path(dest: Path, memory: Memory, asset: Asset) -> Path:
     """``dest`` itself, or inside it when it is a folder, named after the asset (its base
-    name only: a stored filename never picks the folder)."""
+    name only: a stored filename never picks the folder; ``MEMORY.ROLE.EXT`` without one)."""
     if not dest.is_dir():
         return dest
     name = _fitting(os.path.basename(asset.filename or "").strip()).strip()
     if name in ("", ".", ".."):
-        name = f"{memory.id}.{asset.role}"
+        # A derivative the server made has no file name: MEMORY.ROLE, and the extension
+        # of its type, so that it opens as what it is.
+        ext = mimetypes.guess_extension(asset.content_type.partition(";")[0].strip()) or ""
+        name = f"{memory.id}.{asset.role}{ext}"
     return dest / name
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -20,12 +21,22 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from memvault.client import AsyncClient, Conflict, MemvaultError, RetryPolicy, Session
+from memvault.client import (
+    Asset,
+    AsyncClient,
+    Conflict,
+    Memory,
+    MemvaultError,
+    RetryPolicy,
+    Session,
+)
 from memvault.client import Progress as Step
+from memvault.client.download import target_path
 from memvault.commands import config, output
 from memvault.commands.messages import sentence
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
+ROLES = ("original", "display", "thumb", "placeholder")
 
 
 QUICK = RetryPolicy(attempts=3, max_wait=10.0)
@@ -138,8 +149,12 @@ def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False,
         sdk_log.addHandler(_Retries())
 
     async def main() -> int:
-        async with AsyncClient(login.url, login.token,
-                               retry=PATIENT if patient else QUICK) as mv:
+        async with AsyncClient(login.url, login.token, retry=QUICK) as mv:
+            if patient:
+                # A server that is down or mistyped at the start is said so within seconds;
+                # once it has answered, a transfer rides out minutes of trouble.
+                await mv.api.call("GET", "/healthz")
+                mv.api.retry = PATIENT
             return await work(mv)
 
     try:
@@ -228,7 +243,7 @@ def ls(capsule_name: str, as_json: bool, limit: int | None) -> int:
             rows.append([m.id, output.when(m.created_at),
                          (original.filename or "") if original else "",
                          output.size(original.size) if original else "",
-                         ",".join(r for r in ("original", "display", "thumb", "placeholder")
+                         ",".join(r for r in ROLES
                                   if r in m.assets) or "-"])
         output.table(["MEMORY", "CREATED", "FILE", "SIZE", "ASSETS"], rows)
         return 0
@@ -236,14 +251,29 @@ def ls(capsule_name: str, as_json: bool, limit: int | None) -> int:
     return run(work, as_json=as_json)
 
 
-def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
+def get(memory_id: str, role: str, dest: str | None, *, force: bool, as_json: bool) -> int:
+    """Download one asset. An existing file is never replaced without ``force``: one with the
+    asset's bytes already is reported and kept; one with other bytes (another memory's
+    ``IMG_0001.JPG``) is an error."""
+    if role not in ROLES:
+        return fail(f"--role must be one of {', '.join(ROLES)}, not {role!r}",
+                    code="usage", as_json=as_json, status=USAGE)
+    into = Path(dest) if dest else Path.cwd()
+    if dest and dest.endswith(("/", os.sep)) and not into.is_dir():
+        return fail(f"{dest} is not a folder — create it first, or leave out the final / "
+                    "to name a file", code="usage", as_json=as_json, status=USAGE)
+
     async def work(mv: AsyncClient) -> int:
         memory = await mv.get_memory(memory_id)
         asset = memory.assets.get(role)
         if asset is None:
-            return fail(f"memory {memory.id} has no {role!r} asset (it has: "
-                        f"{', '.join(sorted(memory.assets)) or 'none yet'})",
-                        code="not_found", as_json=as_json)
+            return fail(_no_asset(memory, role), code="not_found", as_json=as_json)
+        path = target_path(into, memory, asset)
+        if path.exists() and not force:
+            if await asyncio.to_thread(_holds, path, asset.size, asset.sha256):
+                return _got(path, asset, as_json, kept=True)
+            return fail(f"{path} already exists and holds other bytes — pass --force to "
+                        "replace it, or -o to write elsewhere", code="exists", as_json=as_json)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                        TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
                        disable=as_json or not output.err.is_terminal, transient=True)
@@ -253,15 +283,43 @@ def get(memory_id: str, role: str, dest: Path | None, as_json: bool) -> int:
             def progress(step: Step) -> None:
                 bar.update(task, completed=step.bytes_done)
 
-            path = await mv.download(memory, role, dest or Path.cwd(), on_progress=progress)
-        if as_json:
-            output.print_json({"path": str(path), **asset.model_dump()})
-        else:
-            output.out.print(f"{path} ({output.size(asset.size)}, sha256 {asset.sha256[:12]}… "
-                             "verified)", markup=False)
-        return 0
+            written = await mv.download(memory, role, into, on_progress=progress)
+        assert written is not None
+        return _got(written, asset, as_json, kept=False)
 
     return run(work, patient=True, as_json=as_json)
+
+
+def _no_asset(memory: Memory, role: str) -> str:
+    state = memory.derivatives.get(role)
+    if state == "pending":
+        return f"memory {memory.id}'s {role} is still being made — try again in a moment"
+    if state in ("failed", "unsupported"):
+        why = f": {memory.derivatives_reason}" if memory.derivatives_reason else ""
+        return f"memory {memory.id} has no {role}: its derivatives are {state}{why}"
+    return (f"memory {memory.id} has no {role!r} asset (it has: "
+            f"{', '.join(sorted(memory.assets)) or 'none yet'})")
+
+
+def _holds(path: Path, size: int, sha256: str) -> bool:
+    """Whether ``path`` is a file of exactly these bytes."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest() == sha256
+
+
+def _got(path: Path, asset: Asset, as_json: bool, *, kept: bool) -> int:
+    if as_json:
+        output.print_json({"path": str(path.absolute()), "kept": kept, **asset.model_dump()})
+    else:
+        done = "already there, the same bytes" if kept else "verified"
+        output.out.print(f"{output.shown(str(path))} ({output.size(asset.size)}, sha256 "
+                         f"{asset.sha256[:12]}… {done})", markup=False)
+    return 0
 
 
 def abort(session_ids: list[str], as_json: bool) -> int:

@@ -19,6 +19,9 @@ from memvault.client import (
 
 def sentence(error: BaseException, *, url: str = "") -> str:
     """One line for ``error``, starting with its code when it has one."""
+    if isinstance(error, OSError) and error.strerror:
+        # Without "[Errno 2]" and the file name: the line names the file already.
+        return f"{type(error).__name__}: {error.strerror}"
     if not isinstance(error, MemvaultError):
         return f"{type(error).__name__}: {error}"
     code = error.code

@@ -21,6 +21,7 @@ when interrupted.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -86,6 +87,10 @@ def files_under(paths: list[Path], problems: list[Outcome]) -> Iterator[Path]:
                         yield Path(root) / name
         elif path.is_file():
             yield path
+        elif not path.exists():
+            problems.append(_failed(path, FileNotFoundError(
+                errno.ENOENT, "no such file or folder (or a symbolic link to nothing, or in a "
+                "loop)", str(path))))
         else:
             problems.append(_failed(path, OSError(
                 0, "not a regular file or a folder (a pipe, a socket or a device)", str(path))))
@@ -142,7 +147,9 @@ class _Run:
         self.bars = Progress(
             TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
-            disable=as_json or not output.err.is_terminal)
+            disable=as_json or not output.err.is_terminal,
+            # Not when stdout goes to a file: rich would send it to the bars' terminal.
+            redirect_stdout=output.out.is_terminal)
         self.total: TaskID | None = None
 
     async def all(self) -> int:
@@ -287,9 +294,10 @@ class _Run:
     def _say(self, line: str) -> None:
         if self.as_json:
             return
-        # While the bars are drawn, lines go above them (through their console); otherwise
-        # results go to stdout.
-        console = output.out if self.bars.disable else self.bars.console
+        # Results go to stdout; while the bars are drawn on the same terminal, above them
+        # (through the bars' console). A log of `upload ... > log` keeps every line.
+        console = (output.out if self.bars.disable or not output.out.is_terminal
+                   else self.bars.console)
         console.print(line, markup=False)
 
     def _fail(self, name: str, outcome: Outcome) -> None:
@@ -339,7 +347,9 @@ def _hash_file(path: Path) -> str:
 
 
 def _short(path: Path) -> str:
+    """The path as printed: relative to the working folder when inside it, control
+    characters escaped (``output.shown``)."""
     try:
-        return str(path.relative_to(Path.cwd()))
+        return output.shown(str(path.relative_to(Path.cwd())))
     except ValueError:
-        return str(path)
+        return output.shown(str(path))
