@@ -529,6 +529,23 @@ def test_400_chunk_index_out_of_range(api: Api) -> None:
     complete(api, s, data)
 
 
+def test_errors_say_the_real_reason(api: Api) -> None:
+    """Wordings a review found misleading: "outside 0..-1" for a zero-byte upload, "starts
+    past the end" for a range ending before its start, "different digest" for a size."""
+    cap = api.capsule()
+    empty = api.session(cap, 0)
+    body = problem(put_raw(api, empty["id"], 0, b""), 400, "invalid_argument")
+    assert "no chunks" in body["detail"], body
+    data = os.urandom(100)
+    s = api.session(cap, len(data))
+    complete(api, s, data)
+    body = problem(api.read(s["memory_id"], Range="bytes=5-1"), 416, "range_not_satisfiable")
+    assert "before it starts" in body["detail"], body
+    r = api.http.post(f"/v1/uploads/{s['id']}/finish",
+                      json={"size": len(data) + 1, "sha256": sha(data)})
+    assert "different size" in problem(r, 409, "conflict")["detail"]
+
+
 def test_400_non_integer_index(api: Api) -> None:
     cap = api.capsule()
     data = os.urandom(CHUNK + 3)

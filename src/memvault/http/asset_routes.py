@@ -133,7 +133,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return max(0, size - suffix), size
     start = int(first)
     end = min(int(last) + 1, size) if last else size
-    if start >= size or (last and int(last) < start):
+    if last and int(last) < start:
+        raise RangeNotSatisfiable(f"range ends (byte {last}) before it starts (byte {start})",
+                                  size=size)
+    if start >= size:
         raise RangeNotSatisfiable(f"range starts past the end of {size} bytes", size=size)
     return start, end
 

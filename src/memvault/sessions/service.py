@@ -400,8 +400,9 @@ class SessionService:
 
     def _replay(self, session: Session, size: int, sha256: str) -> Session:
         if session.result_sha256 != sha256 or session.size != size:
+            what = "size" if session.size != size else "SHA-256"
             raise Conflict(
-                "upload session was already committed with a different digest",
+                f"upload session was already committed with a different {what}",
                 sha256=session.result_sha256, size=session.size,
             )
         return session

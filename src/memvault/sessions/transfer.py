@@ -124,7 +124,9 @@ class ChunkReceiver:
             raise Conflict(f"upload session {session_id} is {session.state}", state=session.state)
         if not 0 <= index < session.chunk_count:
             raise InvalidArgument(
-                f"chunk index {index} is outside 0..{session.chunk_count - 1}",
+                f"chunk index {index} is outside 0..{session.chunk_count - 1}"
+                if session.chunk_count else
+                "this upload has no chunks (a zero-byte file): finish it without sending any",
                 chunk_count=session.chunk_count,
             )
         offset, length = session.chunk_range(index)
