@@ -366,6 +366,20 @@ def test_unknown_route_is_404_problem(server: LiveServer) -> None:
         problem(anonymous.get("/v1/nope"), 404, "not_found")
 
 
+def test_head_answers_every_get_route_without_a_body(server: LiveServer, api: Api) -> None:
+    """RFC 9110 §9.3.2; a load balancer checking ``HEAD /healthz`` saw a 405."""
+    mem = api.upload(api.capsule(), b"hello")["memory_id"]
+    for path in ["/healthz", "/v1/capsules", f"/v1/memories/{mem}", "/v1/uploads"]:
+        got, head = api.http.get(path), api.http.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b""
+        assert head.headers["content-length"] == got.headers["content-length"], path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    with raw_client(server) as anonymous:
+        assert anonymous.head("/v1/capsules").status_code == 401
+        assert anonymous.head("/healthz").status_code == 200
+
+
 def test_a_trailing_slash_is_404_not_a_redirect(api: Api) -> None:
     """No 307 to the path without the slash: it answered before authentication, with an
     http:// Location, and a client taking it for success "aborted" ``DELETE /v1/uploads/``."""

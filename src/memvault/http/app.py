@@ -19,6 +19,7 @@ from memvault.clock import Clock, SystemClock
 from memvault.errors import Conflict, Unavailable
 from memvault.http import asset_routes, library_routes, ops_routes, problems, upload_routes
 from memvault.http.deps import Services
+from memvault.http.head import HeadAsGet
 from memvault.http.limits import JsonBodyLimit
 from memvault.jobs.queue import JobQueue
 from memvault.metadata import Database
@@ -213,6 +214,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.metrics = metrics
     problems.install(app)
     app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
+    app.add_middleware(HeadAsGet)
     app.include_router(library_routes.router)
     app.include_router(upload_routes.router)
     app.include_router(asset_routes.router)
