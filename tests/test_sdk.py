@@ -7,6 +7,7 @@ and the app; everything behind it (sessions, hashing, storage, SQLite) is the re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -261,25 +262,31 @@ async def test_an_upload_whose_finish_answer_was_lost_returns_the_committed_resu
         assert [m.id for m in page.items] == [done.memory.id]  # one memory, not two
 
 
+@contextlib.asynccontextmanager
+async def _driven(mv: AsyncClient, path: Path, cap: str) -> AsyncIterator[ChunkUpload]:
+    """One file's ``ChunkUpload``, driven step by step by the test."""
+    from memvault.client.source import Source
+
+    source = Source(path)
+    try:
+        yield ChunkUpload(mv.api, source, capsule_id=cap, state=mv.state)
+    finally:
+        source.close()
+
+
 async def test_a_session_another_run_finished_meanwhile_is_that_commit_not_a_failure(
         app: InApp, mv: AsyncClient) -> None:
     """Two runs of the same upload share one session (the same idempotency key). When one
     finishes it while the other is sending, the other stops sending and gets the commit
     back, instead of a ``conflict`` for a file that is stored (a CLI review found it)."""
-    from memvault.client.source import Source
-
     cap = (await mv.create_capsule("two-runs")).id
     data = write(app.root / "f.bin", 4 * CHUNK)
-    source = Source(app.root / "f.bin")
-    try:
-        late = ChunkUpload(mv.api, source, capsule_id=cap, state=mv.state)
+    async with _driven(mv, app.root / "f.bin", cap) as late:
         session = await late.open()
         first = await mv.upload_file(app.root / "f.bin", cap)  # the other run, to the end
         assert first.session_id == session.id
         await late.transfer()
         done = await late.finish()
-    finally:
-        source.close()
     assert late.committed_meanwhile
     assert late.chunks_sent == 0
     assert (done.memory.id, done.asset.sha256) == (first.memory.id, sha(data))
@@ -290,11 +297,7 @@ async def test_finish_resends_chunks_the_server_lost(app: InApp, mv: AsyncClient
     """A power cut may lose a chunk's "received" mark (README: the client re-sends it)."""
     cap = (await mv.create_capsule("lost-mark")).id
     data = write(app.root / "f.bin", 6 * CHUNK)
-    from memvault.client.source import Source
-
-    source = Source(app.root / "f.bin")
-    try:
-        upload = ChunkUpload(mv.api, source, capsule_id=cap, state=mv.state)
+    async with _driven(mv, app.root / "f.bin", cap) as upload:
         session = await upload.open()
         await upload.transfer()
         db = app.settings.data_dir / "memvault.db"
@@ -302,8 +305,6 @@ async def test_finish_resends_chunks_the_server_lost(app: InApp, mv: AsyncClient
             conn.execute("DELETE FROM upload_parts WHERE session_id = ? AND offset = ?",
                          (session.id, 4 * CHUNK))
         done = await upload.finish()
-    finally:
-        source.close()
     assert done.asset.sha256 == sha(data)
     assert done.chunks_sent == 7  # six, and chunk 4 again
 
