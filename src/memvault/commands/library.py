@@ -24,9 +24,11 @@ from rich.progress import (
 from memvault.client import (
     Asset,
     AsyncClient,
+    BadResponse,
     Conflict,
     Memory,
     MemvaultError,
+    NotFound,
     RetryPolicy,
     Session,
 )
@@ -153,7 +155,7 @@ def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False,
             if patient:
                 # A server that is down or mistyped at the start is said so within seconds;
                 # once it has answered, a transfer rides out minutes of trouble.
-                await mv.api.call("GET", "/healthz")
+                await _answers(mv)
                 mv.api.retry = PATIENT
             return await work(mv)
 
@@ -167,6 +169,18 @@ def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False,
     except OSError as exc:  # a local file or folder: cannot write, does not exist, ...
         return fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
                     code=type(exc).__name__, as_json=as_json)
+
+
+async def _answers(mv: AsyncClient) -> None:
+    """Raise ``ConnectionFailed`` (after the quick policy's retries) unless the server, or a
+    proxy before it, answers; a proxy passing only ``/v1`` answers 404, which will do."""
+    try:
+        await mv.api.call("GET", "/healthz")
+    except NotFound:
+        pass
+    except BadResponse as exc:
+        if exc.http_status >= 500:
+            raise
 
 
 def login(url: str, token: str) -> int:
