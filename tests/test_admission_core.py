@@ -79,11 +79,17 @@ async def test_stale_sessions_make_room_after_their_ttl_and_live_ones_stay(
         assert (await ip.uploads.status(ip.caller, active.id))[1] == [0]
         assert (await ip.uploads.status(ip.caller, streaming.id))[0].state == "pending"
         assert not put.done(), "the transfer under way was disturbed"
+        # Listed while its chunk streams; past its TTL once the transfer ends, it is expired
+        # by the listing itself, as a GET of it would (not listed until a reaper came).
+        assert {s.id for s in await ip.uploads.list_sessions(ip.caller)} == {
+            active.id, streaming.id, session.id}
         put.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await put
         assert {s.id for s in await ip.uploads.list_sessions(ip.caller)} == {
-            active.id, streaming.id, session.id}
+            active.id, session.id}
+        with pytest.raises(errors.Expired):
+            await ip.uploads.status(ip.caller, streaming.id)
 
 
 async def test_the_live_list_leaves_out_sessions_past_their_ttl_before_any_reaper(

@@ -198,18 +198,24 @@ class SessionService:
             lambda conn: _received_parts(conn, session.id)))
 
     async def list_pending(self, owner: str | None) -> list[Session]:
-        """``owner``'s live sessions (pending, not past their TTL), oldest first; everyone's
-        when ``owner`` is None. One past its TTL is left out before the reaper ends it."""
+        """``owner``'s live sessions, oldest first; everyone's when ``owner`` is None. One
+        past its TTL is expired here, as ``get`` does, before the reaper comes (unless a
+        chunk is streaming into it: then it is live, and listed)."""
         query = (
             sa.select(upload_sessions)
-            .where(upload_sessions.c.state == PENDING,
-                   upload_sessions.c.expires_at > self.clock.now())
+            .where(upload_sessions.c.state == PENDING)
             .order_by(upload_sessions.c.created_at)
         )
         if owner is not None:
             query = query.where(upload_sessions.c.owner == owner)
         rows = await self.db.query(lambda conn: conn.execute(query).mappings().all())
-        return [_session(r) for r in rows]
+        now = self.clock.now()
+        live = []
+        for session in map(_session, rows):
+            if session.expires_at <= now and await self.expire(session.id):
+                continue
+            live.append(session)
+        return live
 
     # -- chunks ----------------------------------------------------------------------------
 
