@@ -286,8 +286,9 @@ def get(memory_id: str, role: str, dest: str | None, *, force: bool, as_json: bo
         if path.exists() and not force:
             if await asyncio.to_thread(_holds, path, asset.size, asset.sha256):
                 return _got(path, asset, as_json, kept=True)
-            return fail(f"{path} already exists and holds other bytes — pass --force to "
-                        "replace it, or -o to write elsewhere", code="exists", as_json=as_json)
+            return fail(f"{output.shown(str(path))} already exists and holds other bytes — "
+                        "pass --force to replace it, or -o to write elsewhere",
+                        code="exists", as_json=as_json)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                        TransferSpeedColumn(), TimeRemainingColumn(), console=output.err,
                        disable=as_json or not output.err.is_terminal, transient=True)
