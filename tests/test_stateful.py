@@ -691,6 +691,9 @@ class UploadMachine(RuleBasedStateMachine):
 
     @invariant()
     def service_matches_model(self) -> None:
+        # The check lists the caller's sessions, and listing expires those past their TTL
+        # (as begin does): the model does the same first.
+        self.reclaim_overdue()
         self.run(self._check())
 
     async def _check(self) -> None:
