@@ -34,11 +34,12 @@ from memvault.client import (
 )
 from memvault.client import Progress as Step
 from memvault.client.download import target_path
+from memvault.client.lanes import DERIVED_ROLES
 from memvault.commands import config, output
 from memvault.commands.messages import sentence
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
-ROLES = ("original", "display", "thumb", "placeholder")
+ROLES = ("original", *DERIVED_ROLES)
 
 
 QUICK = RetryPolicy(attempts=3, max_wait=10.0)
