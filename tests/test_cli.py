@@ -149,7 +149,8 @@ def test_upload_a_folder_then_list_get_and_skip_what_is_there(cli: Cli, tmp_path
     assert sum(line.startswith("✓ ") for line in lines) == 3
     assert ", 4 assets)" in next(line for line in lines if "beach.jpg" in line)
     assert ", 1 asset)" in next(line for line in lines if "notes.pdf" in line)
-    assert lines[-1] == "3 uploaded, 0 already present, 0 failed (capsule 'cli-trip')"
+    assert lines[-1] == ("3 uploaded, 0 already present, 0 failed "
+                         "(capsule 'cli-trip', created by this run)")
 
     listing = cli("ls", "cli-trip").stdout
     assert "beach.jpg" in listing
@@ -253,15 +254,9 @@ def test_names_with_control_characters_are_shown_escaped(cli: Cli, tmp_path: Pat
     assert "\\x1b]0;pwned\\x07\\x1b[2Jevil.jpg" in admin.stdout
 
 
-def test_results_go_to_stdout_while_bars_are_drawn_on_a_terminal(
-        cli: Cli, tmp_path: Path) -> None:
-    """``memvault upload ... > log`` in a terminal: the bars on stderr, and every file's line
-    in the log (they went to the terminal with the bars, and the log had the summary only)."""
-    cli.login()
-    folder = tmp_path / "logged"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"f{i}.bin").write_bytes(os.urandom(200_000))
+def _on_a_terminal(cli: Cli, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run the CLI with stdout to a pipe and stderr to a terminal (a pty); returns the run
+    and what was drawn on the terminal."""
     controller, terminal = pty.openpty()
     drawn = bytearray()
 
@@ -273,21 +268,42 @@ def test_results_go_to_stdout_while_bars_are_drawn_on_a_terminal(
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        done = subprocess.run(
-            cli.argv("upload", str(folder), "--capsule", "cli-log", "--create",
-                     "--no-derivatives"),
-            env=cli.env(), stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=300,
-            check=False)
+        done = subprocess.run(cli.argv(*args), env=cli.env(), stdout=subprocess.PIPE,
+                              stderr=terminal, text=True, timeout=300, check=False)
     finally:
         os.close(terminal)
         reader.join(timeout=10)
         os.close(controller)
+    return done, drawn.decode(errors="replace")
+
+
+def test_results_go_to_stdout_while_bars_are_drawn_on_a_terminal(
+        cli: Cli, tmp_path: Path) -> None:
+    """``memvault upload ... > log`` in a terminal: the bars on stderr, and every file's line
+    in the log (they went to the terminal with the bars, and the log had the summary only).
+    The total bar counts the bytes this run sends: files already stored are out of it."""
+    cli.login()
+    folder = tmp_path / "logged"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"f{i}.bin").write_bytes(os.urandom(200_000))
+    args = ("upload", str(folder), "--capsule", "cli-log", "--create", "--no-derivatives")
+    done, drawn = _on_a_terminal(cli, *args)
     assert done.returncode == 0
-    assert drawn, "no bars were drawn on the terminal"
+    assert "600.0 kB" in drawn, drawn
     lines = done.stdout.strip().splitlines()
     assert sorted(line.split(" → ")[0] for line in lines[:-1]) == [
         f"✓ {folder / f'f{i}.bin'}" for i in range(3)], done.stdout
-    assert lines[-1] == "3 uploaded, 0 already present, 0 failed (capsule 'cli-log')"
+    assert lines[-1] == ("3 uploaded, 0 already present, 0 failed "
+                         "(capsule 'cli-log', created by this run)")
+    (folder / "f3.bin").write_bytes(os.urandom(300_000))
+    done, drawn = _on_a_terminal(cli, *args)
+    assert done.returncode == 0
+    assert done.stdout.strip().splitlines()[-1] == (
+        "1 uploaded, 3 already present, 0 failed (capsule 'cli-log')")
+    # The last frame (before the fix: 900.0/900.0 kB; the first frames may show that total
+    # still, drawn before the run found the three files stored).
+    assert "300.0/300.0 kB" in drawn, drawn
 
 
 def test_a_missing_path_fails_that_path_and_the_others_upload(cli: Cli, tmp_path: Path) -> None:
@@ -302,7 +318,7 @@ def test_a_missing_path_fails_that_path_and_the_others_upload(cli: Cli, tmp_path
     assert "missing.bin: FileNotFoundError: no such file or folder" in done.stderr
     assert "dangling: FileNotFoundError" in done.stderr
     assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
-                                        "(capsule 'cli-missing')")
+                                        "(capsule 'cli-missing', created by this run)")
     assert len(cli.json("ls", "cli-missing")) == 1
 
 
@@ -321,7 +337,7 @@ def test_no_derivatives_and_a_failing_file_give_exit_code_1(cli: Cli, tmp_path: 
     assert "huge.bin: payload_too_large" in done.stderr
     assert "the server does not take files this large" in done.stderr
     assert done.stdout.strip().endswith("1 uploaded, 0 already present, 1 failed "
-                                        "(capsule 'cli-mixed')")
+                                        "(capsule 'cli-mixed', created by this run)")
     report = json.loads(cli("upload", str(folder), "--capsule", "cli-mixed",
                             "--no-derivatives", "--json").stdout)
     failed = next(f for f in report["files"] if f["status"] == "failed")
@@ -526,12 +542,13 @@ def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
         assert "not a regular file or a folder" in done.stderr
         assert "no files to upload in" in done.stderr
         assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
-                                            "(capsule 'cli-odd')")
+                                            "(capsule 'cli-odd', created by this run)")
         done = subprocess.run(_unprivileged(cli.argv(*args, "--json")), env=cli.env(),
                               capture_output=True, text=True, timeout=300, check=False)
         report = json.loads(done.stdout)
         assert report["failed"] == 2
         assert report["skipped"] == 1
+        assert report["capsule_created"] is False
         assert {Path(f["path"]).name for f in report["files"] if f["status"] == "failed"} == {
             "2023", "pipe"}
     finally:
@@ -549,7 +566,7 @@ def test_identical_files_of_one_run_are_stored_once(cli: Cli, tmp_path: Path) ->
                "--no-derivatives")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("1 uploaded, 2 already present, 0 failed "
-                                        "(capsule 'cli-dups')")
+                                        "(capsule 'cli-dups', created by this run)")
     assert len(cli.json("ls", "cli-dups")) == 1
 
 

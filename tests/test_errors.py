@@ -840,6 +840,17 @@ def test_409_abort_of_a_committed_session(api: Api) -> None:
     assert api.finish(s, data).status_code == 200
 
 
+def test_status_of_a_committed_session_counts_every_chunk(api: Api) -> None:
+    cap = api.capsule()
+    data = os.urandom(2 * CHUNK + 5)
+    s = api.session(cap, len(data))
+    complete(api, s, data)
+    status = api.http.get(f"/v1/uploads/{s['id']}").json()
+    assert status["state"] == "committed"
+    assert (status["received"], status["received_count"], status["bytes_received"]) == (
+        [0, 1, 2], 3, len(data))
+
+
 def test_409_put_chunk_into_a_committed_session(api: Api) -> None:
     cap = api.capsule()
     data = os.urandom(CHUNK + 3)

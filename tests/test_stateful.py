@@ -647,8 +647,10 @@ class UploadMachine(RuleBasedStateMachine):
         elif op in ("put", "abort"):
             self.raises(errors.Conflict, coro)
         else:
-            session = self.run(coro)[0]
+            session, *rest = self.run(coro)
             assert (session.id, session.state) == (m.id, COMMITTED)
+            if op == "status":  # a committed session holds every chunk
+                assert rest == [list(range(m.count)), m.size]
 
     @rule(
         step=st.one_of(

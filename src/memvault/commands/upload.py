@@ -44,6 +44,7 @@ from memvault.client import (
     ChecksumMismatch,
     FileChanged,
     MemvaultError,
+    NotFound,
     UploadMemoryError,
 )
 from memvault.client import Progress as Step
@@ -111,7 +112,13 @@ def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
            derivatives: bool, create: bool, as_json: bool) -> int:
     async def work(mv: AsyncClient) -> int:
         await asyncio.to_thread(mv.state.prune)  # old digests and dead resume records
-        capsule = await mv.capsule(capsule_name, create=create)
+        created = False
+        try:
+            capsule = await mv.capsule(capsule_name)
+        except NotFound:
+            if not create:
+                raise
+            capsule, created = await mv.capsule(capsule_name, create=True), True
         problems: list[Outcome] = []
         files: list[Path] = []
         for path in paths:
@@ -121,7 +128,8 @@ def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
                                  markup=False)
             files.extend(found)
         run_ = _Run(mv, capsule, list(dict.fromkeys(files)), parallel=parallel, jobs=jobs,
-                    derivatives=derivatives, as_json=as_json, problems=problems)
+                    derivatives=derivatives, as_json=as_json, problems=problems,
+                    capsule_created=created)
         return await run_.all()
 
     return run(work, patient=True, as_json=as_json)
@@ -130,7 +138,7 @@ def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
 class _Run:
     def __init__(self, mv: AsyncClient, capsule: Capsule, files: list[Path], *, parallel: int,
                  jobs: int, derivatives: bool, as_json: bool,
-                 problems: list[Outcome] | None = None) -> None:
+                 problems: list[Outcome] | None = None, capsule_created: bool = False) -> None:
         self.mv = mv
         self.capsule = capsule
         self.files = files
@@ -151,6 +159,8 @@ class _Run:
             # Not when stdout goes to a file: rich would send it to the bars' terminal.
             redirect_stdout=output.out.is_terminal)
         self.total: TaskID | None = None
+        self.capsule_created = capsule_created
+        """Whether this run made the capsule (``--create``): the summary says so."""
 
     async def all(self) -> int:
         slots = asyncio.Semaphore(self.jobs)
@@ -187,6 +197,15 @@ class _Run:
                 self.bars.advance(self.total, completed - done_before)
             done_before = completed
 
+        def not_sent(nbytes: int) -> None:
+            """Bytes this run need not send (stored before, or already on the server): out
+            of the total, so its speed and time left are those of the transfer."""
+            nonlocal done_before
+            if self.total is not None:
+                total = self.bars.tasks[self.total].total or 0
+                self.bars.update(self.total, total=total - nbytes)
+            done_before += nbytes
+
         claim: asyncio.Future[str | None] | None = None
         try:
             self.bars.update(bar, description=f"{name} (hashing)")
@@ -198,7 +217,7 @@ class _Run:
                 if memory_id is not None:
                     outcome.status, outcome.memory_id = "skipped", memory_id
                     aborted = await self._discard_interrupted(path)
-                    advance(outcome.size)
+                    not_sent(outcome.size)
                     self._say(f"= {name}: the same as another file of this run, now in "
                               f"{self.capsule.name!r} as {memory_id}{aborted}")
                     return
@@ -207,7 +226,7 @@ class _Run:
             if present:
                 outcome.status, outcome.memory_id = "skipped", present[0].id
                 aborted = await self._discard_interrupted(path)
-                advance(outcome.size)
+                not_sent(outcome.size)
                 self._say(f"= {name}: already in {self.capsule.name!r} as {present[0].id}"
                           f"{aborted}")
                 return
@@ -217,6 +236,7 @@ class _Run:
                 if step.role == "original":
                     if step.phase == "begin":
                         outcome.resumed_chunks = step.chunks_done
+                        not_sent(max(step.bytes_done - done_before, 0))
                     advance(step.bytes_done)
 
             memory = await self.mv.upload_memory(
@@ -318,6 +338,7 @@ class _Run:
         if self.as_json:
             output.print_json({
                 "capsule": self.capsule.model_dump(),
+                "capsule_created": self.capsule_created,
                 "files": [o.__dict__ for o in self.outcomes],
                 **counts,
             })
@@ -327,7 +348,8 @@ class _Run:
             if counts["partial"]:
                 parts.append(f"{counts['partial']} without derivatives")
             parts.append(f"{counts['failed']} failed")
-            output.out.print(", ".join(parts) + f" (capsule {self.capsule.name!r})",
+            made = ", created by this run" if self.capsule_created else ""
+            output.out.print(", ".join(parts) + f" (capsule {self.capsule.name!r}{made})",
                              markup=False)
         return FAILED if counts["failed"] or counts["partial"] else 0
 

@@ -193,7 +193,10 @@ class SessionService:
         raise Expired(f"upload session {session.id} expired", expired_at=iso(session.expires_at))
 
     async def received(self, session: Session) -> tuple[list[int], int]:
-        """Indices of received chunks, and the bytes they hold."""
+        """Indices of received chunks, and the bytes they hold. A committed session's
+        chunk rows are gone with its staging; it holds every chunk and all its bytes."""
+        if session.state == COMMITTED:
+            return list(range(session.chunk_count)), session.size
         return _tally(session, await self.db.query(
             lambda conn: _received_parts(conn, session.id)))
 
