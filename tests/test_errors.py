@@ -421,6 +421,21 @@ def test_400_bad_json_body(api: Api) -> None:
     complete(api, s, data)
 
 
+def test_400_json_sent_as_another_media_type_says_so(api: Api) -> None:
+    """A JSON body labelled form data (curl's ``-d``) or text: the problem names the
+    Content-Type to send, not only that the body is not an object."""
+    for sent_as in ["application/x-www-form-urlencoded", "text/plain"]:
+        r = api.http.post("/v1/capsules", content=b'{"name": "labelled"}',
+                          headers={"Content-Type": sent_as})
+        body = problem(r, 400, "invalid_argument")
+        assert "Content-Type: application/json" in body["detail"], body
+        assert sent_as in body["detail"], body
+    for sent_as in ["application/json; charset=utf-8", "application/merge-patch+json"]:
+        r = api.http.post("/v1/capsules", content=b'{"name": "labelled-%d"}' % len(sent_as),
+                          headers={"Content-Type": sent_as})
+        assert r.status_code == 201, r.text
+
+
 def test_400_missing_fields(api: Api) -> None:
     cap = api.capsule()
     body = problem(api.http.post("/v1/uploads", json={}), 400, "invalid_argument")

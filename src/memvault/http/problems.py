@@ -45,9 +45,19 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         for e in exc.errors()
     ]
     where = ", ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in errors)
+    sent_as = request.headers.get("content-type", "")
+    if sent_as and not _is_json(sent_as) and any(e["loc"] == ["body"] for e in errors):
+        # FastAPI reads a body of another media type as bytes, and says only that they are
+        # not an object.
+        where = f"the body must be JSON, sent as Content-Type: application/json (not {sent_as!r})"
     return await _memvault_error(
         request, InvalidArgument(f"request is not valid: {where}", errors=errors)
     )
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
