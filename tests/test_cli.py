@@ -315,8 +315,8 @@ def test_a_missing_path_fails_that_path_and_the_others_upload(cli: Cli, tmp_path
     done = cli("upload", str(good), str(tmp_path / "missing.bin"), str(dangling),
                "--capsule", "cli-missing", "--create", "--no-derivatives")
     assert done.returncode == 1, done.stderr
-    assert "missing.bin: FileNotFoundError: no such file or folder" in done.stderr
-    assert "dangling: FileNotFoundError" in done.stderr
+    assert "missing.bin: file_not_found: no such file or folder" in done.stderr
+    assert "dangling: file_not_found" in done.stderr
     assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
                                         "(capsule 'cli-missing', created by this run)")
     assert len(cli.json("ls", "cli-missing")) == 1
@@ -537,8 +537,9 @@ def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
         done = subprocess.run(_unprivileged(cli.argv(*args)), env=cli.env(),
                               capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 1, done.stderr
-        assert "2023: PermissionError" in done.stderr
-        assert "pipe: OSError" in done.stderr
+        assert ("2023: permission_denied: Permission denied — check that you may read it"
+                in done.stderr)
+        assert "pipe: not_a_regular_file" in done.stderr
         assert "not a regular file or a folder" in done.stderr
         assert "no files to upload in" in done.stderr
         assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
@@ -549,8 +550,9 @@ def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
         assert report["failed"] == 2
         assert report["skipped"] == 1
         assert report["capsule_created"] is False
-        assert {Path(f["path"]).name for f in report["files"] if f["status"] == "failed"} == {
-            "2023", "pipe"}
+        assert {Path(f["path"]).name: f["errors"][0]["code"] for f in report["files"]
+                if f["status"] == "failed"} == {
+            "2023": "permission_denied", "pipe": "not_a_regular_file"}
     finally:
         (folder / "2023").chmod(0o755)
 

@@ -36,7 +36,7 @@ from memvault.client import Progress as Step
 from memvault.client.download import target_path
 from memvault.client.lanes import DERIVED_ROLES
 from memvault.commands import config, output
-from memvault.commands.messages import sentence
+from memvault.commands.messages import local_code, sentence
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
 ROLES = ("original", *DERIVED_ROLES)
@@ -169,7 +169,7 @@ def run(work: Callable[[AsyncClient], Awaitable[int]], *, patient: bool = False,
                     as_json=as_json)
     except OSError as exc:  # a local file or folder: cannot write, does not exist, ...
         return fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-                    code=type(exc).__name__, as_json=as_json)
+                    code=local_code(exc), as_json=as_json)
 
 
 async def _answers(mv: AsyncClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from memvault.client import (
     BadResponse,
     ChecksumMismatch,
@@ -17,13 +19,44 @@ from memvault.client import (
 )
 
 
+class NotARegularFile(OSError):
+    """A path named to upload that is a pipe, a socket or a device."""
+
+
+_LOCAL_CODES = {
+    errno.ENOENT: "file_not_found",
+    errno.ELOOP: "file_not_found",
+    errno.EACCES: "permission_denied",
+    errno.EPERM: "permission_denied",
+    errno.EISDIR: "is_a_folder",
+    errno.ENOTDIR: "not_a_folder",
+    errno.EEXIST: "file_exists",
+    errno.ENOSPC: "no_space_left",
+    errno.EDQUOT: "no_space_left",
+    errno.EROFS: "read_only",
+    errno.ENAMETOOLONG: "name_too_long",
+}
+
+
+def local_code(error: BaseException) -> str:
+    """The stable code of a local failure (a file or folder on this machine), in the server
+    codes' style: scripts reading ``--json`` match on it."""
+    if isinstance(error, NotARegularFile):
+        return "not_a_regular_file"
+    if isinstance(error, OSError):
+        return _LOCAL_CODES.get(error.errno or 0, "os_error")
+    return "local_error"
+
+
 def sentence(error: BaseException, *, url: str = "") -> str:
-    """One line for ``error``, starting with its code when it has one."""
+    """One line for ``error``, starting with its code."""
     if isinstance(error, OSError) and error.strerror:
         # Without "[Errno 2]" and the file name: the line names the file already.
-        return f"{type(error).__name__}: {error.strerror}"
+        advice = " — check that you may read it" \
+            if isinstance(error, PermissionError) else ""
+        return f"{local_code(error)}: {error.strerror}{advice}"
     if not isinstance(error, MemvaultError):
-        return f"{type(error).__name__}: {error}"
+        return f"{local_code(error)}: {type(error).__name__}: {error}"
     code = error.code
     if isinstance(error, ConnectionFailed):
         cause = error.__cause__

@@ -52,7 +52,7 @@ from memvault.client.source import Source
 from memvault.client.state import StateStore
 from memvault.commands import output
 from memvault.commands.library import FAILED, run
-from memvault.commands.messages import sentence
+from memvault.commands.messages import NotARegularFile, local_code, sentence
 
 _READ = 4 * 1024 * 1024
 
@@ -93,8 +93,9 @@ def files_under(paths: list[Path], problems: list[Outcome]) -> Iterator[Path]:
                 errno.ENOENT, "no such file or folder (or a symbolic link to nothing, or in a "
                 "loop)", str(path))))
         else:
-            problems.append(_failed(path, OSError(
-                0, "not a regular file or a folder (a pipe, a socket or a device)", str(path))))
+            problems.append(_failed(path, NotARegularFile(
+                errno.EINVAL, "not a regular file or a folder (a pipe, a socket or a device)",
+                str(path))))
 
 
 def _failed(path: Path, error: OSError) -> Outcome:
@@ -355,7 +356,7 @@ class _Run:
 
 
 def _error(error: BaseException, lane: str, url: str) -> dict[str, str]:
-    code = error.code if isinstance(error, MemvaultError) else type(error).__name__
+    code = error.code if isinstance(error, MemvaultError) else local_code(error)
     detail = error.detail if isinstance(error, MemvaultError) else str(error)
     return {"lane": lane, "code": code, "detail": detail, "message": sentence(error, url=url)}
 
