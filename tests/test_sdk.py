@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import signal
 import sqlite3
@@ -219,6 +220,82 @@ async def test_a_lost_resume_record_still_finds_the_session_by_idempotency_key(
     assert done.asset.sha256 == sha(data)
 
 
+async def test_another_name_for_an_interrupted_upload_is_another_upload(
+        app: InApp, mv: AsyncClient) -> None:
+    """Resuming under the first call's name would store the file under a name the caller no
+    longer gave; the interrupted one stays resumable under its own name."""
+    cap = (await mv.create_capsule("renamed")).id
+    data = write(app.root / "f.bin", 12 * CHUNK)
+    await _cancel_after(mv, app.root / "f.bin", cap, 4, parallel=2, filename="first.bin",
+                        content_type="video/mp4")
+    [first] = await mv.list_sessions()
+    second = await mv.upload_file(app.root / "f.bin", cap, filename="second.bin",
+                                  content_type="image/png")
+    assert (second.asset.filename, second.asset.content_type) == ("second.bin", "image/png")
+    assert second.session_id != first.id
+    assert second.chunks_skipped == 0
+    resumed = await mv.upload_file(app.root / "f.bin", cap, filename="first.bin",
+                                   content_type="video/mp4")
+    assert resumed.session_id == first.id
+    assert resumed.chunks_skipped == len(first.received)
+    assert (resumed.asset.filename, resumed.asset.sha256) == ("first.bin", sha(data))
+
+
+async def test_one_file_under_two_names_at_once_makes_two_memories(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("two-names")).id
+    write(app.root / "f.bin", 3 * CHUNK)
+    done = await asyncio.gather(*(mv.upload_file(app.root / "f.bin", cap, filename=f"n{i}")
+                                  for i in range(3)))
+    assert sorted(d.asset.filename for d in done) == ["n0", "n1", "n2"]
+    assert len({d.memory.id for d in done}) == 3
+
+
+async def test_two_streams_with_equal_ends_upload_at_once_without_sharing_a_session(
+        app: InApp, mv: AsyncClient) -> None:
+    """Same size, same first and last blocks, other middles: a stream's fingerprint also
+    names the object, so neither takes over the other's session."""
+    cap = (await mv.create_capsule("streams")).id
+    end = os.urandom(FINGERPRINT_BLOCK)
+    one, two = (end + os.urandom(2 * CHUNK) + end for _ in range(2))
+    done = await asyncio.gather(mv.upload_file(io.BytesIO(one), cap, parallel=1),
+                                mv.upload_file(io.BytesIO(two), cap, parallel=1))
+    assert [d.asset.sha256 for d in done] == [sha(one), sha(two)]
+
+
+async def test_a_failing_done_callback_fails_the_call_but_the_next_returns_the_same_memory(
+        app: InApp, mv: AsyncClient) -> None:
+    cap = (await mv.create_capsule("callback")).id
+    data = write(app.root / "f.bin", 2 * CHUNK)
+
+    def boom(p: Progress) -> None:
+        if p.phase == "done":
+            raise RuntimeError("the progress display broke")
+
+    with pytest.raises(RuntimeError, match="display broke"):
+        await mv.upload_file(app.root / "f.bin", cap, on_progress=boom)
+    again = await mv.upload_file(app.root / "f.bin", cap)
+    assert again.chunks_sent == 0
+    assert again.asset.sha256 == sha(data)
+    assert len((await mv.list_memories(cap)).items) == 1
+
+
+async def test_an_unwritable_state_folder_is_a_warning_not_a_failed_upload(
+        app: InApp, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = app.root / "not-a-folder"
+    blocker.write_bytes(b"")
+    async with app.client(state_dir=blocker / "state") as mv:
+        cap = (await mv.create_capsule("no-state")).id
+        data = write(app.root / "f.bin", 2 * CHUNK)
+        with caplog.at_level(logging.WARNING, logger="memvault.client"):
+            done = await mv.upload_file(app.root / "f.bin", cap)
+        assert done.asset.sha256 == sha(data)
+        assert await mv.list_sessions() == []
+    warned = [r.getMessage() for r in caplog.records if "resume records" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert "NotADirectoryError" in warned[0]
+
+
 async def test_a_changed_file_aborts_its_old_session_and_starts_over(
         app: InApp, mv: AsyncClient) -> None:
     cap = (await mv.create_capsule("changed")).id
@@ -333,8 +410,9 @@ async def test_a_declared_sha256_that_does_not_match_stops_before_finish(
         app: InApp, mv: AsyncClient) -> None:
     cap = (await mv.create_capsule("declared")).id
     write(app.root / "f.bin", 2 * CHUNK)
-    with pytest.raises(FileChanged, match="SHA-256"):
+    with pytest.raises(ChecksumMismatch, match="not to the sha256 given") as info:
         await mv.upload_file(app.root / "f.bin", cap, sha256="ab" * 32)
+    assert info.value.extra["expected"] == "ab" * 32
     assert await mv.list_sessions() == []
     assert faults(mv).log.count("POST", "/finish") == 0
 

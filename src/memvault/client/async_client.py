@@ -75,6 +75,7 @@ class AsyncClient:
         self.api = Transport(url, token, retry=retry or RetryPolicy(), timeout=timeout,
                              transport=transport, max_connections=max_connections)
         self.state = StateStore(Path(state_dir) if state_dir else default_state_dir())
+        self._pruned = False
         self.workers = DerivativeWorkers(workers=derivative_workers,
                                          timeout=derivative_timeout)
 
@@ -216,6 +217,7 @@ class AsyncClient:
         declared at begin and checked before finish. A stream that cannot seek needs
         ``size``. Returns the memory, the asset and what was sent.
         """
+        await self.prune_state()
         source = Source(path_or_stream, filename=filename, size=size)
         try:
             upload = ChunkUpload(
@@ -249,6 +251,7 @@ class AsyncClient:
         to the server. Raises ``UploadMemoryError`` with each failed lane's real error.
         Returns the memory with its assets.
         """
+        await self.prune_state()
         source = Source(original, filename=filename, size=size)
         try:
             upload = MemoryUpload(
@@ -259,6 +262,14 @@ class AsyncClient:
             return await upload.run()
         finally:
             source.close()
+
+    async def prune_state(self) -> None:
+        """Drop local resume records and remembered digests too old to matter
+        (``StateStore.prune``), once per client; the first upload does it by itself, so
+        the state folder does not grow."""
+        if not self._pruned:
+            self._pruned = True
+            await asyncio.to_thread(self.state.prune)
 
     async def discard_upload(self, path: str | os.PathLike[str], capsule: CapsuleRef, *,
                              memory: MemoryRef | None = None, role: str = "original") -> bool:

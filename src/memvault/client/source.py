@@ -53,10 +53,14 @@ class Fingerprint:
     mtime_ns: int
     head_sha256: str
     tail_sha256: str
+    stream: int = 0
+    """For a stream, which object it is (``id``): two streams of one size with equal ends
+    are told apart (within a process, the only place a stream can be found again)."""
 
     def digest(self) -> str:
+        which = f":{self.stream}" if self.stream else ""
         return hashlib.sha256(
-            f"{self.size}:{self.mtime_ns}:{self.head_sha256}:{self.tail_sha256}".encode()
+            f"{self.size}:{self.mtime_ns}:{self.head_sha256}:{self.tail_sha256}{which}".encode()
         ).hexdigest()
 
 
@@ -146,20 +150,29 @@ class Source:
         block = min(FINGERPRINT_BLOCK, self.size)
         head = hashlib.sha256(self.read(0, block)).hexdigest()
         tail = hashlib.sha256(self.read(self.size - block, block)).hexdigest()
-        return Fingerprint(self.size, self.mtime_ns, head, tail)
+        return Fingerprint(self.size, self.mtime_ns, head, tail,
+                           id(self._stream) if self._stream is not None else 0)
 
     def head(self, n: int = 64) -> bytes:
         return self.read(0, min(n, self.size)) if self.seekable else b""
 
     def check_unchanged(self) -> None:
-        """Raise ``FileChanged`` if the file's size or modification time moved."""
+        """Raise ``FileChanged`` if the file's size or modification time moved. (A stream
+        that cannot seek is read for ``size`` bytes and no further: what follows them stays
+        in it, as ``read(size)`` would leave it. Peeking for more could block on a pipe or
+        socket whose writer keeps it open.)"""
         if self.path is None:
             return
         st = os.stat(self.path)
-        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
-            raise FileChanged(
-                f"{self.path} changed while it was being uploaded (size {self.size} -> "
-                f"{st.st_size}); upload it again once it is no longer being written")
+        if st.st_size != self.size:
+            what = f"size {self.size} -> {st.st_size}"
+        elif st.st_mtime_ns != self.mtime_ns:
+            what = "same size, modified again"
+        else:
+            return
+        raise FileChanged(
+            f"{self.path} changed while it was being uploaded ({what}); upload it again "
+            "once it is no longer being written")
 
 
 def random_key() -> str:

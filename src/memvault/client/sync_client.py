@@ -157,6 +157,7 @@ class Client:
     upload_file = _blocking(AsyncClient.upload_file)
     upload_memory = _blocking(AsyncClient.upload_memory)
     discard_upload = _blocking(AsyncClient.discard_upload)
+    prune_state = _blocking(AsyncClient.prune_state)
     list_sessions = _blocking(AsyncClient.list_sessions)
     admin_sessions = _blocking(AsyncClient.admin_sessions)
     get_session = _blocking(AsyncClient.get_session)

@@ -69,9 +69,15 @@ class _SessionLost(Exception):
 
 
 def record_key(server: str, capsule_id: str, memory_id: str | None, role: str,
-               path: Path | None) -> str:
-    """Where a path's unfinished upload is recorded (``StateStore``)."""
-    return StateStore.key(server, capsule_id, memory_id, role, str(path))
+               path: Path | None, *, filename: str | None = None,
+               content_type: str | None = None) -> str:
+    """Where a path's unfinished upload is recorded (``StateStore``). A ``filename`` or
+    ``content_type`` given for it makes another upload, recorded apart: resuming one with
+    the other's name would store it under the wrong name."""
+    parts = [server, capsule_id, memory_id, role, str(path)]
+    if (path is not None and filename not in (None, path.name)) or content_type is not None:
+        parts += [filename or "", content_type or ""]
+    return StateStore.key(*parts)
 
 
 async def abort_quietly(api: Transport, session_id: str) -> None:
@@ -144,7 +150,8 @@ class ChunkUpload:
         self.on_progress = on_progress
         # Only a file on disk can be found again by a later call: only it gets a record.
         self.state = state if source.path is not None else None
-        self.record_key = record_key(api.url, capsule_id, memory_id, role, source.path)
+        self.record_key = record_key(api.url, capsule_id, memory_id, role, source.path,
+                                     filename=source.name, content_type=content_type)
         self.fingerprint = ""
         self.idempotency_key = idempotency_key or ""
         self.before_discard = before_discard
@@ -208,9 +215,8 @@ class ChunkUpload:
         # time and end blocks) while their middles differ: the second would take over the
         # first's session and its chunks.
         self.idempotency_key = self.idempotency_key or StateStore.key(
-            "memvault-upload-v3", self.capsule_id, self.target_memory, self.role,
-            str(self.source.path) if self.source.path is not None else self.source.name,
-            self.fingerprint)
+            "memvault-upload-v4", self.capsule_id, self.target_memory, self.role,
+            str(self.source.path), self.source.name, self.content_type, self.fingerprint)
         self.content_type = self.content_type or content_type(self.source.name, head)
 
     async def open(self) -> Session:
@@ -285,9 +291,11 @@ class ChunkUpload:
             raise failure
         self.sha256 = hasher.hexdigest()
         if self.declared_sha256 and self.declared_sha256 != self.sha256:
-            error = FileChanged(
-                f"{self.source.name}: its SHA-256 is {self.sha256} now, not the "
-                f"{self.declared_sha256} it had when the upload began")
+            error = ChecksumMismatch(
+                f"{self.source.name}: its bytes hash to {self.sha256}, not to the sha256 "
+                f"given ({self.declared_sha256}): the digest is wrong, or the file changed "
+                "after it was taken", expected=self.declared_sha256, computed=self.sha256,
+                during="read")
             await self._discard(error)
             raise error
 
@@ -345,9 +353,9 @@ class ChunkUpload:
         return self.result
 
     async def _finished(self, body: dict[str, Any]) -> UploadResult:
-        """Record a finish's answer (the memory comes with it; older servers: read it)."""
-        if self.state is not None:
-            self.state.drop_upload(self.record_key)
+        """Record a finish's answer (the memory comes with it; older servers: read it). The
+        resume record goes after the ``done`` callback: if that raises, the call fails, and
+        the next one finds the committed session and returns this same result."""
         raw = body.get("memory")
         if raw is None:
             raw = (await self.api.call("GET", f"/v1/memories/{body['memory_id']}")).json()
@@ -358,6 +366,8 @@ class ChunkUpload:
             bytes_sent=self.bytes_sent,
         )
         self._report("done")
+        if self.state is not None:
+            self.state.drop_upload(self.record_key)
         return self.result
 
     async def abort(self) -> None:

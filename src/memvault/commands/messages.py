@@ -89,6 +89,8 @@ def sentence(error: BaseException, *, url: str = "") -> str:
     if isinstance(error, ChecksumMismatch) and error.extra.get("during") == "download":
         return (f"{code}: {error.detail} — the partial download was removed; run the command "
                 "again, and if it fails the same way the stored bytes may be damaged")
+    if isinstance(error, ChecksumMismatch) and error.extra.get("during") == "read":
+        return f"{code}: {error.detail} — run the command again"
     if isinstance(error, ChecksumMismatch):
         return (f"{code}: the bytes the server holds do not match the file ({error.detail}); "
                 "it was probably changed while it was being uploaded — run the command again")

@@ -112,7 +112,7 @@ def _size(path: Path) -> int:
 def upload(paths: list[Path], capsule_name: str, *, parallel: int, jobs: int,
            derivatives: bool, create: bool, as_json: bool) -> int:
     async def work(mv: AsyncClient) -> int:
-        await asyncio.to_thread(mv.state.prune)  # old digests and dead resume records
+        await mv.prune_state()  # also when every file is skipped, and no upload runs
         created = False
         try:
             capsule = await mv.capsule(capsule_name)
