@@ -431,3 +431,87 @@ def test_ctrl_c_in_the_blocking_client_keeps_the_upload_resumable(
         assert done.asset.sha256 == sha(data)
     finally:
         api.http.close()
+
+
+def test_closing_the_client_ends_a_call_in_flight_in_another_thread(
+        small_server: LiveServer, tmp_path: Path) -> None:
+    """``close()`` while another thread's upload waits (a proxy answers its later chunks
+    503 with Retry-After: 30): that call raises at once, instead of waiting for ever on a
+    stopped loop; later calls say the client is closed."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(20 * SMALL))
+    api = small_server.api()
+    cap = api.capsule("closed-meanwhile")
+
+    def refuse_late_chunks(method: str, p: str, seen: int) -> Any:
+        if method == "PUT" and "/chunks/" in p and int(p.rsplit("/", 1)[1]) >= 2:
+            return unavailable(30)
+        return None
+
+    raised: list[BaseException] = []
+
+    def upload(mv: Client) -> None:
+        try:
+            mv.upload_file(path, cap, parallel=1)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            raised.append(exc)
+
+    try:
+        with FaultProxy(small_server.url, refuse_late_chunks) as proxy:
+            mv = Client(proxy.url, small_server.token, state_dir=tmp_path / "state")
+            worker = threading.Thread(target=upload, args=(mv,))
+            worker.start()
+            while not proxy.log.injected:
+                assert worker.is_alive()
+                time.sleep(0.02)
+            mv.close()
+            worker.join(timeout=30)
+            assert not worker.is_alive(), "the other thread's call never returned"
+        assert [type(e) for e in raised] == [RuntimeError]
+        assert "closed while this call ran" in str(raised[0])
+        with pytest.raises(RuntimeError, match="closed"):
+            mv.list_capsules()
+        # The interrupted upload kept its resume record, as a cancelled call does.
+        with Client(small_server.url, small_server.token, state_dir=tmp_path / "state") as mv:
+            assert mv.upload_file(path, cap).chunks_skipped == 2
+    finally:
+        api.http.close()
+
+
+def test_a_client_called_from_its_own_progress_callback_raises_instead_of_hanging(
+        small_server: LiveServer, tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(4 * SMALL))
+    raised: list[BaseException] = []
+
+    with Client(small_server.url, small_server.token, state_dir=tmp_path / "state") as mv:
+        cap = mv.create_capsule("reentry").id
+
+        def progress(p: Progress) -> None:
+            if p.phase == "transfer":
+                mv.list_capsules()
+
+        def upload() -> None:
+            try:
+                mv.upload_file(path, cap, on_progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+                raised.append(exc)
+
+        worker = threading.Thread(target=upload)
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the call deadlocked"
+        assert [type(e) for e in raised] == [RuntimeError]
+        assert "own thread" in str(raised[0])
+        assert [c.name for c in mv.list_capsules()] == ["reentry"]  # still usable
+
+
+def test_a_client_never_closed_warns_and_ends_its_thread(small_server: LiveServer,
+                                                         tmp_path: Path) -> None:
+    mv = Client(small_server.url, small_server.token, state_dir=tmp_path / "state")
+    mv.list_capsules()
+    thread = mv._thread.thread
+    with pytest.warns(ResourceWarning, match="never closed"):
+        del mv  # nothing else refers to it: collected here
+    thread.join(timeout=10)
+    assert not thread.is_alive()

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
@@ -29,11 +32,26 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="memvault-client",
+        self.thread = threading.Thread(target=self._serve, name="memvault-client",
                                        daemon=True)
         self.thread.start()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    def _serve(self) -> None:
+        self.loop.run_forever()
+        self.loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError(
+                "a Client method was called on the Client's own thread (from a progress "
+                "callback?): it would wait for itself for ever; call it once the running "
+                "call has returned, or use an AsyncClient there")
+        if self.closed:
+            coro.close()
+            raise RuntimeError("this Client is closed")
         result: concurrent.futures.Future[T] = concurrent.futures.Future()
         settled = threading.Event()
         tasks: list[asyncio.Task[T]] = []
@@ -41,8 +59,10 @@ class _LoopThread:
         def start() -> None:
             task = self.loop.create_task(coro)
             tasks.append(task)
+            self.tasks.add(task)
 
             def settle(t: asyncio.Task[T]) -> None:
+                self.tasks.discard(t)
                 if t.cancelled():
                     result.cancel()
                 elif (exc := t.exception()) is not None:
@@ -56,6 +76,10 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(start)
         try:
             return result.result()
+        except concurrent.futures.CancelledError:
+            if self.closed:
+                raise RuntimeError("the Client was closed while this call ran") from None
+            raise
         except KeyboardInterrupt:
             def cancel() -> None:
                 for task in tasks:
@@ -65,10 +89,46 @@ class _LoopThread:
             settled.wait(timeout=60)  # its cleanup (resume records, worker processes) runs
             raise
 
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+    def close(self, last: Coroutine[Any, Any, None]) -> None:
+        """Refuse new calls, cancel those running (other threads' calls raise) and wait for
+        their cleanup, run ``last``, then stop the loop and its thread."""
+        if threading.current_thread() is self.thread:
+            last.close()
+            raise RuntimeError("a Client cannot be closed from its own thread (from a "
+                               "progress callback?)")
+        self.closed = True
+
+        async def end() -> None:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await last
+
+        try:
+            asyncio.run_coroutine_threadsafe(end(), self.loop).result()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+
+def _abandoned(thread: _LoopThread, aio: AsyncClient) -> None:
+    """A ``Client`` collected unclosed: say so, as an unclosed file does, and close its
+    connections and end its thread (without waiting: this runs wherever the collector
+    does)."""
+    warnings.warn("memvault Client was never closed (use `with Client(...)` or close())",
+                  ResourceWarning, stacklevel=1)
+    if thread.closed or thread.loop.is_closed():
+        return
+    thread.closed = True
+
+    async def end() -> None:
+        try:
+            await aio.aclose()
+        finally:
+            thread.loop.stop()
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        asyncio.run_coroutine_threadsafe(end(), thread.loop)
 
 
 def _blocking(
@@ -124,6 +184,7 @@ class Client:
         """The async client doing the work (use it only through this object's methods)."""
         self._thread = _LoopThread()
         self._closed = False
+        self._finalizer = weakref.finalize(self, _abandoned, self._thread, self.aio)
 
     @property
     def url(self) -> str:
@@ -133,10 +194,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._thread.run(self.aio.aclose())
-        finally:
-            self._thread.close()
+        self._finalizer.detach()
+        self._thread.close(self.aio.aclose())
 
     def __enter__(self) -> Self:
         return self
