@@ -161,6 +161,26 @@ def test_identical_content_is_stored_once(api: Api, server: LiveServer) -> None:
     assert api.read(second["memory_id"]).content == data
 
 
+@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+def test_the_same_content_again_heals_a_damaged_blob(api: Api, server: LiveServer,
+                                                    damage: str) -> None:
+    """The bytes a finish has just verified replace a stored copy of the same name: keeping
+    a damaged one (the old way) answered 200 and served the damage to both memories."""
+    cap = api.capsule()
+    data = os.urandom(700 * 1024)
+    first = api.upload(cap, data)
+    [blob] = (server.data_dir / "blobs").rglob(hashlib.sha256(data).hexdigest())
+    if damage == "overwritten":
+        with blob.open("r+b") as f:
+            f.seek(1000)
+            f.write(b"\0\0\0\0")
+    else:
+        os.truncate(blob, 1024)
+    second = api.upload(cap, data)
+    for done in (first, second):
+        assert api.read(done["memory_id"]).content == data
+
+
 def test_tokens_are_minted_by_cli_and_stored_hashed(server: LiveServer) -> None:
     token_file = server.data_dir / "admin.token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600

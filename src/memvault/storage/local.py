@@ -245,17 +245,18 @@ class LocalBlobStore:
         return storage_key
 
     def _commit_sync(self, staged: Path, target: Path, size: int) -> Path | None:
-        """Make ``target`` the durable blob; returns a staging copy left to unlink, if any."""
-        if target.exists():
-            # Same content already stored (or a concurrent finish of this very session just
-            # renamed it): keep that one, drop any staging copy, and make sure the rename
-            # is durable before the caller records the blob.
-            doomed = self._throw_away(staged)
-            _fsync_dir(target.parent)
-            return doomed
+        """Make ``target`` the durable blob; returns a file left to unlink, if any.
+
+        The staged copy, just verified against its SHA-256, always becomes the blob, also
+        when one of that name is stored already (the same content committed before): that
+        one may be damaged (truncated, overwritten), and keeping it would throw away the
+        only good copy while the finish reported success. It goes by an atomic rename over
+        it, so a reader never finds the name missing; a second link in trash/ keeps the
+        rename from waiting while a large file's blocks are freed."""
         try:
             fd = os.open(staged, os.O_RDONLY)
         except FileNotFoundError:
+            # A concurrent finish of this very session renamed it already, or an abort.
             self._lost_race(staged, target)
             return None
         try:
@@ -267,13 +268,23 @@ class LocalBlobStore:
         finally:
             os.close(fd)
         target.parent.mkdir(parents=True, exist_ok=True)
+        previous = self._second_link(target)
         try:
             os.replace(staged, target)
         except FileNotFoundError:
             self._lost_race(staged, target)
-            return None
         _fsync_dir(target.parent)
-        return None
+        return previous
+
+    def _second_link(self, path: Path) -> Path | None:
+        """A link to ``path`` in trash/ (None if there is no such file, or the link cannot
+        be made: then the rename over it frees its blocks itself)."""
+        doomed = self._trash / f"{path.name}.{secrets.token_hex(4)}"
+        try:
+            os.link(path, doomed)
+        except OSError:
+            return None
+        return doomed
 
     @staticmethod
     def _lost_race(staged: Path, target: Path) -> None:
