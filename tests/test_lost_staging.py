@@ -10,7 +10,7 @@ uploads whole. A finish that is moving the bytes into place right now is not mis
 Only where the database lives in the data folder (the embedded default). With the database
 elsewhere (PostgreSQL here), a data folder that is not mounted, or is another process's, looks
 the same as a restored one, and those sessions are not lost: they keep the old answers (503 to
-a chunk), and nothing is ended.
+a chunk), and nothing is ended. Nor while the data folder itself is away (moved, unmounted).
 """
 
 from __future__ import annotations
@@ -116,3 +116,27 @@ def test_the_rule_holds_only_where_the_database_is_in_the_data_folder(
     monkeypatch.chdir(tmp_path)  # a relative data folder names the same place
     assert Settings(data_dir=Path("data"),
                     database_url=f"sqlite:///{data}/memvault.db").database_in_data_dir
+
+
+async def test_a_data_folder_away_for_a_moment_loses_nothing() -> None:
+    """The folder moved (an unmount, a swapped bind mount) while SQLite writes on through its
+    open file: a chunk is told to retry (503), not that the session is lost; once the folder
+    is back, the same session takes the chunk and finishes."""
+    data = os.urandom(2 * CHUNK + 3)
+    async with inprocess() as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "k"))
+        await _put(ip, session.id, data, 0)
+        root = ip.staging_dir.parent
+        away = root.with_name(root.name + ".away")
+        root.rename(away)
+        try:
+            with pytest.raises(Unavailable, match="not in place"):
+                await _put(ip, session.id, data, 1)
+        finally:
+            away.rename(root)
+        assert (await ip.session_row(session.id) or {})["state"] == "pending"
+        for index in (1, 2):
+            await _put(ip, session.id, data, index)
+        _, memory = await ip.uploads.finish(ip.caller, session.id, len(data),
+                                            hashlib.sha256(data).hexdigest())
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data

@@ -394,7 +394,18 @@ class SessionService:
         another process's, looks just the same, and its sessions are not lost (a review
         found this), or where the store itself witnesses the loss (``LossWitness``: S3, whose
         multipart upload is gone and was not completed into its object, so a finish that
-        sealed it and has yet to commit is never mistaken for a loss)."""
+        sealed it and has yet to commit is never mistaken for a loss). Even there, only
+        while the store itself is in place: a data folder moved or unmounted for a moment
+        (SQLite writes on through its open file) is ``Unavailable``, and its sessions live
+        on (a failure review lost every session touched while the folder was away)."""
+        if self.policy.staging_loss_is_final:
+            try:
+                await self.store.check()
+            except OSError as exc:
+                log.warning("session.store_missing", session_id=session.id,
+                            error=f"{exc.strerror or exc}: {exc.filename or ''}")
+                return Unavailable("the server's storage folder is not in place; try again "
+                                   "shortly", retry_after=5)
         if not self.policy.staging_loss_is_final and not (
                 isinstance(self.store, LossWitness)
                 and await self.store.staging_lost(session.staging_key)):
