@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from memvault.errors import Conflict
+from memvault.errors import Conflict, InsufficientStorage, Unavailable
 from memvault.metadata import Database
 from memvault.metadata.migrate import is_current, upgrade
 from memvault.metadata.schema import principals
@@ -160,5 +160,39 @@ async def test_migrations_build_exactly_the_schema_the_code_uses(
 
     try:
         assert await db.query(diff) == []
+    finally:
+        await db.dispose()
+
+
+async def test_a_full_database_is_a_507_and_a_read_only_one_a_503(tmp_path: Path) -> None:
+    """SQLite refusing a write (its file may not grow: ``max_page_count``, as a full volume
+    does; or writes are off: ``query_only``, as on a file system remounted read-only) is a
+    typed answer the client can act on, not a bare 500."""
+    db = await _open(tmp_path)
+    try:
+        def fill(conn: sa.Connection) -> None:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            conn.exec_driver_sql(f"PRAGMA max_page_count = {pages}")
+            for n in range(2000):
+                conn.execute(sa.insert(principals).values(**_principal(n)))
+
+        with pytest.raises(InsufficientStorage) as full:
+            await db.transact(fill)
+        assert full.value.extra["limit_name"] == "database_space"
+        assert full.value.retry_after
+        assert await db.query(_count) == 0  # nothing of the refused transaction
+
+        def read_only(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("PRAGMA max_page_count = 1000000")
+            conn.exec_driver_sql("PRAGMA query_only = 1")
+            try:
+                conn.execute(sa.insert(principals).values(**_principal(1)))
+            finally:
+                conn.exec_driver_sql("PRAGMA query_only = 0")
+
+        with pytest.raises(Unavailable, match="read-only"):
+            await db.transact(read_only)
+        await db.transact(lambda conn: conn.execute(sa.insert(principals).values(**_principal(2))))
+        assert await db.query(_count) == 1
     finally:
         await db.dispose()

@@ -45,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from memvault.aio import uncancelled
-from memvault.errors import Unavailable
+from memvault.errors import InsufficientStorage, MemvaultError, Unavailable
 
 T = TypeVar("T")
 
@@ -124,7 +124,9 @@ class Database:
         one read: a memory's capsule found, the memory then gone, and the read failed.
         """
         if self._sqlite:
-            return await _settle(self._read_threads, functools.partial(_read, self._reader, work))
+            with _writable():
+                return await _settle(self._read_threads,
+                                     functools.partial(_read, self._reader, work))
         with _reachable():
             async with self._async.connect() as conn:
                 await conn.execution_options(isolation_level="REPEATABLE READ",
@@ -140,7 +142,8 @@ class Database:
         """
         if self._sqlite:
             job = functools.partial(_write, self._writer, work, durable)
-            return await _settle(self._write_thread, job)
+            with _writable():
+                return await _settle(self._write_thread, job)
         with _reachable():
             for attempt in range(_RACE_RETRIES + 1):
                 try:
@@ -159,14 +162,57 @@ class Database:
 
 @contextlib.contextmanager
 def _reachable() -> Iterator[None]:
-    """Database work whose connection failures are the client's 503 (``_unavailable``)."""
+    """Database work whose connection failures are the client's 503 (``_unavailable``), and
+    a database that cannot be written (full: 507, read-only: 503) said so (``_unwritable``)
+    instead of a bare 500."""
     try:
         yield
     except (sa.exc.DBAPIError, OSError, TimeoutError) as exc:
-        unavailable = _unavailable(exc)
-        if unavailable is None:
+        typed = _unavailable(exc) or _unwritable(exc)
+        if typed is None:
             raise
-        raise unavailable from exc
+        raise typed from exc
+
+
+@contextlib.contextmanager
+def _writable() -> Iterator[None]:
+    """SQLite work: a database file that cannot take a write said so (``_unwritable``); an
+    embedded database is always reachable, so nothing else is mapped."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        typed = _unwritable(exc)
+        if typed is None:
+            raise
+        raise typed from exc
+
+
+# SQLite's primary result codes (sqlite3 exceptions carry them as ``sqlite_errorcode``, the
+# low byte being the primary code), and PostgreSQL's SQLSTATEs, for a database that cannot
+# take a write.
+_SQLITE_FULL = 13
+_SQLITE_UNWRITABLE = {8: "is read-only", 10: "failed a disk read or write", 14: "cannot be opened"}
+_PG_FULL = {"53100", "53000"}  # disk_full, insufficient_resources
+_PG_READ_ONLY = "25006"
+
+
+def _unwritable(exc: Exception) -> MemvaultError | None:
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return None
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    state = _sqlstate(exc)
+    if primary == _SQLITE_FULL or state in _PG_FULL:
+        log.error("database.full", error=f"{exc.orig}"[:300])
+        return InsufficientStorage(
+            "the metadata database's volume is full; try again once space is freed",
+            limit_name="database_space", retry_after=60)
+    why = _SQLITE_UNWRITABLE.get(primary or -1) or (
+        "is read-only" if state == _PG_READ_ONLY else None)
+    if why is None:
+        return None
+    log.error("database.unwritable", error=f"{exc.orig}"[:300])
+    return Unavailable(f"the metadata database {why} right now; try again", retry_after=5)
 
 
 def _unavailable(exc: Exception) -> Unavailable | None:

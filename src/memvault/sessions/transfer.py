@@ -415,8 +415,14 @@ class ChunkReceiver:
         """Drop our claim; settled even if the request is cancelled meanwhile."""
         ours = {"b_session": session.id, "b_offset": offset, "held": claim}
         # On SQLite the database's thread hand-off settles it anyway; on PostgreSQL this does.
-        await uncancelled(self.db.transact(lambda conn: conn.execute(_RELEASE, ours),
-                                           durable=False))
+        try:
+            await uncancelled(self.db.transact(lambda conn: conn.execute(_RELEASE, ours),
+                                               durable=False))
+        except Exception as exc:  # noqa: BLE001 - the error being handled is the answer
+            # A database that cannot take this write (full, gone) must not replace the
+            # error the chunk met; the claim's lease runs out by itself.
+            log.warning("session.release_failed", session_id=session.id, offset=offset,
+                        error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def _still_ours(self, session_id: str, offset: int, claim: str) -> bool:
         """Renew the claim if it is still ours; whether it was."""
