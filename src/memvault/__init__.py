@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         MethodNotAllowed,
         NotFound,
         PayloadTooLarge,
-    PreconditionFailed,
+        PreconditionFailed,
         Progress,
         RangeNotSatisfiable,
         RequestTimeout,
@@ -93,11 +93,20 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """The client is imported on first use, so the server and the CLI's server commands do not
-    pay for it (httpx, the derivatives module) at start-up."""
-    if name in __all__ and name != "__version__":
-        from memvault import client
+if not TYPE_CHECKING:
+    # Only at run time: to a type checker the names above are the module's whole surface, so
+    # ``memvault.Clinet`` or ``except memvault.Error`` is an error there rather than ``Any``.
 
-        return getattr(client, name)
-    raise AttributeError(f"module 'memvault' has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        """The client is imported on first use, so the server and the CLI's server commands
+        do not pay for it (httpx, the derivatives module) at start-up."""
+        if name in __all__ and name != "__version__":
+            from memvault import client
+
+            return getattr(client, name)
+        raise AttributeError(f"module 'memvault' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, so ``dir(memvault)`` and completion show the client's API."""
+    return sorted({*globals(), *__all__})
