@@ -30,7 +30,9 @@ def mypy_errors(tmp_path: Path, program: str) -> dict[int, str]:
     assert run.returncode in (0, 1), run.stderr + run.stdout
     errors: dict[int, str] = {}
     for line in run.stdout.splitlines():
-        found = re.match(rf"{re.escape(str(path))}:(\d+): error: (.*)", line)
+        # By name only: for a program it has seen, mypy's cache replays the errors under
+        # the path it had then (another test's tmp_path).
+        found = re.match(r".*user_program\.py:(\d+): error: (.*)", line)
         if found:
             errors[int(found[1])] = errors.get(int(found[1]), "") + found[2]
     return errors
@@ -75,3 +77,49 @@ def test_importing_memvault_does_not_import_the_client() -> None:
             "assert 'memvault.client' not in sys.modules, 'imported by dir'; "
             "memvault.Client; assert 'memvault.client' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_typed_wrapper_can_name_every_type_it_needs(tmp_path: Path) -> None:
+    errors = mypy_errors(tmp_path, """\
+        from memvault import (
+            UNSET, AsyncClient, CapsuleRef, Derivatives, Memory, MemoryRef, MemvaultError,
+            PathOrStream, Progress, ProgressCallback, Unset, UploadMemoryError, WorkerDied,
+        )
+
+        def report(progress: Progress) -> None:
+            print(progress.bytes_done)
+
+        async def store(mv: AsyncClient, photo: PathOrStream, capsule: CapsuleRef, *,
+                        derivatives: Derivatives = "auto",
+                        on_progress: ProgressCallback = report) -> Memory | None:
+            memory: Memory | None = None
+            try:
+                memory = await mv.upload_memory(photo, capsule=capsule,
+                                                derivatives=derivatives,
+                                                on_progress=on_progress)
+            except* WorkerDied:
+                pass
+            return memory
+
+        async def retitle(mv: AsyncClient, memory: MemoryRef,
+                          title: str | Unset | None = UNSET) -> Memory:
+            return await mv.update_memory(memory, title=title)
+
+        def lanes(error: UploadMemoryError) -> list[str]:
+            return [e.code for e in error.exceptions if isinstance(e, MemvaultError)]
+        """)
+    assert errors == {}
+
+
+def test_the_exports_are_the_client_modules_own_names() -> None:
+    from memvault.client import async_client, lanes, upload, workers
+
+    assert memvault.UNSET is async_client.UNSET
+    assert memvault.Unset is async_client.Unset
+    assert memvault.CapsuleRef == async_client.CapsuleRef
+    assert memvault.Derivatives == lanes.Derivatives
+    assert memvault.ProgressCallback == upload.ProgressCallback
+    assert memvault.WorkerDied is workers.WorkerDied
+    # A failure of this machine's worker process, like the OSError and TimeoutError next to
+    # it: not a server's or network's failure (see memvault.client.errors).
+    assert not issubclass(memvault.WorkerDied, memvault.MemvaultError)

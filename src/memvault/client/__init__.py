@@ -12,9 +12,21 @@ Modules: ``async_client`` (the API), ``sync_client`` (the same API, blocking), `
 (derivatives in a worker process), ``download`` (Range-resumed, verified reads),
 ``transport`` + ``retry`` (requests, retries, backoff), ``errors`` (typed failures),
 ``state`` (local resume records), ``source`` (what an upload reads), ``models`` (results).
+
+Besides the clients, models and errors, the names a wrapper of its own needs to be typed are
+exported here: ``CapsuleRef``/``MemoryRef`` (an object or its id), ``PathOrStream``,
+``ProgressCallback``, ``Derivatives`` (``upload_memory``'s), ``Unset``/``UNSET``
+(``update_memory``'s "leave as is"), and ``WorkerDied`` (found inside ``UploadMemoryError``).
 """
 
-from memvault.client.async_client import AsyncClient
+from memvault.client.async_client import (
+    UNSET,
+    AsyncClient,
+    CapsuleRef,
+    MemoryRef,
+    PathOrStream,
+    Unset,
+)
 from memvault.client.errors import (
     BadResponse,
     ChecksumMismatch,
@@ -43,6 +55,7 @@ from memvault.client.errors import (
     Unavailable,
     UploadMemoryError,
 )
+from memvault.client.lanes import Derivatives
 from memvault.client.models import (
     Asset,
     Capsule,
@@ -54,17 +67,22 @@ from memvault.client.models import (
 )
 from memvault.client.retry import RetryPolicy
 from memvault.client.sync_client import Client
+from memvault.client.upload import ProgressCallback
+from memvault.client.workers import WorkerDied
 
 __all__ = [
+    "UNSET",
     "Asset",
     "AsyncClient",
     "BadResponse",
     "Capsule",
+    "CapsuleRef",
     "ChecksumMismatch",
     "Client",
     "ClientError",
     "Conflict",
     "ConnectionFailed",
+    "Derivatives",
     "Expired",
     "FileChanged",
     "Forbidden",
@@ -76,12 +94,15 @@ __all__ = [
     "LengthMismatch",
     "Memory",
     "MemoryPage",
+    "MemoryRef",
     "MemvaultError",
     "MethodNotAllowed",
     "NotFound",
+    "PathOrStream",
     "PayloadTooLarge",
     "PreconditionFailed",
     "Progress",
+    "ProgressCallback",
     "RangeNotSatisfiable",
     "RequestTimeout",
     "ResourceExhausted",
@@ -90,6 +111,8 @@ __all__ = [
     "Timeout",
     "Unauthenticated",
     "Unavailable",
+    "Unset",
     "UploadMemoryError",
     "UploadResult",
+    "WorkerDied",
 ]

@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Self, TypeAlias
 from urllib.parse import quote
 
 import httpx
@@ -26,18 +26,19 @@ from memvault.errors import Conflict, InvalidArgument, NotFound
 
 
 class Unset(enum.Enum):
-    """The type of ``UNSET``: "leave this field as it is"."""
+    """The type of ``UNSET``: "leave this field as it is" (``update_memory``'s default; a
+    wrapper passing fields through annotates them ``str | Unset | None``)."""
 
     UNSET = enum.auto()
 
 
 UNSET = Unset.UNSET
 
-CapsuleRef = Capsule | str
+CapsuleRef: TypeAlias = Capsule | str
 """A capsule, or its id."""
-MemoryRef = Memory | str
+MemoryRef: TypeAlias = Memory | str
 """A memory, or its id."""
-PathOrStream = str | os.PathLike[str] | BinaryIO
+PathOrStream: TypeAlias = str | os.PathLike[str] | BinaryIO
 """A file by path, or a binary stream (read from its current position to its end)."""
 
 

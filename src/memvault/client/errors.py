@@ -13,6 +13,16 @@ Every failure the server reports is raised as the class ``memvault.errors`` decl
           └── FileChanged               the local file changed while it was being uploaded
     UploadMemoryError (ExceptionGroup)  upload_memory: each failed lane's real error, noted
 
+``except MemvaultError`` therefore means "the server, or the way to it, said no" (plus a file
+that changed under its upload). Failures of this machine are Python's own and stay outside it:
+``OSError`` (a file cannot be read or written), ``ValueError`` (a bad argument, an empty
+derivative, a malformed URL), ``TimeoutError`` and ``memvault.client.workers.WorkerDied`` (the
+derivative worker process ran too long or died). ``WorkerDied`` is exported but is not a
+``MemvaultError`` on purpose: it is one of lane B's local failures, next to the ``OSError``
+and ``TimeoutError`` the same worker raises, and catching one of them but not the others as a
+server failure would be wrong; a caller sees it only inside ``UploadMemoryError`` (the
+original is stored, the server makes the derivatives), where ``except*`` picks it out.
+
 Transient failures (connection errors, 5xx but 507, 408, 429) are retried before any of this
 is raised; see ``memvault.client.retry``.
 """
