@@ -12,11 +12,44 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
+import pytest
+
 import memvault
+from memvault.client import AsyncClient, Client, ConnectionFailed, RetryPolicy
+from tests.asgi import InApp, in_app
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[InApp]:
+    async with in_app() as a:
+        yield a
+
+
+class Stranger(httpx.AsyncBaseTransport):
+    """Between the SDK and the real app: ``answer(request)`` gives what something else (a
+    proxy, a captive portal, a newer server) answers instead, or None to pass it through."""
+
+    def __init__(self, app: InApp,
+                 answer: Callable[[httpx.Request], httpx.Response | None]) -> None:
+        self.app = app
+        self.answer = answer
+        self.requests: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(f"{request.method} {request.url.path}")
+        response = self.answer(request)
+        if response is not None:
+            await request.aread()
+            return response
+        return await self.app.transport.handle_async_request(request)
 
 
 def mypy_errors(tmp_path: Path, program: str) -> dict[int, str]:
@@ -123,3 +156,50 @@ def test_the_exports_are_the_client_modules_own_names() -> None:
     # A failure of this machine's worker process, like the OSError and TimeoutError next to
     # it: not a server's or network's failure (see memvault.client.errors).
     assert not issubclass(memvault.WorkerDied, memvault.MemvaultError)
+
+
+# -- the server's URL ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "127.0.0.1:8080", "localhost:8080", "ftp://example.org/memvault", "http://",
+    "http:///v1", "http://:8080", "http://host:port", "http://host:99999", "",
+    "http://user:secret@host", "http://host/?token=x", "http://host name",
+])
+def test_a_malformed_url_is_refused_when_the_client_is_made(url: str) -> None:
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="is not a memvault server URL"):
+        AsyncClient(url, "token")
+    with pytest.raises(ValueError, match="is not a memvault server URL"):
+        Client(url, "token")
+    assert threading.active_count() == threads  # no loop thread left behind
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080", "https://memvault.example.org", "https://[::1]:8443/memvault/",
+    "HTTP://Example.org", "http://bücher.example",
+])
+async def test_a_well_formed_url_is_taken(url: str, tmp_path: Path) -> None:
+    async with AsyncClient(url, "token", state_dir=tmp_path) as mv:
+        assert mv.url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("exc", [
+    httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'ftp://'."),
+    httpx.InvalidURL("Invalid port: 'x'"),
+])
+async def test_an_unusable_request_url_is_not_retried(app: InApp, exc: Exception) -> None:
+    """Whatever makes httpx refuse a URL (a redirect's, a server-given one), no retry mends it:
+    raised at once, not after a minute of backoff as if the network were down."""
+    def answer(request: httpx.Request) -> httpx.Response | None:
+        raise exc
+
+    stranger = Stranger(app, answer)
+    started = time.monotonic()
+    async with AsyncClient(app.url, app.token, transport=stranger, state_dir=app.root / "s",
+                           retry=RetryPolicy(attempts=5, base_delay=1, max_delay=1)) as mv:
+        with pytest.raises(ConnectionFailed) as info:
+            await mv.list_capsules()
+    assert time.monotonic() - started < 1
+    assert stranger.requests == ["GET /v1/capsules"]
+    assert info.value.__cause__ is exc

@@ -55,7 +55,11 @@ class AsyncClient:
     recorded so a later call resumes them (default: ``MEMVAULT_STATE_DIR``, else the user's
     state directory); ``derivative_workers`` / ``derivative_timeout`` size the worker
     processes that make derivatives for ``upload_memory``; ``transport`` replaces httpx's
-    network transport (e.g. ``httpx.ASGITransport(app)`` in tests).
+    network transport (e.g. ``httpx.ASGITransport(app)`` in tests); ``max_connections``
+    bounds the connections open to the server at once (uploads in flight share them).
+
+    ``url`` must be ``http(s)://HOST[:PORT][/PATH]``; anything else (``127.0.0.1:8080``,
+    ``ftp://...``, no host) is a ``ValueError`` here rather than a network error later.
     """
 
     def __init__(

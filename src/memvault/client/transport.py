@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ class Transport:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 32,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url).rstrip("/")
         self.retry = retry
         self.http = httpx.AsyncClient(
             base_url=self.url,
@@ -64,6 +65,9 @@ class Transport:
                 response = await self.http.request(
                     method, path, json=json, params=params, headers=headers,
                     content=_once(content) if content is not None else None)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                # No retry makes a URL valid (httpx counts the first as a transport error).
+                raise connection_failed(f"{method} {self.url}{path}", exc) from exc
             except httpx.TransportError as exc:
                 error = connection_failed(f"{method} {self.url}{path}", exc)
                 if not transient_transport(exc, idempotent=idempotent):
@@ -79,7 +83,42 @@ class Transport:
             await attempts.wait(error)
 
 
-def connection_failed(what: str, exc: httpx.TransportError) -> ConnectionFailed:
+_HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or an IPv6 address
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is ``http(s)://HOST[:PORT][/PATH]``, else ``ValueError`` saying why.
+
+    Checked when a client is made: httpx would take ``127.0.0.1:8080`` or ``ftp://...`` and
+    fail each request with a transport error, which looks like a network outage and was
+    retried for minutes.
+    """
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except httpx.InvalidURL as exc:
+        problem = str(exc)
+    else:
+        if parsed.scheme not in ("http", "https"):
+            problem = "it must begin with http:// or https://"
+        elif not parsed.host:
+            problem = "it names no host"
+        elif not _HOST.fullmatch(parsed.raw_host.decode("ascii", "replace")):  # IDNA'd
+            problem = f"{parsed.host!r} is not a host name or address"
+        elif port is not None and not 0 < port < 65536:
+            problem = f"port {port} is out of range"
+        elif parsed.userinfo:
+            problem = "it must not carry credentials (the token is the second argument)"
+        elif parsed.query or parsed.fragment:
+            problem = "it must not have a query or a fragment"
+        else:
+            return url
+    raise ValueError(f"{url!r} is not a memvault server URL: {problem}; "
+                     "give http://HOST[:PORT][/PATH] or https://HOST[:PORT][/PATH]")
+
+
+def connection_failed(
+        what: str, exc: httpx.TransportError | httpx.InvalidURL) -> ConnectionFailed:
     """The typed error for a broken or refused connection, chained to httpx's."""
     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     error = ConnectionFailed(f"{what} failed: {reason}")
