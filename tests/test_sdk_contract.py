@@ -8,21 +8,31 @@ its cache makes a run take a fraction of a second); answers are the real app's
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pydantic
 import pytest
 
 import memvault
-from memvault.client import AsyncClient, Client, ConnectionFailed, RetryPolicy
-from tests.asgi import InApp, in_app
+from memvault.client import (
+    AsyncClient,
+    BadResponse,
+    Client,
+    ConnectionFailed,
+    RetryPolicy,
+)
+from tests.asgi import FAST_RETRIES, InApp, in_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +60,11 @@ class Stranger(httpx.AsyncBaseTransport):
             await request.aread()
             return response
         return await self.app.transport.handle_async_request(request)
+
+    def client(self, **options: Any) -> AsyncClient:
+        options.setdefault("retry", FAST_RETRIES)
+        return AsyncClient(self.app.url, self.app.token, transport=self,
+                           state_dir=self.app.root / "client-state", **options)
 
 
 def mypy_errors(tmp_path: Path, program: str) -> dict[int, str]:
@@ -196,10 +211,98 @@ async def test_an_unusable_request_url_is_not_retried(app: InApp, exc: Exception
 
     stranger = Stranger(app, answer)
     started = time.monotonic()
-    async with AsyncClient(app.url, app.token, transport=stranger, state_dir=app.root / "s",
-                           retry=RetryPolicy(attempts=5, base_delay=1, max_delay=1)) as mv:
+    async with stranger.client(retry=RetryPolicy(attempts=5, base_delay=1, max_delay=1)) as mv:
         with pytest.raises(ConnectionFailed) as info:
             await mv.list_capsules()
     assert time.monotonic() - started < 1
     assert stranger.requests == ["GET /v1/capsules"]
     assert info.value.__cause__ is exc
+
+
+# -- success answers that are not memvault's -----------------------------------------------------
+
+PORTAL = b"<!doctype html><html><title>Sign in to Hotel WiFi</title>" + b" " * 300 + b"</html>"
+
+CALLS: dict[str, Callable[[AsyncClient], Awaitable[Any]]] = {
+    "list_capsules": lambda mv: mv.list_capsules(),
+    "create_capsule": lambda mv: mv.create_capsule("c"),
+    "capsule": lambda mv: mv.capsule("c", create=True),
+    "create_memory": lambda mv: mv.create_memory("cap1", title="t"),
+    "get_memory": lambda mv: mv.get_memory("mem1"),
+    "update_memory": lambda mv: mv.update_memory("mem1", title="t"),
+    "list_memories": lambda mv: mv.list_memories("cap1"),
+    "find_memories": lambda mv: mv.find_memories("cap1", "00" * 32),
+    "list_sessions": lambda mv: mv.list_sessions(),
+    "admin_sessions": lambda mv: mv.admin_sessions(),
+    "get_session": lambda mv: mv.get_session("ses1"),
+    "download": lambda mv: mv.download("mem1", dest=io.BytesIO()),
+    "upload_file": lambda mv: mv.upload_file(io.BytesIO(b"abc"), "cap1", filename="a.bin"),
+}
+UPLOAD_PARSES_ITSELF = pytest.mark.xfail(
+    strict=True, raises=(ValueError, KeyError, TypeError),
+    reason="upload.py (and lanes.py) still read bodies with response.json(): a JSON-typed "
+           "answer of another shape escapes until they use memvault.client.transport.parse")
+
+
+def answering(status: int, content_type: str | None, body: bytes
+              ) -> Callable[[httpx.Request], httpx.Response]:
+    headers = {"Content-Type": content_type} if content_type else {}
+    return lambda request: httpx.Response(status, headers=headers, content=body)
+
+
+ANSWERS = {
+    "portal-html": ("text/html; charset=utf-8", PORTAL, "text/html"),
+    "other-json": ("application/json", json.dumps({"status": "ok", "data": [1]}).encode(),
+                   "ok"),
+    "cut-json": ("application/json", b'{"id": "cap1", "na', "Invalid JSON"),
+    "empty": (None, b"", "no Content-Type"),
+}
+
+
+@pytest.mark.parametrize(("call", "content_type", "body", "said"), [
+    pytest.param(call, *answer, id=f"{kind}-{call}",
+                 # A body that is not JSON at all is caught for every call (in Transport.call).
+                 marks=[UPLOAD_PARSES_ITSELF] if call == "upload_file" and kind != "portal-html"
+                 else [])
+    for kind, answer in ANSWERS.items() for call in CALLS])
+async def test_a_success_answer_of_another_shape_is_a_bad_response(
+        app: InApp, call: str, content_type: str | None, body: bytes, said: str) -> None:
+    """A captive portal's page or a misrouted proxy's JSON, with a 2xx status: raised as
+    ``BadResponse`` naming the request and what came back, never a ``JSONDecodeError`` or a
+    pydantic ``ValidationError`` (at once: it is not transient)."""
+    stranger = Stranger(app, answering(200, content_type, body))
+    async with stranger.client() as mv:
+        with pytest.raises(BadResponse) as info:
+            await CALLS[call](mv)
+    error = info.value
+    assert stranger.requests[-1] in error.detail
+    assert len(stranger.requests) == len(set(stranger.requests))  # nothing retried
+    assert error.http_status == 200
+    if call not in ("download", "upload_file") or content_type is None:
+        assert said in error.detail
+    if content_type is not None and "html" in content_type:
+        assert "Hotel WiFi" in error.detail
+        assert len(error.detail) < 400  # the page's first bytes, not all of it
+
+
+async def test_the_parse_error_is_kept_as_the_cause(app: InApp) -> None:
+    other = json.dumps([{"uuid": "x", "label": "family"}]).encode()
+    async with Stranger(app, answering(200, "application/json", other)).client() as mv:
+        with pytest.raises(BadResponse) as info:
+            await mv.list_capsules()
+    assert isinstance(info.value.__cause__, pydantic.ValidationError)
+    assert "list[Capsule]" in info.value.detail
+    assert "0.id: Field required" in info.value.detail
+
+
+async def test_memvault_answers_still_read_as_models(app: InApp) -> None:
+    """The same calls, passed through to the real app: every shape reads."""
+    async with Stranger(app, lambda request: None).client() as mv:
+        cap = await mv.capsule("family", create=True)
+        assert [c.id for c in await mv.list_capsules()] == [cap.id]
+        memory = await mv.create_memory(cap, title="t")
+        assert (await mv.update_memory(memory, title="u")).title == "u"
+        assert (await mv.get_memory(memory.id)).id == memory.id
+        assert [m.id for m in (await mv.list_memories(cap)).items] == [memory.id]
+        assert await mv.list_sessions() == []
+        assert await mv.admin_sessions() == []

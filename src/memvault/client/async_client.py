@@ -15,7 +15,14 @@ import httpx
 
 from memvault.client.download import download
 from memvault.client.lanes import Derivatives, MemoryUpload
-from memvault.client.models import Capsule, Memory, MemoryPage, Session, UploadResult
+from memvault.client.models import (
+    Capsule,
+    Memory,
+    MemoryPage,
+    Session,
+    SessionList,
+    UploadResult,
+)
 from memvault.client.retry import RetryPolicy
 from memvault.client.source import Source
 from memvault.client.state import StateStore, default_state_dir
@@ -106,14 +113,12 @@ class AsyncClient:
 
     async def list_capsules(self) -> list[Capsule]:
         """The caller's capsules, oldest first."""
-        response = await self.api.call("GET", "/v1/capsules")
-        return [Capsule.model_validate(c) for c in response.json()]
+        return await self.api.fetch(list[Capsule], "GET", "/v1/capsules")
 
     async def create_capsule(self, name: str) -> Capsule:
         """A new capsule; ``Conflict`` if the caller already has one of that name."""
-        response = await self.api.call("POST", "/v1/capsules", json={"name": name},
-                                       idempotent=False)
-        return Capsule.model_validate(response.json())
+        return await self.api.fetch(Capsule, "POST", "/v1/capsules", json={"name": name},
+                                    idempotent=False)
 
     async def capsule(self, name: str, *, create: bool = False) -> Capsule:
         """The caller's capsule named ``name``; made if missing when ``create`` (else
@@ -136,14 +141,13 @@ class AsyncClient:
                             metadata: dict[str, Any] | None = None) -> Memory:
         """An empty memory, to fill with ``upload_file(..., memory=...)``."""
         body = {"title": title, "taken_at": taken_at, "metadata": metadata}
-        response = await self.api.call(
-            "POST", f"/v1/capsules/{_segment(_capsule_id(capsule))}/memories",
+        return await self.api.fetch(
+            Memory, "POST", f"/v1/capsules/{_segment(_capsule_id(capsule))}/memories",
             json={k: v for k, v in body.items() if v is not None}, idempotent=False)
-        return Memory.model_validate(response.json())
 
     async def get_memory(self, memory: MemoryRef) -> Memory:
-        response = await self.api.call("GET", f"/v1/memories/{_segment(_memory_id(memory))}")
-        return Memory.model_validate(response.json())
+        return await self.api.fetch(Memory, "GET",
+                                    f"/v1/memories/{_segment(_memory_id(memory))}")
 
     async def list_memories(self, capsule: CapsuleRef, *, limit: int = 50,
                             cursor: str | None = None, sha256: str | None = None) -> MemoryPage:
@@ -155,9 +159,9 @@ class AsyncClient:
             params["cursor"] = cursor
         if sha256 is not None:
             params["sha256"] = sha256.lower()
-        response = await self.api.call(
-            "GET", f"/v1/capsules/{_segment(_capsule_id(capsule))}/memories", params=params)
-        return MemoryPage.model_validate(response.json())
+        return await self.api.fetch(
+            MemoryPage, "GET", f"/v1/capsules/{_segment(_capsule_id(capsule))}/memories",
+            params=params)
 
     async def iter_memories(self, capsule: CapsuleRef, *, page_size: int = 100,
                             sha256: str | None = None) -> AsyncIterator[Memory]:
@@ -193,10 +197,9 @@ class AsyncClient:
         ``metadata`` is replaced whole."""
         given = {"title": title, "taken_at": taken_at, "metadata": metadata,
                  "thumbhash": thumbhash}
-        response = await self.api.call(
-            "PATCH", f"/v1/memories/{_segment(_memory_id(memory))}",
+        return await self.api.fetch(
+            Memory, "PATCH", f"/v1/memories/{_segment(_memory_id(memory))}",
             json={k: v for k, v in given.items() if not isinstance(v, Unset)})
-        return Memory.model_validate(response.json())
 
     # -- uploads ---------------------------------------------------------------------------
 
@@ -289,17 +292,14 @@ class AsyncClient:
 
     async def list_sessions(self) -> list[Session]:
         """The caller's pending upload sessions, with what each has received."""
-        response = await self.api.call("GET", "/v1/uploads")
-        return [Session.model_validate(s) for s in response.json()["items"]]
+        return (await self.api.fetch(SessionList, "GET", "/v1/uploads")).items
 
     async def admin_sessions(self) -> list[Session]:
         """Every principal's pending sessions (an admin token; else ``Forbidden``)."""
-        response = await self.api.call("GET", "/v1/admin/sessions")
-        return [Session.model_validate(s) for s in response.json()["items"]]
+        return (await self.api.fetch(SessionList, "GET", "/v1/admin/sessions")).items
 
     async def get_session(self, session_id: str) -> Session:
-        response = await self.api.call("GET", f"/v1/uploads/{_segment(session_id)}")
-        return Session.model_validate(response.json())
+        return await self.api.fetch(Session, "GET", f"/v1/uploads/{_segment(session_id)}")
 
     async def abort_session(self, session_id: str) -> None:
         """Abort a pending session; the server drops what it received, and this client

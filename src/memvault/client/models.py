@@ -76,6 +76,12 @@ class Session(_Model):
     expires_at: str | None = None
 
 
+class SessionList(_Model):
+    """The answer of ``GET /v1/uploads`` and ``GET /v1/admin/sessions``."""
+
+    items: list[Session]
+
+
 class UploadResult(_Model):
     """What ``upload_file`` did: the memory and asset, and how much this call sent.
 

@@ -1,17 +1,26 @@
-"""One request to the API: authenticated, retried while transient, answered or raised typed."""
+"""One request to the API: authenticated, retried while transient, answered or raised typed.
+
+Success bodies are read here too (``parse``, ``Transport.fetch``): an answer that is not
+memvault's (a captive portal's page, another service's JSON behind a misrouted proxy) is
+``BadResponse``, never a ``JSONDecodeError`` or a pydantic ``ValidationError``.
+"""
 
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import pydantic
 
 from memvault import __version__
-from memvault.client.errors import ConnectionFailed, from_response
+from memvault.client.errors import BadResponse, ConnectionFailed, from_response
 from memvault.client.retry import Attempts, RetryPolicy, transient_status, transient_transport
 from memvault.errors import MemvaultError
+
+M = TypeVar("M")
 
 
 class Transport:
@@ -41,6 +50,10 @@ class Transport:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    async def fetch(self, shape: type[M], method: str, path: str, **options: Any) -> M:
+        """``call``, and its answer's body read as ``shape`` (``parse``)."""
+        return parse(await self.call(method, path, **options), shape)
 
     async def call(
         self,
@@ -74,6 +87,10 @@ class Transport:
                     raise error from exc
             else:
                 if response.status_code < 300:
+                    if response.content and not _is_json(response):
+                        # memvault answers JSON or nothing: this is someone else's page.
+                        raise BadResponse(_not_ours(response, "a JSON body"),
+                                          http_status=response.status_code)
                     return response
                 # Anything else is an error, a 3xx too: memvault never redirects, so one
                 # comes from something in between (before, a 307 counted as done).
@@ -81,6 +98,52 @@ class Transport:
                 if not transient_status(error):
                     raise error
             await attempts.wait(error)
+
+
+def parse(response: httpx.Response, shape: type[M]) -> M:
+    """The body of a success answer as ``shape`` (a model, or e.g. ``list[Capsule]``);
+    ``BadResponse`` if it is not JSON of that shape, with the parse error as its cause."""
+    try:
+        return _adapter(shape).validate_json(response.content)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        why = f"{where + ': ' if where else ''}{first['msg']}"
+        raise BadResponse(_not_ours(response, f"a {_name(shape)} ({why})"),
+                          http_status=response.status_code) from exc
+
+
+_ADAPTERS: dict[object, pydantic.TypeAdapter[Any]] = {}
+
+
+def _adapter(shape: type[M]) -> pydantic.TypeAdapter[M]:
+    """One validator per shape (building one costs more than most validations)."""
+    adapter = _ADAPTERS.get(shape)
+    if adapter is None:
+        adapter = _ADAPTERS[shape] = pydantic.TypeAdapter(shape)
+    return adapter
+
+
+def _name(shape: type[Any]) -> str:
+    """``Memory``, ``list[Capsule]``: the shape as its code names it."""
+    if isinstance(shape, types.GenericAlias):
+        return re.sub(r"\b\w+\.", "", str(shape))
+    return shape.__name__
+
+
+def _is_json(response: httpx.Response) -> bool:
+    media = str(response.headers.get("content-type", "")).partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def _not_ours(response: httpx.Response, wanted: str) -> str:
+    """What came instead of ``wanted``: the request, status, media type and first bytes."""
+    request = response.request
+    media = response.headers.get("content-type") or "no Content-Type"
+    head = response.content[:120]
+    return (f"{request.method} {request.url.path} answered {response.status_code} "
+            f"{response.reason_phrase} with {media} ({len(response.content)} bytes), not "
+            f"{wanted}: {head!r}{'...' if len(response.content) > len(head) else ''}")
 
 
 _HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or an IPv6 address
