@@ -30,7 +30,10 @@ from memvault.client import (
     BadResponse,
     Client,
     ConnectionFailed,
+    Internal,
+    MemvaultError,
     RetryPolicy,
+    UnknownError,
 )
 from tests.asgi import FAST_RETRIES, InApp, in_app
 
@@ -306,3 +309,81 @@ async def test_memvault_answers_still_read_as_models(app: InApp) -> None:
         assert [m.id for m in (await mv.list_memories(cap)).items] == [memory.id]
         assert await mv.list_sessions() == []
         assert await mv.admin_sessions() == []
+
+
+# -- error codes this SDK does not know ----------------------------------------------------------
+
+
+def problem(status: int, code: str, **members: Any) -> httpx.Response:
+    body = {"type": f"https://example.org/{code}", "title": code, "status": status,
+            "code": code, "detail": f"the server says {code}", **members}
+    return httpx.Response(status, headers={"Content-Type": "application/problem+json",
+                                           "Retry-After": "0"}, json=body)
+
+
+def first_time(answer: httpx.Response, method: str = "GET", path: str = "/v1/capsules"
+               ) -> Callable[[httpx.Request], httpx.Response | None]:
+    """``answer`` for the first ``method path`` request; the real app's for the rest."""
+    seen: list[httpx.Request] = []
+
+    def rule(request: httpx.Request) -> httpx.Response | None:
+        if (request.method, request.url.path) == (method, path) and not seen:
+            seen.append(request)
+            return answer
+        return None
+    return rule
+
+
+@pytest.mark.parametrize(("status", "transient"), [
+    (418, False), (409, False), (400, False), (501, False), (507, False),
+    (500, True), (503, True), (429, True), (408, True),
+])
+async def test_an_unknown_code_keeps_its_status_and_is_retried_only_if_that_is_transient(
+        app: InApp, status: int, transient: bool) -> None:
+    stranger = Stranger(app, first_time(problem(status, "teapot", brewing="earl grey")))
+    async with stranger.client() as mv:
+        if transient:
+            assert await mv.list_capsules() == []
+            assert stranger.requests == ["GET /v1/capsules"] * 2
+            return
+        with pytest.raises(UnknownError) as info:
+            await mv.list_capsules()
+    assert stranger.requests == ["GET /v1/capsules"]  # at once: no retry
+    error = info.value
+    assert isinstance(error, MemvaultError)
+    assert not isinstance(error, Internal)
+    assert (error.code, error.status, error.http_status) == ("teapot", status, status)
+    assert error.detail == "the server says teapot"
+    assert error.extra == {"brewing": "earl grey"}
+    assert (type(error).code, type(error).status) == ("unknown", 0)
+    assert error.to_problem()["code"] == "teapot"
+
+
+async def test_an_unknown_409_is_not_taken_for_a_conflict(app: InApp) -> None:
+    """``capsule(create=True)`` reads a ``Conflict`` as "made meanwhile" and looks again; a new
+    code of the same status must not send it round (the nearest-class mapping did)."""
+    stranger = Stranger(app, first_time(problem(409, "capsule_frozen"), "POST"))
+    async with stranger.client() as mv:
+        with pytest.raises(UnknownError) as info:
+            await mv.capsule("family", create=True)
+    assert info.value.code == "capsule_frozen"
+    assert stranger.requests == ["GET /v1/capsules", "POST /v1/capsules"]
+
+
+async def test_a_bad_response_status_is_the_status_it_came_with(app: InApp) -> None:
+    gateway = httpx.Response(504, headers={"Content-Type": "text/html"},
+                             content=b"<html>Gateway Timeout</html>")
+    policy = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.001)
+    async with Stranger(app, lambda request: gateway).client(retry=policy) as mv:
+        with pytest.raises(BadResponse) as info:
+            await mv.list_capsules()
+    assert (info.value.status, info.value.http_status, info.value.code) == \
+        (504, 504, "bad_response")
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    async with Stranger(app, refuse).client(retry=policy) as mv:
+        with pytest.raises(ConnectionFailed) as refused:
+            await mv.list_capsules()
+    assert refused.value.status == 0  # no answer was read

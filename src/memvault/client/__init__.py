@@ -53,6 +53,7 @@ from memvault.client.errors import (
     Timeout,
     Unauthenticated,
     Unavailable,
+    UnknownError,
     UploadMemoryError,
 )
 from memvault.client.lanes import Derivatives
@@ -111,6 +112,7 @@ __all__ = [
     "Timeout",
     "Unauthenticated",
     "Unavailable",
+    "UnknownError",
     "Unset",
     "UploadMemoryError",
     "UploadResult",

@@ -7,11 +7,18 @@ Every failure the server reports is raised as the class ``memvault.errors`` decl
 
     MemvaultError                       memvault.errors: .code, .status, .detail, .extra
      ├── NotFound, Conflict, ...        one class per server code (the server's own classes)
+     ├── UnknownError                   a code this SDK does not know (a newer server's)
      └── ClientError                    failures seen on the client's side
           ├── ConnectionFailed          the server could not be reached (after retries)
           ├── BadResponse               an answer that is not memvault's (a proxy's HTML 502)
           └── FileChanged               the local file changed while it was being uploaded
     UploadMemoryError (ExceptionGroup)  upload_memory: each failed lane's real error, noted
+
+``code`` and ``status`` are class attributes (one class per code), except where one class
+stands for answers of many: an ``UnknownError``'s ``.code`` is the server's code and its
+``.status`` the answer's HTTP status, and a ``BadResponse``'s ``.status`` is the status the
+foreign answer came with (``.http_status`` too), each set on the instance. Other client-side
+errors have ``status`` 0: no HTTP answer was read.
 
 ``except MemvaultError`` therefore means "the server, or the way to it, said no" (plus a file
 that changed under its upload). Failures of this machine are Python's own and stay outside it:
@@ -88,6 +95,7 @@ __all__ = [
     "Timeout",
     "Unauthenticated",
     "Unavailable",
+    "UnknownError",
     "UploadMemoryError",
     "from_response",
 ]
@@ -95,8 +103,37 @@ __all__ = [
 _STANDARD = frozenset({"type", "title", "status", "code", "detail", "retry_after"})
 
 
+def _own(error: MemvaultError, *, code: str | None = None, status: int) -> None:
+    """Give ``error`` its own ``code``/``status``, shadowing its class's. They are ClassVars
+    of ``MemvaultError`` (to a type checker, not to be set on an instance); for the two
+    classes that stand for many answers the instance's values are the truth."""
+    vars(error).update({"status": status} if code is None else {"code": code, "status": status})
+
+
+class UnknownError(MemvaultError):
+    """A problem whose ``code`` this SDK does not know (a newer server's, or a proxy speaking
+    RFC 9457): ``.code`` is the server's code, ``.status`` the answer's HTTP status.
+
+    Not mapped to a known class by its status: a 409 of a new code is not a ``Conflict``
+    (``capsule(create=True)`` takes a ``Conflict`` as "made meanwhile"), and a 418 is not a
+    500. It is retried only if its status is (5xx but 501/505/507, 408, 429: as
+    ``retry`` judges any answer it cannot read), else raised at once.
+    """
+
+    code: ClassVar[str] = "unknown"
+    status: ClassVar[int] = 0
+    title: ClassVar[str] = "Unknown error"
+
+    def __init__(self, detail: str, *, code: str = "unknown", http_status: int = 0,
+                 **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        _own(self, code=code, status=http_status)
+        self.http_status = http_status
+
+
 class ClientError(MemvaultError):
-    """A failure on the client's side of the wire; ``status`` is 0 (no HTTP status applies)."""
+    """A failure on the client's side of the wire; ``status`` is 0 (no HTTP status applies),
+    but for a ``BadResponse``, which has the status the foreign answer came with."""
 
     code: ClassVar[str] = "client_error"
     status: ClassVar[int] = 0
@@ -116,14 +153,16 @@ class ConnectionFailed(ClientError):
 class BadResponse(ClientError):
     """An answer that is not a memvault one: a non-JSON error page, or JSON of another shape.
 
-    ``http_status`` is the status it came with (often a proxy's 502 or 504).
+    ``status`` (and ``http_status``, the same) is the status it came with: often a proxy's
+    502 or 504, a 2xx for a captive portal's page, 0 only where none was read.
     """
 
     code = "bad_response"
     title = "Unexpected answer"
 
-    def __init__(self, detail: str, *, http_status: int, **extra: Any) -> None:
+    def __init__(self, detail: str, *, http_status: int = 0, **extra: Any) -> None:
         super().__init__(detail, http_status=http_status, **extra)
+        _own(self, status=http_status)
         self.http_status = http_status
 
 
@@ -187,7 +226,7 @@ def from_response(response: httpx.Response) -> MemvaultError:
     extra = {k: v for k, v in body.items() if k not in _STANDARD}
     cls = ERRORS.get(code)
     if cls is None:
-        # A code this SDK does not know (a newer server): keep it, and the nearest class.
-        cls = next((c for c in ERRORS.values() if c.status == response.status_code), Internal)
-        extra["server_code"] = code
+        extra.pop("http_status", None)  # (the answer's own status is the one that counts)
+        return UnknownError(detail, code=code, http_status=response.status_code,
+                            retry_after=retry_after(response, body), **extra)
     return cls(detail, retry_after=retry_after(response, body), **extra)
