@@ -8,6 +8,7 @@ its cache makes a run take a fraction of a second); answers are the real app's
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import re
@@ -174,6 +175,30 @@ def test_the_exports_are_the_client_modules_own_names() -> None:
     # A failure of this machine's worker process, like the OSError and TimeoutError next to
     # it: not a server's or network's failure (see memvault.client.errors).
     assert not issubclass(memvault.WorkerDied, memvault.MemvaultError)
+
+
+def test_client_options_are_typed(tmp_path: Path) -> None:
+    """``Client(url, token, **options: Any)`` took ``retyr=3`` without a word from mypy."""
+    errors = mypy_errors(tmp_path, """\
+        from memvault import Client, RetryPolicy
+
+        def main(url: str, token: str) -> None:
+            Client(url, token, retyr=3)
+            Client(url, token, max_connection=8)
+            Client(url, token, timeout="30")
+            Client(url, token, retry=RetryPolicy(attempts=3), timeout=30, max_connections=8,
+                   state_dir="/tmp/s", derivative_workers=2, derivative_timeout=60.0)
+        """)
+    assert sorted(errors) == [4, 5, 6], errors
+    assert '"retyr"' in errors[4]
+    assert '"max_connection"' in errors[5]
+    assert '"timeout"' in errors[6]
+
+
+def test_client_takes_exactly_the_async_clients_options() -> None:
+    sync = list(inspect.signature(Client.__init__).parameters.values())
+    aio = list(inspect.signature(AsyncClient.__init__).parameters.values())
+    assert sync == aio
 
 
 # -- the server's URL ----------------------------------------------------------------------------

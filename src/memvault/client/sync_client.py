@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import os
 import threading
 import warnings
 import weakref
@@ -21,7 +22,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
+import httpx
+
 from memvault.client.async_client import AsyncClient
+from memvault.client.retry import RetryPolicy
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -179,8 +183,25 @@ class Client:
     ...         print(memory.id, sorted(memory.assets))
     """
 
-    def __init__(self, url: str, token: str, **options: Any) -> None:
-        self.aio = AsyncClient(url, token, **options)
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | httpx.Timeout = 120.0,
+        state_dir: str | os.PathLike[str] | None = None,
+        derivative_workers: int = 1,
+        derivative_timeout: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        """``AsyncClient``'s parameters, spelled out so a misspelled option is a type error
+        (a test checks that the two signatures stay the same)."""
+        self.aio = AsyncClient(
+            url, token, retry=retry, timeout=timeout, state_dir=state_dir,
+            derivative_workers=derivative_workers, derivative_timeout=derivative_timeout,
+            transport=transport, max_connections=max_connections)
         """The async client doing the work (use it only through this object's methods)."""
         self._thread = _LoopThread()
         self._closed = False
