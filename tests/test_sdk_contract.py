@@ -266,12 +266,6 @@ CALLS: dict[str, Callable[[AsyncClient], Awaitable[Any]]] = {
     "download": lambda mv: mv.download("mem1", dest=io.BytesIO()),
     "upload_file": lambda mv: mv.upload_file(io.BytesIO(b"abc"), "cap1", filename="a.bin"),
 }
-UPLOAD_PARSES_ITSELF = pytest.mark.xfail(
-    strict=True, raises=(ValueError, KeyError, TypeError),
-    reason="upload.py (and lanes.py) still read bodies with response.json(): a JSON-typed "
-           "answer of another shape escapes until they use memvault.client.transport.parse")
-
-
 def answering(status: int, content_type: str | None, body: bytes
               ) -> Callable[[httpx.Request], httpx.Response]:
     headers = {"Content-Type": content_type} if content_type else {}
@@ -288,10 +282,7 @@ ANSWERS = {
 
 
 @pytest.mark.parametrize(("call", "content_type", "body", "said"), [
-    pytest.param(call, *answer, id=f"{kind}-{call}",
-                 # A body that is not JSON at all is caught for every call (in Transport.call).
-                 marks=[UPLOAD_PARSES_ITSELF] if call == "upload_file" and kind != "portal-html"
-                 else [])
+    pytest.param(call, *answer, id=f"{kind}-{call}")
     for kind, answer in ANSWERS.items() for call in CALLS])
 async def test_a_success_answer_of_another_shape_is_a_bad_response(
         app: InApp, call: str, content_type: str | None, body: bytes, said: str) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memvault.client.errors import UploadMemoryError
-from memvault.client.models import Memory, Session, UploadResult
+from memvault.client.models import Memory, Session, SessionList, UploadResult
 from memvault.client.source import Source, content_type
 from memvault.client.state import StateStore
 from memvault.client.transport import Transport
@@ -161,8 +161,7 @@ class MemoryUpload:
         if (stored is not None and not self._patched
                 and all(u.role in stored.memory.assets for u in self._together)):
             return stored.memory  # read right after the commit that took every asset
-        response = await self.api.call("GET", f"/v1/memories/{self.memory_id}")
-        return Memory.model_validate(response.json())
+        return await self.api.fetch(Memory, "GET", f"/v1/memories/{self.memory_id}")
 
     # -- lane A ----------------------------------------------------------------------------
 
@@ -292,15 +291,14 @@ class MemoryUpload:
         opened.remove(upload)
 
     async def _abort_target(self, memory_id: str | None, role: str) -> None:
-        sessions = (await self.api.call("GET", "/v1/uploads")).json()["items"]
+        sessions = (await self.api.fetch(SessionList, "GET", "/v1/uploads")).items
         for s in sessions:
-            if s["memory_id"] == memory_id and s["role"] == role:
+            if s.memory_id == memory_id and s.role == role:
                 with contextlib.suppress(MemvaultError):
-                    await self.api.call("DELETE", f"/v1/uploads/{s['id']}")
+                    await self.api.call("DELETE", f"/v1/uploads/{s.id}")
 
     async def _roles(self, memory_id: str) -> set[str]:
-        response = await self.api.call("GET", f"/v1/memories/{memory_id}")
-        return set(Memory.model_validate(response.json()).assets)
+        return set((await self.api.fetch(Memory, "GET", f"/v1/memories/{memory_id}")).assets)
 
 
 def _stop(task: asyncio.Task[Any]) -> None:

@@ -82,6 +82,20 @@ class SessionList(_Model):
     items: list[Session]
 
 
+class Finished(_Model):
+    """A finish's answer for one session (older servers leave ``memory`` out)."""
+
+    memory_id: str
+    role: str
+    memory: Memory | None = None
+
+
+class FinishedList(_Model):
+    """The answer of ``POST /v1/uploads/finish``."""
+
+    items: list[Finished]
+
+
 class UploadResult(_Model):
     """What ``upload_file`` did: the memory and asset, and how much this call sent.
 

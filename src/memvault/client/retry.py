@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from memvault.client.errors import BadResponse
+from memvault.client.errors import BadResponse, UnknownError
 from memvault.errors import (
     InsufficientStorage,
     MemvaultError,
@@ -61,8 +61,10 @@ class RetryPolicy:
 
 
 def transient_status(error: MemvaultError) -> bool:
-    """An error answer worth retrying (the request reached the server and was refused)."""
-    if isinstance(error, BadResponse):
+    """An error answer worth retrying (the request reached the server and was refused). One
+    that is not memvault's, or of a code this SDK does not know, is judged by its HTTP
+    status alone (its class's status says nothing)."""
+    if isinstance(error, BadResponse | UnknownError):
         return error.http_status in (408, 429) or (
             error.http_status >= 500 and error.http_status not in (501, 505, 507))
     if isinstance(error, InsufficientStorage):

@@ -16,7 +16,7 @@ import httpx
 import pydantic
 
 from memvault import __version__
-from memvault.client.errors import BadResponse, ConnectionFailed, UnknownError, from_response
+from memvault.client.errors import BadResponse, ConnectionFailed, from_response
 from memvault.client.retry import Attempts, RetryPolicy, transient_status, transient_transport
 from memvault.errors import MemvaultError
 
@@ -95,18 +95,9 @@ class Transport:
                 # Anything else is an error, a 3xx too: memvault never redirects, so one
                 # comes from something in between (before, a 307 counted as done).
                 error = from_response(response)
-                if not _transient(error):
+                if not transient_status(error):
                     raise error
             await attempts.wait(error)
-
-
-def _transient(error: MemvaultError) -> bool:
-    """``retry.transient_status``; an error of a code this SDK does not know is judged by its
-    HTTP status alone, by the rule ``retry`` applies to any answer it cannot read (its
-    class's status says nothing)."""
-    if isinstance(error, UnknownError):
-        return transient_status(BadResponse(error.detail, http_status=error.status))
-    return transient_status(error)
 
 
 def parse(response: httpx.Response, shape: type[M]) -> M:

@@ -40,11 +40,19 @@ from typing import Any
 
 import crc32c
 
-from memvault.client.errors import FileChanged
-from memvault.client.models import Memory, Phase, Progress, Session, UploadResult
+from memvault.client.errors import BadResponse, FileChanged
+from memvault.client.models import (
+    Finished,
+    FinishedList,
+    Memory,
+    Phase,
+    Progress,
+    Session,
+    UploadResult,
+)
 from memvault.client.source import Source, content_type, random_key
 from memvault.client.state import StateStore, UploadRecord
-from memvault.client.transport import Transport
+from memvault.client.transport import Transport, parse
 from memvault.errors import (
     ChecksumMismatch,
     Conflict,
@@ -334,7 +342,7 @@ class ChunkUpload:
                 raise
             except (NotFound, Expired) as exc:
                 raise _SessionLost(exc) from exc
-        return await self._finished(response.json())
+        return await self._finished(parse(response, Finished))
 
     async def _finish_together(self, uploads: list[ChunkUpload]) -> UploadResult:
         items = []
@@ -345,23 +353,26 @@ class ChunkUpload:
                           "sha256": upload.sha256})
             if upload is not self:
                 upload._report("finish")
-        response = await self.api.call("POST", "/v1/uploads/finish", json={"uploads": items})
-        answers = response.json()["items"]
+        answers = (await self.api.fetch(FinishedList, "POST", "/v1/uploads/finish",
+                                        json={"uploads": items})).items
         for upload, answer in zip(uploads, answers, strict=True):
             await upload._finished(answer)
         assert self.result is not None
         return self.result
 
-    async def _finished(self, body: dict[str, Any]) -> UploadResult:
+    async def _finished(self, body: Finished) -> UploadResult:
         """Record a finish's answer (the memory comes with it; older servers: read it). The
         resume record goes after the ``done`` callback: if that raises, the call fails, and
         the next one finds the committed session and returns this same result."""
-        raw = body.get("memory")
-        if raw is None:
-            raw = (await self.api.call("GET", f"/v1/memories/{body['memory_id']}")).json()
-        memory = Memory.model_validate(raw)
+        memory = body.memory
+        if memory is None:
+            memory = await self.api.fetch(Memory, "GET", f"/v1/memories/{body.memory_id}")
+        asset = memory.assets.get(body.role)
+        if asset is None:
+            raise BadResponse(f"the finish of {body.memory_id} answered without its "
+                              f"{body.role!r} asset", http_status=200)
         self.result = UploadResult(
-            memory=memory, asset=memory.assets[body["role"]], session_id=self._session().id,
+            memory=memory, asset=asset, session_id=self._session().id,
             chunks_sent=self.chunks_sent, chunks_skipped=self.chunks_skipped,
             bytes_sent=self.bytes_sent,
         )
@@ -397,15 +408,13 @@ class ChunkUpload:
             body["memory_id"] = self.target_memory
         if self.declared_sha256 is not None:
             body["sha256"] = self.declared_sha256
-        response = await self.api.call("POST", "/v1/uploads", json=body)
-        return Session.model_validate(response.json())
+        return await self.api.fetch(Session, "POST", "/v1/uploads", json=body)
 
     async def _status(self, session_id: str) -> Session | None:
         try:
-            response = await self.api.call("GET", f"/v1/uploads/{session_id}")
+            return await self.api.fetch(Session, "GET", f"/v1/uploads/{session_id}")
         except (NotFound, Expired):
             return None
-        return Session.model_validate(response.json())
 
     async def _put(self, index: int, data: bytes, crc: int) -> bool:
         """Send chunk ``index``; False if the session was committed meanwhile."""
