@@ -8,15 +8,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
+import structlog
 from fastapi import APIRouter, Request, Response
 from starlette.responses import StreamingResponse
 
 from memvault import inputs
 from memvault.errors import Internal, PreconditionFailed, RangeNotSatisfiable
 from memvault.http.deps import Caller, Svc, list_header
-from memvault.storage.base import BlobMissing
+from memvault.storage.base import BlobDamaged, BlobMissing
 
 router = APIRouter(prefix="/v1", tags=["library"])
+log = structlog.get_logger("memvault.http")
 
 _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$", re.IGNORECASE)
 """One range (the unit's case does not matter, RFC 9110 §14.1); positions past 19 digits
@@ -97,12 +99,13 @@ async def read_asset(memory_id: str, role: str, request: Request, caller: Caller
     # and a Latin-1 text file would then read as UTF-8. The bytes are served as stored.
     headers["Content-Type"] = (asset.content_type if inputs.is_media_type(asset.content_type)
                                else "application/octet-stream")
+    what = f"the {role} of memory {memory_id}"
     if request.method == "HEAD":
         # An empty read still finds the blob (a file open, an S3 HEAD), so HEAD answers as
         # GET would: a 500, not a 200 for bytes a GET cannot serve.
-        await _primed(svc.store.read(asset.storage_key, start, start))
+        await _primed(svc.store.read(asset.storage_key, start, start, size=asset.size), what)
         return Response(status_code=status, headers=headers)
-    body = await _primed(svc.store.read(asset.storage_key, start, end))
+    body = await _primed(svc.store.read(asset.storage_key, start, end, size=asset.size), what)
     return StreamingResponse(body, status_code=status, headers=headers)
 
 
@@ -141,8 +144,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-async def _primed(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Read the first piece before answering, so a missing blob is a 500, not a cut body."""
+async def _primed(pieces: AsyncIterator[bytes], what: str) -> AsyncIterator[bytes]:
+    """Read the first piece before answering, so a missing blob (or one whose stored size is
+    not the recorded one) is a 500, not a cut body or bytes that are not the asset's."""
     try:
         first = await anext(pieces)
     except StopAsyncIteration:
@@ -150,6 +154,11 @@ async def _primed(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     except BlobMissing as exc:
         raise Internal("stored bytes for this asset are missing; the server log has details",
                        ) from exc
+    except BlobDamaged as exc:
+        log.error("asset.damaged", asset=what, storage_key=exc.storage_key,
+                  stored_size=exc.stored, size=exc.expected)
+        raise Internal(f"stored bytes of {what} are damaged: {exc.sizes}; the bytes are not "
+                       "served (`memvault blobs check` lists every damaged asset)") from exc
 
     async def rest() -> AsyncIterator[bytes]:
         if first:

@@ -11,6 +11,7 @@ Exceptions::
     StagingGone        the staging area was discarded under the caller (abort, expiry)
     StagedUnavailable  these staged bytes cannot be read here until the area is sealed
     BlobMissing        a committed blob is not in the store (data loss, never normal)
+    BlobDamaged        a committed blob's stored size is not the recorded one (data loss)
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ class StagedUnavailable(Exception):
 
 class BlobMissing(Exception):
     """A committed blob the metadata refers to is not in the store: data loss, never normal."""
+
+
+class BlobDamaged(Exception):
+    """A committed blob holds another number of bytes than the metadata recorded (a file
+    truncated or appended to behind the server's back, a restore gone wrong): data loss,
+    never normal. Raised before any byte is served."""
+
+    def __init__(self, storage_key: str, stored: int, expected: int,
+                 where: str = "in the store") -> None:
+        super().__init__(f"{storage_key}: {stored} bytes {where}, {expected} expected")
+        self.storage_key = storage_key
+        self.stored = stored
+        self.expected = expected
+        self.where = where
+
+    @property
+    def sizes(self) -> str:
+        """``N bytes on disk, M expected``."""
+        return f"{self.stored} bytes {self.where}, {self.expected} expected"
 
 
 Piece = bytes | memoryview
@@ -112,8 +132,12 @@ class BlobStore(Protocol):
         the sweep of those no session owns any more."""
         ...
 
-    def read(self, storage_key: str, start: int, end: int) -> AsyncIterator[bytes]:
-        """Stream bytes ``[start, end)`` of a committed blob; ``BlobMissing`` if it is gone."""
+    def read(self, storage_key: str, start: int, end: int, *,
+             size: int | None = None) -> AsyncIterator[bytes]:
+        """Stream bytes ``[start, end)`` of a committed blob; ``BlobMissing`` if it is gone.
+        With ``size`` (the recorded size), ``BlobDamaged`` before the first byte if the
+        stored blob has another size (a cheap look at its length; its bytes are not hashed).
+        """
         ...
 
     async def free_bytes(self) -> int | None:

@@ -39,7 +39,7 @@ import structlog
 
 from memvault.errors import InsufficientStorage, Unavailable
 from memvault.hashing import Sha256State
-from memvault.storage.base import BlobMissing, Digest, Piece, StagingGone
+from memvault.storage.base import BlobDamaged, BlobMissing, Digest, Piece, StagingGone
 from memvault.storage.descriptor import Descriptor, opened
 from memvault.storage.writeback import release_cache, start_writeback
 
@@ -388,13 +388,19 @@ class LocalBlobStore:
 
         return await asyncio.to_thread(scan)
 
-    async def read(self, storage_key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    async def read(self, storage_key: str, start: int, end: int, *,
+                   size: int | None = None) -> AsyncIterator[bytes]:
         path = self._blob(storage_key)
         try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+            fd, stored = await asyncio.to_thread(_open_sized, path)
         except FileNotFoundError as exc:
             raise BlobMissing(storage_key) from exc
         try:
+            # The size of the file opened (not of the path, which a collector may move):
+            # a file truncated or appended to would be served cut, or with bytes that are
+            # not the asset's, under a Content-Length promising the recorded size.
+            if size is not None and stored != size:
+                raise BlobDamaged(storage_key, stored, size, where="on disk")
             async for piece in _pread_pieces(fd, start, end - start):
                 yield piece
         finally:
@@ -536,6 +542,16 @@ def _blob_files_under(top: Path) -> list[tuple[str, int]]:
 
 def _blob_key(sha256: str) -> str:
     return f"blobs/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+
+def _open_sized(path: Path) -> tuple[int, int]:
+    """A descriptor to read ``path`` through, and the size of the file it opened."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fd, os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 async def _pread_pieces(fd: int, offset: int, length: int) -> AsyncIterator[bytes]:

@@ -43,7 +43,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from memvault.errors import Internal, Unavailable
 from memvault.hashing import Sha256State
-from memvault.storage.base import BlobMissing, StagedUnavailable, StagingGone
+from memvault.storage.base import BlobDamaged, BlobMissing, StagedUnavailable, StagingGone
 from memvault.storage.spool import Spool, SpooledPart
 
 if TYPE_CHECKING:
@@ -112,6 +112,13 @@ def _mapped(what: str) -> Iterator[None]:
         yield
     except _FAILURES as exc:
         raise _unavailable(what, exc) from exc
+
+
+def _whole_length(content_range: str | None) -> int | None:
+    """The object's length from a ranged GET's ``Content-Range: bytes a-b/N``; None if the
+    store did not say (``*``, or no header)."""
+    total = (content_range or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 def _split(staging_key: str) -> tuple[str, str]:
@@ -374,20 +381,25 @@ class S3BlobStore:
 
     # -- committed blobs -------------------------------------------------------------------
 
-    async def read(self, storage_key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    async def read(self, storage_key: str, start: int, end: int, *,
+                   size: int | None = None) -> AsyncIterator[bytes]:
         if not _NAME.match(storage_key):
             raise ValueError(f"bad blob key {storage_key!r}")
         target = self._object(storage_key)
         if start >= end:
-            if await self._object_size(target) is None:
+            stored = await self._object_size(target)
+            if stored is None:
                 raise BlobMissing(storage_key)
+            if size is not None and stored != size:
+                raise BlobDamaged(storage_key, stored, size, where="in the bucket")
             return
-        async for piece in self._get(target, start, end, blob=storage_key):
+        async for piece in self._get(target, start, end, blob=storage_key, size=size):
             yield piece
 
     async def _get(self, target: str, start: int, end: int, *, blob: str | None = None,
-                   staged: str | None = None) -> AsyncIterator[bytes]:
-        """Stream ``[start, end)`` of an object with a ranged GET."""
+                   staged: str | None = None, size: int | None = None) -> AsyncIterator[bytes]:
+        """Stream ``[start, end)`` of an object with a ranged GET; with ``size``, the
+        object's whole length (in the answer's Content-Range) must be that."""
         try:
             answer = await self.client.get_object(Bucket=self.location.bucket, Key=target,
                                                   Range=f"bytes={start}-{end - 1}")
@@ -396,9 +408,21 @@ class S3BlobStore:
                 if blob is not None:
                     raise BlobMissing(blob) from exc
                 raise StagedUnavailable(staged) from exc
+            if blob is not None and size is not None and _code(exc) == "InvalidRange":
+                # The range starts past the object's end: it is shorter than recorded.
+                stored = await self._object_size(target)
+                if stored is None:
+                    raise BlobMissing(blob) from exc
+                if stored != size:
+                    raise BlobDamaged(blob, stored, size, where="in the bucket") from exc
             raise _unavailable("read an object", exc) from exc
         except _FAILURES as exc:
             raise _unavailable("read an object", exc) from exc
+        if blob is not None and size is not None:
+            stored = _whole_length(answer.get("ContentRange"))
+            if stored is not None and stored != size:
+                answer["Body"].close()
+                raise BlobDamaged(blob, stored, size, where="in the bucket")
         seen = 0
         with _mapped("read an object"):
             async with answer["Body"] as body:

@@ -1,0 +1,106 @@
+"""Stored bytes that are not what was recorded, and a server that cannot write: each found by
+a failure-injection review, and each seen here through the real commands and servers.
+
+- ``memvault blobs check`` said "everything matches" over a blob file truncated or grown
+  behind the server's back; it now compares sizes, and ``--verify`` hashes every byte again.
+- GET/HEAD of such an asset answered 200 with the recorded Content-Length and cut the
+  body at the real end (a Range past it: a bare 500); now a 500 that says what is wrong,
+  before any byte.
+- ``/readyz`` said ready while no write could succeed (full volume, read-only database);
+  it now makes a write. A server does not start on a database it cannot write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memvault.storage.base import BlobDamaged
+from memvault.storage.s3 import S3BlobStore, S3Location, S3Options
+from tests.conftest import SMALL_CHUNKS, LiveServer
+from tests.helpers import Api, problem
+from tests.s3server import REGION, S3Server
+
+MiB = 1024 * 1024
+
+
+def _blob(data_dir: Path, data: bytes) -> Path:
+    sha = hashlib.sha256(data).hexdigest()
+    return data_dir / "blobs" / sha[:2] / sha[2:4] / sha
+
+
+def _check(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
+    return subprocess.run([sys.executable, "-m", "memvault", "blobs", "check", "--data",
+                           str(data_dir), *args], env=clean, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[LiveServer, Api]]:
+    server = LiveServer(tmp_path / "data", env={**SMALL_CHUNKS,
+                                                "MEMVAULT_DERIVATIVE_WORKERS": "0"})
+    server.start()
+    api = server.api()
+    try:
+        yield server, api
+    finally:
+        api.http.close()
+        server.kill()
+
+
+# -- reads --------------------------------------------------------------------------------
+
+
+def test_an_asset_whose_file_is_another_size_is_a_500_before_any_byte(
+        live: tuple[LiveServer, Api]) -> None:
+    server, api = live
+    data = os.urandom(3 * 256 * 1024 + 17)
+    memory = api.upload(api.capsule(), data)["memory_id"]
+    path = _blob(server.data_dir, data)
+    url = f"/v1/memories/{memory}/assets/original"
+
+    for damage, on_disk in [("truncated", len(data) // 2), ("grown", len(data) + 5)]:
+        path.write_bytes((data + b"extra")[:on_disk])
+        expected = (f"stored bytes of the original of memory {memory} are damaged: "
+                    f"{on_disk} bytes on disk, {len(data)} expected")
+        for headers in [{}, {"Range": f"bytes={len(data) - 10}-"}, {"Range": "bytes=0-9"}]:
+            body = problem(api.http.get(url, headers=headers), 500, "internal")
+            assert body["detail"].startswith(expected), (damage, headers, body)
+        head = api.http.head(url)
+        assert head.status_code == 500, damage
+        assert head.headers["content-type"].startswith("application/problem+json")
+
+    path.write_bytes(data)  # restored from a backup: served again
+    assert api.read(memory).content == data
+    assert api.http.head(url).status_code == 200
+    ranged = api.read(memory, Range=f"bytes={len(data) - 10}-")
+    assert (ranged.status_code, ranged.content) == (206, data[-10:])
+
+
+async def test_an_s3_object_of_another_size_is_damaged_not_served(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    """The S3 store checks the object's whole length (the ranged GET's Content-Range, or a
+    HEAD for an empty read) against the recorded size; nothing of it is read."""
+    store = S3BlobStore(S3Location(s3_server.new_bucket(), "integrity/"),
+                        S3Options(endpoint_url=s3_server.endpoint_url, region=REGION,
+                                  spool_dir=tmp_path / "spool", attempts=2))
+    await store.open()
+    try:
+        name = "ses_0123456789abcdef"
+        await store.client.put_object(Bucket=store.location.bucket, Key=f"integrity/{name}",
+                                      Body=b"x" * 100)
+        assert b"".join([p async for p in store.read(name, 0, 100, size=100)]) == b"x" * 100
+        for start, end in [(0, 10), (0, 0), (150, 199)]:
+            with pytest.raises(BlobDamaged) as caught:
+                async for _ in store.read(name, start, end, size=200):
+                    pass
+            assert caught.value.sizes == "100 bytes in the bucket, 200 expected"
+    finally:
+        await store.close()
