@@ -64,9 +64,10 @@ def test_a_backup_restored_with_the_blobs_names_every_file_and_nothing_more(
     restored.mkdir()
     shutil.copy(copy, restored / "memvault.db")
     shutil.copytree(data / "blobs", restored / "blobs")
-    done = _memvault("blobs", "check", "--data", str(restored), "--json")
+    done = _memvault("blobs", "check", "--data", str(restored), "--json", "--verify")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"files": 2, "in_use": 2, "registered": [], "missing": []}
+    assert json.loads(done.stdout) == {"files": 2, "in_use": 2, "registered": [], "missing": [],
+                                       "damaged": [], "verified": 2, "corrupt": []}
     for content in contents:
         sha = hashlib.sha256(content).hexdigest()
         assert (restored / "blobs" / sha[:2] / sha[2:4] / sha).read_bytes() == content

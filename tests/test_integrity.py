@@ -13,6 +13,7 @@ a failure-injection review, and each seen here through the real commands and ser
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,89 @@ async def test_an_s3_object_of_another_size_is_damaged_not_served(
             assert caught.value.sizes == "100 bytes in the bucket, 200 expected"
     finally:
         await store.close()
+
+
+# -- memvault blobs check ------------------------------------------------------------------
+
+
+def test_blobs_check_reports_files_of_another_size_and_verify_finds_changed_bytes(
+        live: tuple[LiveServer, Api]) -> None:
+    server, api = live
+    cap = api.capsule()
+    kept, short, long, flipped = (os.urandom(256 * 1024 + n) for n in (1, 2, 3, 4))
+    ids = {name: api.upload(cap, data)["memory_id"]
+           for name, data in [("kept", kept), ("short", short), ("long", long),
+                              ("flipped", flipped)]}
+    sha = {name: hashlib.sha256(data).hexdigest()
+           for name, data in [("kept", kept), ("short", short), ("long", long),
+                              ("flipped", flipped)]}
+
+    clean = _check(server.data_dir, "--verify")
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.splitlines() == ["4 blob files, 4 blobs in use",
+                                         "4 blobs read through and hashed again",
+                                         "everything matches"]
+
+    _blob(server.data_dir, short).write_bytes(short[:1000])
+    with _blob(server.data_dir, long).open("ab") as f:
+        f.write(b"appended")
+    changed = bytearray(flipped)
+    changed[12345] ^= 0x01
+    _blob(server.data_dir, flipped).write_bytes(bytes(changed))
+
+    damaged = [
+        {"sha256": sha["short"], "memory_id": ids["short"], "role": "original",
+         "stored_size": 1000, "size": len(short)},
+        {"sha256": sha["long"], "memory_id": ids["long"], "role": "original",
+         "stored_size": len(long) + 8, "size": len(long)},
+    ]
+    damaged.sort(key=lambda d: str(d["sha256"]))
+    done = _check(server.data_dir, "--json")
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout) == {
+        "files": 4, "in_use": 4, "registered": [], "missing": [], "damaged": damaged,
+        "verified": None, "corrupt": []}
+
+    done = _check(server.data_dir, "--json", "--verify")
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["damaged"] == damaged
+    assert report["verified"] == 2  # the two of the right size; the others are reported
+    assert report["corrupt"] == [{
+        "sha256": sha["flipped"], "memory_id": ids["flipped"], "role": "original",
+        "stored_sha256": hashlib.sha256(changed).hexdigest()}]
+
+    done = _check(server.data_dir, "--verify")
+    assert done.returncode == 1
+    assert "everything matches" not in done.stdout
+    assert (f"damaged: the original of memory {ids['short']} (blob {sha['short']}) has "
+            f"1000 bytes on disk, {len(short)} expected") in done.stderr
+    assert f"corrupt: the original of memory {ids['flipped']}" in done.stderr
+    assert ids["kept"] not in done.stderr
+
+
+def test_verify_streams_a_large_blob_in_flat_memory(tmp_path: Path) -> None:
+    """Reading every byte of a 256 MiB blob costs the check no more memory than not."""
+    server = LiveServer(tmp_path / "data", env={"MEMVAULT_DERIVATIVE_WORKERS": "0"})
+    server.start()
+    api = server.api()
+    try:
+        data = os.urandom(256 * MiB)
+        api.upload(api.capsule(), data)
+    finally:
+        api.http.close()
+        server.kill()
+    del data
+
+    def peak_kib(*args: str) -> int:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
+        proc = subprocess.Popen([sys.executable, "-m", "memvault", "blobs", "check", "--data",
+                                 str(server.data_dir), *args], env=clean,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0
+        return int(usage.ru_maxrss)
+
+    looked, verified = peak_kib(), peak_kib("--verify")
+    assert verified - looked < 32 * 1024, (looked, verified)

@@ -563,6 +563,7 @@ def test_blobs_check_command_reports_and_exits_1_on_missing_bytes(tmp_path: Path
         "files": 2, "in_use": 2, "registered": [hashlib.sha256(orphan).hexdigest()],
         "missing": [{"sha256": hashlib.sha256(lost).hexdigest(), "memory_id": lost_memory,
                      "role": "original"}],
+        "damaged": [], "verified": None, "corrupt": [],
     }
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1

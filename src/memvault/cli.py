@@ -205,11 +205,19 @@ def db_backup(
 
 
 @blobs_app.command("check")
-def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
+def blobs_check(
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="also read every blob through and check its SHA-256 (reads all "
+        "the stored bytes: as long as copying them)")] = False,
+) -> None:
     """Compare the blob files with the database, both ways (safe while servers run).
 
     Files no row names are registered as unused, and the reaper deletes them after an hour
-    unless an upload uses them first; assets whose file is gone are listed (exit code 1).
+    unless an upload uses them first. Assets whose file is gone, or is another size than
+    recorded (truncated, appended to), are listed; with --verify, so are those whose bytes
+    no longer have their SHA-256. Any of these: exit code 1.
     """
     import json
 
@@ -228,7 +236,7 @@ def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
     async def run() -> BlobCheck:
         db, services = await open_services(settings, SystemClock(), create=False)
         try:
-            return await services.uploads.sessions.placements.check()
+            return await services.uploads.sessions.placements.check(verify=verify)
         finally:
             await services.uploads.sessions.close()
             await close_blob_store(services.store)
@@ -237,11 +245,19 @@ def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
     report = _operator_command(run())
     missing = [{"sha256": sha, "memory_id": memory, "role": role}
                for sha, memory, role in report.missing]
+    damaged = [{"sha256": d.sha256, "memory_id": d.memory_id, "role": d.role,
+                "stored_size": d.stored, "size": d.size} for d in report.damaged]
+    corrupt = [{"sha256": c.sha256, "memory_id": c.memory_id, "role": c.role,
+                "stored_sha256": c.found} for c in report.corrupt]
     if as_json:
         typer.echo(json.dumps({"files": report.files, "in_use": report.in_use,
-                               "registered": report.registered, "missing": missing}))
+                               "registered": report.registered, "missing": missing,
+                               "damaged": damaged, "verified": report.verified,
+                               "corrupt": corrupt}))
     else:
         typer.echo(f"{report.files} blob files, {report.in_use} blobs in use")
+        if report.verified is not None:
+            typer.echo(f"{report.verified} blobs read through and hashed again")
         if report.registered:
             typer.echo(f"{len(report.registered)} files no row named are now registered as "
                        "unused; the reaper deletes them after an hour unless an upload uses "
@@ -251,9 +267,17 @@ def blobs_check(data: DataOpt = None, as_json: JsonOpt = False) -> None:
         for m in missing:
             typer.echo(f"missing: the {m['role']} of memory {m['memory_id']} "
                        f"(blob {m['sha256']}) has no file: upload it again", err=True)
-        if not report.registered and not missing:
+        for d in report.damaged:
+            typer.echo(f"damaged: the {d.role} of memory {d.memory_id} (blob {d.sha256}) has "
+                       f"{d.stored} bytes on disk, {d.size} expected: restore its file "
+                       "from a backup, or upload it again", err=True)
+        for c in report.corrupt:
+            typer.echo(f"corrupt: the {c.role} of memory {c.memory_id} (blob {c.sha256}) "
+                       f"holds other bytes (SHA-256 {c.found}): restore its file from a "
+                       "backup, or upload it again", err=True)
+        if not report.registered and report.intact:
             typer.echo("everything matches")
-    if missing:
+    if not report.intact:
         raise typer.Exit(1)
 
 

@@ -59,7 +59,7 @@ from memvault.metadata.blobs import (
     used_blobs,
 )
 from memvault.metadata.schema import upload_sessions
-from memvault.storage.base import BlobStore, ContentAddressed
+from memvault.storage.base import BlobMissing, BlobStore, ContentAddressed
 
 log = structlog.get_logger("memvault.placement")
 
@@ -87,6 +87,37 @@ class BlobCheck:
     unless an upload uses them first."""
     missing: list[tuple[str, str, str]] = field(default_factory=list)
     """``(sha256, memory_id, role)`` of assets whose bytes are not in the store."""
+    damaged: list[Damaged] = field(default_factory=list)
+    """Assets whose stored bytes are another size than recorded (truncated, appended to)."""
+    verified: int | None = None
+    """Blobs whose bytes were read and hashed again (``verify``); None when not asked."""
+    corrupt: list[Corrupt] = field(default_factory=list)
+    """Assets whose stored bytes, of the right size, no longer hash to their SHA-256."""
+
+    @property
+    def intact(self) -> bool:
+        """No asset lost, damaged or corrupt (files no row named are only a leak)."""
+        return not (self.missing or self.damaged or self.corrupt)
+
+
+@dataclass(frozen=True)
+class Damaged:
+    sha256: str
+    memory_id: str
+    role: str
+    stored: int
+    """Bytes in the store."""
+    size: int
+    """Bytes recorded (the asset's size)."""
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    sha256: str
+    memory_id: str
+    role: str
+    found: str
+    """SHA-256 of the bytes in the store."""
 
 
 def _pending_digests(conn: sa.Connection) -> dict[str, str]:
@@ -146,11 +177,13 @@ class Placements:
                 "the same content is being removed from storage at this moment; "
                 "retry in a second", retry_after=1, sha256=busy.sha256) from None
 
-    async def check(self, batch: int = 500) -> BlobCheck:
+    async def check(self, batch: int = 500, *, verify: bool = False) -> BlobCheck:
         """Compare the store with the rows, both ways (``memvault blobs check``). A file no
         row names is reserved like a placement, so the reaper collects it once unused for
-        ``grace``; an asset whose file is gone is reported. Safe while servers run: a finish
-        of the same content meanwhile only stamps the row again."""
+        ``grace``; an asset whose file is gone, or is another size than its row records, is
+        reported. With ``verify`` every blob in use of the right size is read through and
+        hashed again, and one whose bytes no longer have its SHA-256 is reported. Safe while
+        servers run: a finish of the same content meanwhile only stamps the row again."""
         report = BlobCheck()
         store = self.store
         if not isinstance(store, ContentAddressed):
@@ -175,16 +208,45 @@ class Placements:
                     except Unavailable:
                         continue  # a row appeared and is being collected: its collector's
                     report.registered.append(sha256)
+        verified = 0
         after = ""
         while rows := await self.db.query(functools.partial(used_blobs, after=after,
                                                             limit=batch)):
             after = rows[-1][0]
             report.in_use += len(rows)
-            gone = set(await store.missing_blobs([key for _, key in rows]))
-            shas = [sha for sha, key in rows if key in gone]
+            keys = [key for _, key, _ in rows]
+            sizes = await store.blob_sizes(keys)
+            gone = set(await store.missing_blobs([k for k in keys if k not in sizes]))
+            shas = [sha for sha, key, _ in rows if key in gone]
             if shas:
                 report.missing += await self.db.query(functools.partial(blob_users,
                                                                         shas=shas))
+            wrong = {sha: (sizes[key], size) for sha, key, size in rows
+                     if key in sizes and sizes[key] != size}
+            rehashed: dict[str, str] = {}
+            for sha, key, size in rows if verify else ():
+                if key not in sizes or sha in wrong:
+                    continue  # reported already
+                try:
+                    read, digest = await store.hash_blob(key)
+                except BlobMissing:
+                    continue  # collected since we looked (its row is no longer in use)
+                verified += 1
+                if read != size:
+                    wrong[sha] = (read, size)  # changed size since we looked
+                elif digest != sha:
+                    rehashed[sha] = digest
+            if wrong:
+                users = await self.db.query(functools.partial(blob_users, shas=list(wrong)))
+                report.damaged += [Damaged(sha, memory, role, *wrong[sha])
+                                   for sha, memory, role in users]
+            if rehashed:
+                users = await self.db.query(functools.partial(blob_users,
+                                                              shas=list(rehashed)))
+                report.corrupt += [Corrupt(sha, memory, role, rehashed[sha])
+                                   for sha, memory, role in users]
+        if verify:
+            report.verified = verified
         return report
 
     async def collect(self, limit: int = 100) -> int:

@@ -157,10 +157,10 @@ def named_blobs(conn: sa.Connection, shas: Sequence[str]) -> set[str]:
                .scalars())
 
 
-def used_blobs(conn: sa.Connection, after: str, limit: int) -> list[tuple[str, str]]:
-    """``(sha256, storage_key)`` of rows in use, in SHA-256 order after ``after``."""
-    return [(r.sha256, r.storage_key) for r in conn.execute(
-        sa.select(blobs.c.sha256, blobs.c.storage_key)
+def used_blobs(conn: sa.Connection, after: str, limit: int) -> list[tuple[str, str, int]]:
+    """``(sha256, storage_key, size)`` of rows in use, in SHA-256 order after ``after``."""
+    return [(r.sha256, r.storage_key, r.size) for r in conn.execute(
+        sa.select(blobs.c.sha256, blobs.c.storage_key, blobs.c.size)
         .where(blobs.c.refcount > 0, blobs.c.sha256 > after)
         .order_by(blobs.c.sha256).limit(limit)
     )]

@@ -221,6 +221,16 @@ class ContentAddressed(Protocol):
         """Those of ``storage_keys`` whose bytes are not there."""
         ...
 
+    async def blob_sizes(self, storage_keys: Sequence[str]) -> dict[str, int]:
+        """The stored size of each of ``storage_keys`` that is at its place (those that are
+        not are left out: ``missing_blobs`` tells which of them are lost)."""
+        ...
+
+    async def hash_blob(self, storage_key: str) -> tuple[int, str]:
+        """``(bytes read, SHA-256 hex)`` of a stored blob, read through once in pieces
+        (memory stays flat whatever its size); ``BlobMissing`` if it is gone."""
+        ...
+
 
 @runtime_checkable
 class PartLimits(Protocol):

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import mmap
 import os
 import re
@@ -341,6 +342,23 @@ class LocalBlobStore:
 
         return await asyncio.to_thread(missing)
 
+    async def blob_sizes(self, storage_keys: Sequence[str]) -> dict[str, int]:
+        def sizes() -> dict[str, int]:
+            found = {}
+            for key in storage_keys:
+                with contextlib.suppress(FileNotFoundError):
+                    found[key] = os.stat(self._blob(key)).st_size
+            return found
+
+        return await asyncio.to_thread(sizes)
+
+    async def hash_blob(self, storage_key: str) -> tuple[int, str]:
+        path = self._blob(storage_key)
+        try:
+            return await asyncio.to_thread(_hash_file, path)
+        except FileNotFoundError as exc:
+            raise BlobMissing(storage_key) from exc
+
     def _throw_away(self, path: Path) -> Path | None:
         """Move a file into trash/ (a rename: instant); the path to unlink later, or None if
         it was gone already."""
@@ -552,6 +570,21 @@ def _open_sized(path: Path) -> tuple[int, int]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    """Bytes read and SHA-256 of a file, through one reused buffer (flat memory)."""
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(_READ_PIECE))
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [view]):
+            digest.update(view[:n])
+            total += n
+    finally:
+        os.close(fd)
+    return total, digest.hexdigest()
 
 
 async def _pread_pieces(fd: int, offset: int, length: int) -> AsyncIterator[bytes]:
