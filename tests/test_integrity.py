@@ -12,14 +12,21 @@ a failure-injection review, and each seen here through the real commands and ser
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from memvault.storage.base import BlobDamaged
@@ -191,3 +198,178 @@ def test_verify_streams_a_large_blob_in_flat_memory(tmp_path: Path) -> None:
 
     looked, verified = peak_kib(), peak_kib("--verify")
     assert verified - looked < 32 * 1024, (looked, verified)
+
+
+# -- readiness and start-up ----------------------------------------------------------------
+
+
+def test_readyz_is_503_when_the_staging_folder_is_a_file(
+        live: tuple[LiveServer, Api]) -> None:
+    server, _ = live
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    staging = server.data_dir / "staging"
+    shutil.rmtree(staging)
+    staging.write_bytes(b"not a folder")
+    body = problem(httpx.get(f"{server.url}/readyz"), 503, "unavailable")
+    assert "staging" in body["checks"]["blobs"]
+    staging.unlink()
+    staging.mkdir()
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+
+
+def _own_small_volume(path: Path, size: str) -> None:
+    """In the child, before exec: a mount namespace of its own, with a tmpfs of ``size``
+    on ``path`` (a volume that can fill up, seen by no other process)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    if libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", 0,
+                  f"size={size},mode=0700".encode()) != 0:
+        raise OSError(ctypes.get_errno(), "mount tmpfs")
+
+
+def _can_mount() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    return subprocess.run([unshare, "-m", "sh", "-c",
+                           "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null"],
+                          capture_output=True, check=False).returncode == 0
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until its volume is full."""
+    with path.open("wb") as f:
+        for _ in range(1024):
+            try:
+                f.write(b"\0" * MiB)
+                f.flush()
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    return
+                raise
+    raise AssertionError(f"{path}'s volume did not fill up")
+
+
+def test_readyz_is_503_on_a_full_volume_though_every_folder_looks_writable(
+        tmp_path: Path) -> None:
+    """The server's data folder is a 16 MiB volume of its own, filled up from outside (via
+    /proc/PID/root, the server's view of the mounts). Every folder is still there and
+    writable by mode, which is all readiness used to look at."""
+    if not _can_mount():
+        pytest.skip("needs to mount a tmpfs in a mount namespace of its own "
+                    "(root, or CAP_SYS_ADMIN)")
+    data = tmp_path / "data"
+    data.mkdir()
+    server = LiveServer(data, env={"MEMVAULT_DERIVATIVE_WORKERS": "0",
+                                   "MEMVAULT_STORAGE_RESERVE": "0"},
+                        preexec=lambda: _own_small_volume(data, "16m"))
+    server.start()
+    try:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        seen = Path(f"/proc/{server.pid}/root") / str(data).lstrip("/")
+        assert (seen / "memvault.db").exists()
+        assert not (data / "memvault.db").exists()  # the volume is the server's alone
+        filler = seen / "filler"
+        _fill(filler)
+        time.sleep(1.1)  # the last probe's outcome is kept for a second
+        body = problem(httpx.get(f"{server.url}/readyz"), 503, "unavailable")
+        assert body["checks"]["blobs"].startswith("not writable: "), body
+        assert "No space left on device" in body["checks"]["blobs"]
+        assert not [p for p in (seen / "staging").iterdir()]  # no probe file left behind
+
+        filler.unlink()
+        time.sleep(1.1)
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+    finally:
+        server.kill()
+
+
+def test_readyz_is_503_when_postgresql_takes_no_writes(postgres_url: str,
+                                                       tmp_path: Path) -> None:
+    """A database that answers reads but refuses writes (here: default read-only
+    transactions, as on a standby a failover left the servers pointed at)."""
+    import asyncio
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    name = url.database
+    admin_url = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False)
+
+    async def admin(*sql: str) -> None:
+        conn = await asyncpg.connect(admin_url, timeout=5)
+        try:
+            for statement in sql:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    terminate = (f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+    server = LiveServer(tmp_path / "data", env={
+        "MEMVAULT_DATABASE_URL": postgres_url, "MEMVAULT_AUTO_MIGRATE": "true",
+        "MEMVAULT_DERIVATIVE_WORKERS": "0"})
+    server.start()
+    try:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        asyncio.run(admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on',
+                          terminate))
+        time.sleep(1.1)
+        deadline = time.monotonic() + 10
+        while True:  # the pool's connections were cut: the first poll may see that
+            r = httpx.get(f"{server.url}/readyz")
+            if r.status_code == 503 and "not writable" in r.json()["checks"]["metadata"]:
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.3)
+        assert "read-only transaction" in r.json()["checks"]["metadata"]
+        assert r.json()["checks"]["blobs"] == "ok"
+
+        asyncio.run(admin(f'ALTER DATABASE "{name}" RESET default_transaction_read_only',
+                          terminate))
+        time.sleep(1.1)
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{server.url}/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.3)
+    finally:
+        server.kill()
+
+
+def _without_dac_override(argv: list[str]) -> list[str]:
+    """``argv`` subject to file modes even when run as root (tests run as root in CI)."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux) to drop DAC override")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+def test_a_read_only_database_file_is_refused_at_start_in_one_sentence(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
+    memvault = [sys.executable, "-m", "memvault"]
+    subprocess.run([*memvault, "db", "upgrade", "--data", str(data)], env=clean, check=True,
+                   capture_output=True, timeout=120)
+    (data / "memvault.db").chmod(0o444)  # the folder stays writable
+    for command in (["serve", "--port", "0"], ["worker", "--processes", "1"]):
+        done = subprocess.run(_without_dac_override([*memvault, *command, "--data",
+                                                     str(data)]),
+                              env=clean, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 2, (command, done.stderr)
+        assert "Traceback" not in done.stderr
+        lines: list[Any] = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0] == (f"memvault: cannot use the database at sqlite:///{data}/memvault.db"
+                            ": attempt to write a readonly database"), command

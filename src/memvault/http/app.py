@@ -23,7 +23,13 @@ from memvault.http.head import HeadAsGet
 from memvault.http.limits import JsonBodyLimit
 from memvault.jobs.queue import JobQueue
 from memvault.metadata import Database
-from memvault.metadata.migrate import SchemaTooNew, current_revision, schema_state, upgrade
+from memvault.metadata.migrate import (
+    SchemaTooNew,
+    current_revision,
+    probe_write,
+    schema_state,
+    upgrade,
+)
 from memvault.metrics import Metrics
 from memvault.sessions.handoff import FrontierListener
 from memvault.settings import Settings, redact
@@ -141,6 +147,13 @@ async def preflight(settings: Settings, *, create: bool = True) -> None:
     db, services = await open_services(settings, SystemClock(), create=create)
     try:
         await services.store.check()
+        try:
+            # Reads pass on a database SQLite opened read-only (a file of mode 444, or
+            # another user's): a server that cannot record one upload must not start.
+            await probe_write(db)
+        except (OSError, SQLAlchemyError, Unavailable) as exc:
+            cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ else exc
+            raise DatabaseUnusable(settings.resolved_database_url, cause) from exc
     finally:
         await services.uploads.sessions.close()
         await close_blob_store(services.store)

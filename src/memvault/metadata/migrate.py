@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -108,3 +109,20 @@ async def schema_state(db: Database) -> Literal["current", "behind", "ahead"]:
 
 async def is_current(db: Database) -> bool:
     return await schema_state(db) == "current"
+
+
+_TOUCH_VERSION = sa.text("UPDATE alembic_version SET version_num = version_num")
+
+
+async def probe_write(db: Database) -> None:
+    """Commit a real write, which changes nothing and grows nothing: the one row of the
+    schema's version table set to itself. Raises what the database raises when it takes no
+    writes (an SQLite file opened read-only, a full or read-only volume, a PostgreSQL
+    standby or a ``default_transaction_read_only`` database), which reading cannot show.
+    On PostgreSQL it waits at most a second for the row's lock (held by a migration)."""
+    def touch(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SET LOCAL lock_timeout = '1s'"))
+        conn.execute(_TOUCH_VERSION)
+
+    await db.transact(touch)

@@ -183,6 +183,18 @@ class LocalPaths(Protocol):
 
 
 @runtime_checkable
+class WriteProbe(Protocol):
+    """Optional capability: the store can show it takes writes by making one (a file in the
+    local staging folder): ``check`` only looks, and a full or read-only volume, or a folder
+    the server may open but not write in, passes a look (readiness, cached briefly)."""
+
+    async def probe_write(self) -> None:
+        """Raise ``OSError`` unless a small file can be written, synced and removed where
+        uploads are staged."""
+        ...
+
+
+@runtime_checkable
 class LossWitness(Protocol):
     """Optional capability: the store can tell for certain that a staging area is gone for
     good (S3: the multipart upload no longer exists and was not completed into its object,

@@ -467,10 +467,32 @@ class LocalBlobStore:
 
         await asyncio.to_thread(probe)
 
+    async def probe_write(self) -> None:
+        """Write, sync and remove a 4 KiB file in staging/ (a block's worth: a full volume
+        refuses it even where an empty file would still get an inode). No session owns its
+        name, so one a crash leaves is thrown away by the sweep of staging areas."""
+        def probe() -> None:
+            path = self._staging / f"{_PROBE_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                try:
+                    os.write(fd, _PROBE_BYTES)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+        await asyncio.to_thread(probe)
+
     def blob_path(self, storage_key: str) -> Path:
         """Local-only capability: the file behind a blob (for zero-copy serving)."""
         return self._blob(storage_key)
 
+
+_PROBE_PREFIX = "readyz-probe."
+_PROBE_BYTES = b"\0" * 4096
 
 _FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD locks)
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
