@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -90,3 +93,14 @@ def mint_token(server: Any, name: str) -> str:
         check=True, capture_output=True, text=True,
     )
     return out.stdout.strip().splitlines()[-1].strip()
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` subject to file modes even when run as root (tests run as root in CI): without
+    root's right to read or write any file or folder."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux) to drop DAC override")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]

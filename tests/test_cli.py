@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import pty
-import shutil
 import signal
 import stat
 import subprocess
@@ -27,7 +26,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SMALL_CHUNKS, LiveServer
-from tests.helpers import Api, mint_token
+from tests.helpers import Api, mint_token, unprivileged
 
 MiB = 1024 * 1024
 
@@ -509,16 +508,6 @@ def test_admin_sessions_needs_an_admin(cli: Cli) -> None:
     assert cli.json("admin", "sessions") == []
 
 
-def _unprivileged(argv: list[str]) -> list[str]:
-    """``argv`` without root's right to read any folder (tests run as root in CI)."""
-    if os.geteuid() != 0:
-        return argv
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv (util-linux) to drop DAC override")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
-
-
 def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
         cli: Cli, tmp_path: Path) -> None:
     cli.login()
@@ -534,7 +523,7 @@ def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
     try:
         args = ["upload", str(folder), str(pipe), str(empty), "--capsule", "cli-odd",
                 "--create"]
-        done = subprocess.run(_unprivileged(cli.argv(*args)), env=cli.env(),
+        done = subprocess.run(unprivileged(cli.argv(*args)), env=cli.env(),
                               capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 1, done.stderr
         assert ("2023: permission_denied: Permission denied — check that you may read it"
@@ -544,7 +533,7 @@ def test_unreadable_folders_and_odd_paths_fail_the_run_and_say_so(
         assert "no files to upload in" in done.stderr
         assert done.stdout.strip().endswith("1 uploaded, 0 already present, 2 failed "
                                             "(capsule 'cli-odd', created by this run)")
-        done = subprocess.run(_unprivileged(cli.argv(*args, "--json")), env=cli.env(),
+        done = subprocess.run(unprivileged(cli.argv(*args, "--json")), env=cli.env(),
                               capture_output=True, text=True, timeout=300, check=False)
         report = json.loads(done.stdout)
         assert report["failed"] == 2

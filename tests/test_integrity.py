@@ -32,7 +32,7 @@ import pytest
 from memvault.storage.base import BlobDamaged
 from memvault.storage.s3 import S3BlobStore, S3Location, S3Options
 from tests.conftest import SMALL_CHUNKS, LiveServer
-from tests.helpers import Api, problem
+from tests.helpers import Api, problem, unprivileged
 from tests.s3server import REGION, S3Server
 
 MiB = 1024 * 1024
@@ -345,16 +345,6 @@ def test_readyz_is_503_when_postgresql_takes_no_writes(postgres_url: str,
         server.kill()
 
 
-def _without_dac_override(argv: list[str]) -> list[str]:
-    """``argv`` subject to file modes even when run as root (tests run as root in CI)."""
-    if os.geteuid() != 0:
-        return argv
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv (util-linux) to drop DAC override")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
-
-
 def test_a_read_only_database_file_is_refused_at_start_in_one_sentence(tmp_path: Path) -> None:
     data = tmp_path / "d"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMVAULT_")}
@@ -363,7 +353,7 @@ def test_a_read_only_database_file_is_refused_at_start_in_one_sentence(tmp_path:
                    capture_output=True, timeout=120)
     (data / "memvault.db").chmod(0o444)  # the folder stays writable
     for command in (["serve", "--port", "0"], ["worker", "--processes", "1"]):
-        done = subprocess.run(_without_dac_override([*memvault, *command, "--data",
+        done = subprocess.run(unprivileged([*memvault, *command, "--data",
                                                      str(data)]),
                               env=clean, capture_output=True, text=True, timeout=120,
                               check=False)

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 
-from memvault.errors import Unavailable
+from memvault.errors import InsufficientStorage, Unavailable
 from memvault.http.deps import Admin, Svc
 from memvault.http.schemas import SessionList, session_out
 from memvault.metadata.migrate import is_current, probe_write
@@ -40,14 +40,15 @@ class WriteProbes:
             try:
                 await probe()
                 result = "ok"
-            except (sa.exc.SQLAlchemyError, OSError, Unavailable) as exc:
+            except (sa.exc.SQLAlchemyError, OSError, Unavailable, InsufficientStorage) as exc:
                 result = f"not writable: {_cause(exc)}"
             self._seen[name] = (time.monotonic(), result)
             return result
 
 
 def _cause(exc: BaseException) -> str:
-    cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ else exc
+    cause = exc.__cause__ if isinstance(exc, Unavailable | InsufficientStorage) \
+        and exc.__cause__ else exc
     if isinstance(cause, sa.exc.DBAPIError) and cause.orig is not None:
         cause = cause.orig  # the driver's own words, without SQLAlchemy's statement dump
     lines = str(cause).splitlines()

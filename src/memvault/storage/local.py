@@ -277,10 +277,14 @@ class LocalBlobStore:
         _fsync_dir(target.parent)
         return previous
 
+    def _trashed(self, path: Path) -> Path:
+        """A fresh name in trash/ for ``path`` (the sweep unlinks what a crash leaves)."""
+        return self._trash / f"{path.name}.{secrets.token_hex(4)}"
+
     def _second_link(self, path: Path) -> Path | None:
         """A link to ``path`` in trash/ (None if there is no such file, or the link cannot
         be made: then the rename over it frees its blocks itself)."""
-        doomed = self._trash / f"{path.name}.{secrets.token_hex(4)}"
+        doomed = self._trashed(path)
         try:
             os.link(path, doomed)
         except OSError:
@@ -362,7 +366,7 @@ class LocalBlobStore:
     def _throw_away(self, path: Path) -> Path | None:
         """Move a file into trash/ (a rename: instant); the path to unlink later, or None if
         it was gone already."""
-        doomed = self._trash / f"{path.name}.{secrets.token_hex(4)}"
+        doomed = self._trashed(path)
         try:
             os.replace(path, doomed)
         except FileNotFoundError:
