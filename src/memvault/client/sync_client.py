@@ -173,7 +173,7 @@ def _blocking_iter(
 
 
 class Client:
-    """The blocking client: ``Client(url, token, **options)`` takes ``AsyncClient``'s options
+    """The blocking client: ``Client(url, token, ...)`` takes ``AsyncClient``'s parameters
     and has its methods, each returning its result instead of a coroutine.
 
     >>> with Client("http://127.0.0.1:8080", token) as mv:  # doctest: +SKIP
