@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import signal
@@ -37,6 +36,7 @@ from memvault.client.download import target_path
 from memvault.client.lanes import DERIVED_ROLES
 from memvault.commands import config, output
 from memvault.commands.messages import local_code, sentence
+from memvault.filedigest import file_sha256
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
 ROLES = ("original", *DERIVED_ROLES)
@@ -321,11 +321,7 @@ def _holds(path: Path, size: int, sha256: str) -> bool:
     """Whether ``path`` is a file of exactly these bytes."""
     if not path.is_file() or path.stat().st_size != size:
         return False
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while piece := f.read(1 << 20):
-            digest.update(piece)
-    return digest.hexdigest() == sha256
+    return file_sha256(path) == (size, sha256)
 
 
 def _got(path: Path, asset: Asset, as_json: bool, *, kept: bool) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from memvault.client.state import StateStore
 from memvault.commands import output
 from memvault.commands.library import FAILED, run
 from memvault.commands.messages import NotARegularFile, local_code, sentence
+from memvault.filedigest import file_sha256
 
 _READ = 4 * 1024 * 1024
 
@@ -299,7 +299,7 @@ class _Run:
         known = self.mv.state.load_hash(key)
         if known is not None:
             return known
-        digest = await asyncio.to_thread(_hash_file, path)
+        digest = (await asyncio.to_thread(file_sha256, path, _READ))[1]
         self.mv.state.save_hash(key, digest)
         return digest
 
@@ -359,14 +359,6 @@ def _error(error: BaseException, lane: str, url: str) -> dict[str, str]:
     code = error.code if isinstance(error, MemvaultError) else local_code(error)
     detail = error.detail if isinstance(error, MemvaultError) else str(error)
     return {"lane": lane, "code": code, "detail": detail, "message": sentence(error, url=url)}
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as f:
-        while block := f.read(_READ):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _short(path: Path) -> str:

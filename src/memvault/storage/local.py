@@ -24,7 +24,6 @@ import contextlib
 import errno
 import fcntl
 import functools
-import hashlib
 import mmap
 import os
 import re
@@ -39,6 +38,7 @@ from typing import Any
 import structlog
 
 from memvault.errors import InsufficientStorage, Unavailable
+from memvault.filedigest import file_sha256
 from memvault.hashing import Sha256State
 from memvault.storage.base import BlobDamaged, BlobMissing, Digest, Piece, StagingGone
 from memvault.storage.descriptor import Descriptor, opened
@@ -359,7 +359,7 @@ class LocalBlobStore:
     async def hash_blob(self, storage_key: str) -> tuple[int, str]:
         path = self._blob(storage_key)
         try:
-            return await asyncio.to_thread(_hash_file, path)
+            return await asyncio.to_thread(file_sha256, path, _READ_PIECE)
         except FileNotFoundError as exc:
             raise BlobMissing(storage_key) from exc
 
@@ -596,21 +596,6 @@ def _open_sized(path: Path) -> tuple[int, int]:
     except BaseException:
         os.close(fd)
         raise
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    """Bytes read and SHA-256 of a file, through one reused buffer (flat memory)."""
-    digest = hashlib.sha256()
-    view = memoryview(bytearray(_READ_PIECE))
-    total = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while n := os.readv(fd, [view]):
-            digest.update(view[:n])
-            total += n
-    finally:
-        os.close(fd)
-    return total, digest.hexdigest()
 
 
 async def _pread_pieces(fd: int, offset: int, length: int) -> AsyncIterator[bytes]:
