@@ -16,7 +16,7 @@ from memvault.admission import TransferSlots
 from memvault.auth import AuthService
 from memvault.capsules import CapsuleService
 from memvault.clock import Clock, SystemClock
-from memvault.errors import Conflict, Unavailable
+from memvault.errors import Conflict, InsufficientStorage, Unavailable
 from memvault.http import asset_routes, library_routes, ops_routes, problems, upload_routes
 from memvault.http.deps import Services
 from memvault.http.head import HeadAsGet
@@ -151,8 +151,10 @@ async def preflight(settings: Settings, *, create: bool = True) -> None:
             # Reads pass on a database SQLite opened read-only (a file of mode 444, or
             # another user's): a server that cannot record one upload must not start.
             await probe_write(db)
-        except (OSError, SQLAlchemyError, Unavailable) as exc:
-            cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ else exc
+        except (OSError, SQLAlchemyError, Unavailable, InsufficientStorage) as exc:
+            # (A full database is a 507 to a request; at start, a reason not to.)
+            typed = isinstance(exc, Unavailable | InsufficientStorage)
+            cause = exc.__cause__ if typed and exc.__cause__ else exc
             raise DatabaseUnusable(settings.resolved_database_url, cause) from exc
     finally:
         await services.uploads.sessions.close()
