@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
+import json
 import os
 import secrets
 import shutil
@@ -1236,6 +1238,49 @@ def test_500_when_the_blob_behind_an_asset_is_gone(api: Api, server: LiveServer)
     other = os.urandom(CHUNK + 1)
     again = api.upload(cap, other)
     assert api.read(again["memory_id"]).content == other
+
+
+def test_500_from_an_unforeseen_failure_keeps_the_connection(api: Api,
+                                                             server: LiveServer) -> None:
+    """An exception no handler names (here ELOOP opening a blob made a symlink to itself) is
+    the same problem document, logged once, and the keep-alive connection goes on serving:
+    Starlette's last-resort handler re-raised after answering, and uvicorn then closed the
+    connection without a ``Connection: close``, so the next request on it failed."""
+    cap = api.capsule()
+    data = os.urandom(CHUNK + 3)
+    mem = api.upload(cap, data)["memory_id"]
+    digest = sha(data)
+    blob = server.data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+    blob.unlink()
+    blob.symlink_to(blob.name)
+
+    # http.client, not httpx: httpx would quietly open a new connection for a closed one.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    auth = {"Authorization": f"Bearer {server.token}"}
+
+    def get(path: str) -> tuple[int, dict[str, str], bytes]:
+        conn.request("GET", path, headers=auth)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+    try:
+        status, headers, content = get(f"/v1/memories/{mem}/assets/original")
+        assert status == 500
+        assert headers["content-type"] == "application/problem+json"
+        assert json.loads(content)["code"] == "internal"
+        assert json.loads(content)["detail"] == "internal error; the server log has the details"
+        sock = conn.sock
+        # The same connection serves the next requests.
+        assert get("/healthz")[0] == 200
+        assert get(f"/v1/memories/{mem}")[0] == 200
+        assert get(f"/v1/memories/{mem}/assets/original")[0] == 500
+        assert get("/healthz")[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+    log = server.log_path.read_text()
+    assert log.count('"event": "request.failed"') == 2, log[-3000:]
+    assert "Exception in ASGI application" not in log
 
 
 # -- 503 unavailable -------------------------------------------------------------------------

@@ -227,9 +227,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     )
     metrics = Metrics()
     app.state.metrics = metrics
-    problems.install(app)
     app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(HeadAsGet)
+    problems.install(app)
     app.include_router(library_routes.router)
     app.include_router(upload_routes.router)
     app.include_router(asset_routes.router)

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memvault.errors import Internal, InvalidArgument, MemvaultError, MethodNotAllowed, NotFound
 
@@ -106,6 +107,40 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return problem_response(Internal("internal error; the server log has the details"))
 
 
+class LastResort:
+    """An exception nothing else handled becomes a 500 problem here, and the connection lives.
+
+    Registered as a handler for ``Exception``, Starlette's ``ServerErrorMiddleware`` answers
+    and then re-raises, and uvicorn, seeing an exception after the answer began, closes the
+    connection without having said ``Connection: close``: a client's next request on it
+    fails with a dropped connection. Outermost of the app's own middleware, this answers and
+    returns. Once an answer has begun (an asset body cut short) it re-raises: closing the
+    connection is the only way left to tell the client the body is incomplete.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 _PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
     "description": "RFC 9457 problem details; clients switch on `code`, and the other "
@@ -162,9 +197,11 @@ def document(app: FastAPI) -> None:
 
 
 def install(app: FastAPI) -> None:
+    """The handlers; call after adding the app's other middleware (``LastResort`` goes
+    outside them, so it sees what they raise too)."""
     document(app)
     app.add_exception_handler(MemvaultError, _memvault_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(LastResort)
