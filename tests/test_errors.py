@@ -1278,6 +1278,7 @@ def test_500_from_an_unforeseen_failure_keeps_the_connection(api: Api,
         assert conn.sock is sock
     finally:
         conn.close()
+    assert server.log_path is not None
     log = server.log_path.read_text()
     assert log.count('"event": "request.failed"') == 2, log[-3000:]
     assert "Exception in ASGI application" not in log
@@ -1286,36 +1287,46 @@ def test_500_from_an_unforeseen_failure_keeps_the_connection(api: Api,
 # -- 503 unavailable -------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def chunk0_standing_still(srv: LiveServer, api: Api, data: bytes, first: int
+                          ) -> Iterator[tuple[dict[str, Any], list[httpx.Response | Exception]]]:
+    """A session for ``data`` whose chunk 0 is being sent by another client, which sent
+    ``first`` bytes and then stood still (its network went quiet, its connection open)
+    until the block ends; yields the session and, once the block is over, that PUT's
+    outcome."""
+    s = api.session(api.capsule(), len(data))
+    body = piece(s, data, 0)
+    release = threading.Event()
+    outcome: list[httpx.Response | Exception] = []
+
+    def stalled_body() -> Iterator[bytes]:
+        yield body[:first]
+        release.wait(60)
+        yield body[first:]
+
+    def send() -> None:
+        with raw_client(srv, {"Authorization": f"Bearer {srv.token}"}) as h:
+            try:
+                outcome.append(h.put(f"/v1/uploads/{s['id']}/chunks/0", content=stalled_body(),
+                                     headers={"Content-Length": str(len(body))}))
+            except httpx.HTTPError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the stalled request holds chunk 0 now
+        yield s, outcome
+    finally:
+        release.set()
+        thread.join(60)
+
+
 def test_503_when_a_concurrent_transfer_of_the_same_chunk_fails(slow_server: LiveServer) -> None:
     with client(slow_server) as api:
-        cap = api.capsule()
         data = os.urandom(2 * CHUNK + 1)
-        s = api.session(cap, len(data))
-        chunk0 = piece(s, data, 0)
-        release = threading.Event()
-        stalled: list[httpx.Response | Exception] = []
-
-        def slow_body() -> Iterator[bytes]:
-            yield chunk0[:1000]
-            release.wait(30)
-            yield chunk0[1000:]
-
-        def slow_put() -> None:
-            with raw_client(slow_server, {"Authorization": f"Bearer {slow_server.token}"}) as h:
-                try:
-                    stalled.append(h.put(f"/v1/uploads/{s['id']}/chunks/0", content=slow_body(),
-                                         headers={"Content-Length": str(len(chunk0))}))
-                except httpx.HTTPError as exc:
-                    stalled.append(exc)
-
-        writer = threading.Thread(target=slow_put)
-        writer.start()
-        try:
-            time.sleep(0.5)  # the slow request now holds chunk 0
+        with chunk0_standing_still(slow_server, api, data, 1000) as (s, _):
             r = api.put(s, 0, data)
-        finally:
-            release.set()
-            writer.join(60)
         body = problem(r, 503, "unavailable")
         assert int(r.headers["retry-after"]) >= 1
         assert "send it again" in body["detail"] or "still being written" in body["detail"]
@@ -1323,6 +1334,59 @@ def test_503_when_a_concurrent_transfer_of_the_same_chunk_fails(slow_server: Liv
         # The retry the 503 asks for succeeds, and the upload completes.
         again = api.put(s, 0, data)
         assert again.status_code == 200, again.text
+        complete(api, s, data)
+
+
+@pytest.fixture(scope="module")
+def short_lease_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # No slow-body rate: only the claim's lease can free a chunk whose body stands still.
+    with dedicated(tmp_path_factory, "lease", MEMVAULT_CLAIM_LEASE="1.5",
+                   MEMVAULT_MIN_TRANSFER_RATE="0") as srv:
+        yield srv
+
+
+def test_a_retry_takes_over_a_chunk_whose_body_stood_still(
+    short_lease_server: LiveServer,
+) -> None:
+    """A body that stops arriving stops renewing its claim: after one lease a retry of the
+    chunk gets 503 with Retry-After, and the retry after that takes the chunk over (the
+    stalled transfer lets go of it). Before, the holder renewed its claim for as long as its
+    request lived, up to the slow-body deadline or MEMVAULT_CHUNK_TIMEOUT (minutes), and
+    every retry waited that long."""
+    srv = short_lease_server
+    with client(srv) as api:
+        data = os.urandom(2 * CHUNK + 1)
+        with chunk0_standing_still(srv, api, data, CHUNK // 2) as (s, outcome):
+            answers = []
+            with raw_client(srv, {"Authorization": f"Bearer {srv.token}"}) as h:
+                h.timeout = httpx.Timeout(30)  # without the fix: a ReadTimeout here
+                for _ in range(20):
+                    r = h.put(f"/v1/uploads/{s['id']}/chunks/0", content=piece(s, data, 0))
+                    answers.append(r)
+                    if r.status_code != 503:
+                        break
+                    assert problem(r, 503, "unavailable")
+                    time.sleep(float(r.headers["retry-after"]) / 4)
+            assert answers[-1].status_code == 200, [a.text for a in answers]
+            assert status_of(api, s["id"])["received"] == [0]
+        # The stalled request, if its client still hears, was told it lost the chunk.
+        assert len(outcome) == 1
+        if isinstance(outcome[0], httpx.Response):
+            assert problem(outcome[0], 503, "unavailable")
+            assert "taken over" in outcome[0].json()["detail"]
+        complete(api, s, data)
+
+
+def test_a_body_that_pauses_longer_than_a_lease_still_counts_if_nobody_took_over(
+    short_lease_server: LiveServer,
+) -> None:
+    with client(short_lease_server) as api:
+        data = os.urandom(CHUNK + 1)
+        with chunk0_standing_still(short_lease_server, api, data, CHUNK // 2) as (s, outcome):
+            time.sleep(3 * 1.5)  # three leases without a byte
+        assert isinstance(outcome[0], httpx.Response), outcome
+        assert outcome[0].status_code == 200, outcome[0].text
+        assert status_of(api, s["id"])["received"] == [0]
         complete(api, s, data)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable
 from random import Random
 from typing import Any
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from memvault.errors import Conflict, MemvaultError, NotFound, ResourceExhausted, Unavailable
 from memvault.metadata.schema import blobs, memories
 from memvault.sessions import ChunkChecksums, FinishItem
+from memvault.sessions.streaming import ChunkDigests
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
 
 ROUNDS = 5
@@ -129,18 +131,18 @@ async def _second_chunk_finished_and_read(ip: InProcess, session_id: str,
     return await ip.read_asset(memory.assets["original"].storage_key, len(data))
 
 
-async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
+async def test_a_writer_whose_body_stands_still_loses_its_chunk_to_a_retry(
     database_url: str | None,
 ) -> None:
-    """A chunk's writer stands still for longer than its claim's lease (a paused process, a
-    write stuck on the disk) without dying. The same chunk sent again must not take it over
-    and write, for the first writer's late bytes would then land on the second's after they
-    were hashed (found by review: the blob no longer matched its name). The second is told
-    to send again (503); the first keeps its claim, goes on, and its bytes are the ones
-    counted, hashed and committed."""
+    """A chunk's body stops arriving (the client's network went quiet, its connection
+    still open) for longer than the claim's lease. The same chunk sent again takes it over:
+    the stalled writer, seeing its claim gone, is cut short and lets go of the range's lock,
+    and only then does the taker write. The taker's bytes are the ones counted, hashed and
+    committed; the stalled one is told it lost the chunk (503). (Found by review: the stalled
+    writer renewed its claim for minutes, and every retry waited.)"""
     data = os.urandom(2 * CHUNK)
-    first, second = data[:CHUNK], os.urandom(CHUNK)  # what the late writer and the taker send
-    async with inprocess(database_url=database_url) as ip:
+    first, second = data[:CHUNK], os.urandom(CHUNK)  # what the stalled writer and the taker send
+    async with inprocess(database_url=database_url, claim_lease=2.0) as ip:
         session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "late"))
         half, go_on = asyncio.Event(), asyncio.Event()
 
@@ -153,17 +155,55 @@ async def test_a_writer_past_its_lease_but_alive_keeps_its_chunk(
         late = asyncio.create_task(ip.uploads.put_chunk(
             ip.caller, session.id, 0, CHUNK, stalling(), ChunkChecksums()))
         await half.wait()  # it holds the claim and the range's lock, and stands still
-        # (before its first batch: the taker is refused by the lock, whatever the writer's
-        # descriptor has or has not written yet)
-        before = [(p["claim"], p["claimed_at"]) for p in await ip.part_rows()]
+        ip.clock.advance(ip.settings.claim_lease + 1)
+        taken = await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                           pieces(second, Random(1)), ChunkChecksums())
+        assert not taken.duplicate
+        with pytest.raises(Unavailable, match="taken over"):
+            await late
+        go_on.set()
+        whole = second + data[CHUNK:]
+        assert await _second_chunk_finished_and_read(ip, session.id, whole) == whole
+
+
+async def test_a_writer_stuck_in_a_write_keeps_the_range_from_a_taker(
+    database_url: str | None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk's writer is stuck inside a write (a disk that stopped answering) for longer
+    than its claim's lease, alive. A retry of the chunk must not write while that write
+    runs, for the late bytes would land on the taker's after they were hashed (found by
+    review: the blob no longer matched its name). The taker waits a lease for the range's
+    lock, gives the claim back and is told to send again (503); once the write returns, the
+    chunk sent again is written, and what is committed is exactly what was sent last."""
+    data = os.urandom(2 * CHUNK)
+    async with inprocess(database_url=database_url, claim_lease=1.0) as ip:
+        session, _ = await ip.uploads.begin(ip.caller, ip.begin_request(len(data), "stuck"))
+        in_write, disk_back = threading.Event(), threading.Event()
+        update = ChunkDigests.update
+
+        def stuck_once(self: ChunkDigests, batch: Any) -> None:
+            # Runs in the write's worker thread, right after the bytes went to the file.
+            if not in_write.is_set():
+                in_write.set()
+                disk_back.wait(30)
+            update(self, batch)
+
+        monkeypatch.setattr(ChunkDigests, "update", stuck_once)
+        late = asyncio.create_task(ip.uploads.put_chunk(
+            ip.caller, session.id, 0, CHUNK, pieces(os.urandom(CHUNK), Random(0)),
+            ChunkChecksums()))
+        await asyncio.to_thread(in_write.wait, 30)
         ip.clock.advance(ip.settings.claim_lease + 1)
         with pytest.raises(Unavailable):
             await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
-                                       pieces(second, Random(1)), ChunkChecksums())
-        assert [(p["claim"], p["claimed_at"]) for p in await ip.part_rows()] == before, (
-            "the claim was not given back")
-        go_on.set()
-        assert not (await late).duplicate
+                                       pieces(data[:CHUNK], Random(1)), ChunkChecksums())
+        disk_back.set()
+        with pytest.raises(Unavailable):
+            await late  # its claim went and came back meanwhile; it was cut short anyway
+        monkeypatch.undo()
+        again = await ip.uploads.put_chunk(ip.caller, session.id, 0, CHUNK,
+                                           pieces(data[:CHUNK], Random(2)), ChunkChecksums())
+        assert not again.duplicate
         assert await _second_chunk_finished_and_read(ip, session.id, data) == data
 
 

@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     claim_lease: float = Field(
         default=10.0, gt=0,
         description="seconds a chunk transfer's claim lives without renewal (a dead "
-        "process's claim is taken over after this)",
+        "process's claim, or one whose body stopped arriving, is taken over after this)",
     )
     write_batch: int = Field(
         default=2 * MiB, ge=4096,

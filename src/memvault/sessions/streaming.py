@@ -165,18 +165,25 @@ async def stream_chunk(
     writer: PartWriter | None,
     batch_bytes: int,
     pace: Pace,
+    arrived: Callable[[int], None] | None = None,
 ) -> None:
     """Consume exactly ``length`` bytes of ``body`` into ``writer`` (or nowhere, to compare).
 
     Raises ``PayloadTooLarge`` as soon as the body runs past ``length``, ``InvalidArgument``
     when it ends short and ``RequestTimeout`` when it arrives slower than ``pace``; either way
-    the caller treats the chunk as not received.
+    the caller treats the chunk as not received. ``arrived(n)`` is told the body's bytes so
+    far whenever some arrive.
     """
     start = asyncio.get_running_loop().time()
+
+    def progress(seen: int) -> None:
+        _extend(watchdog, pace.deadline(start, seen))
+        if arrived is not None:
+            arrived(seen)
+
     try:
         async with asyncio.timeout(pace.deadline(start, 0)) as watchdog:
-            seen = await _consume(body, length, digests, writer, batch_bytes,
-                                  lambda n: _extend(watchdog, pace.deadline(start, n)))
+            seen = await _consume(body, length, digests, writer, batch_bytes, progress)
     except TimeoutError:
         if not watchdog.expired():
             raise

@@ -45,7 +45,13 @@ from memvault.sessions.model import (
     SessionPolicy,
 )
 from memvault.sessions.streaming import Body, ChunkBody, ChunkDigests, chunk_body, stream_chunk
-from memvault.storage.base import BlobStore, PartHolder, StagedHasher, StagingGone
+from memvault.storage.base import (
+    BlobStore,
+    PartHolder,
+    PartWriter,
+    StagedHasher,
+    StagingGone,
+)
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -181,20 +187,13 @@ class ChunkReceiver:
             assert self._hasher is not None
             await self._hasher.hash_staged(session.staging_key, offset, written, state)
 
+        lease: _Lease | None = None
         try:
             digests = ChunkDigests(want_sha256=checksums.sha256 is not None, prefix=prefix,
                                    adoption=adoption if prefix is None else None,
                                    catch_up=catch_up)
-            try:
-                writer = await self.store.open_writer(session.staging_key, offset,
-                                                      length=length, part=index,
-                                                      hashed=prefix is not None)
-            except Unavailable:
-                if taken_from is not None:
-                    # The writer whose lapsed claim we took is still there (the store's lock
-                    # on the range says so): it keeps its claim, and may yet finish.
-                    await self._give_back(session, offset, claim, taken_from)
-                raise
+            writer = await self._open_writer(session, index, offset, length, claim,
+                                             hashed=prefix is not None, taken_from=taken_from)
             try:
                 if (_elapsed_clock() - claiming > self.policy.claim_lease / 2
                         and not await self._still_ours(session.id, offset, claim)):
@@ -207,12 +206,17 @@ class ChunkReceiver:
             except BaseException:
                 await asyncio.shield(writer.abandon())  # and with it the range's lock
                 raise
-            lease = asyncio.create_task(self._renew_claim(session.id, offset, claim))
+            lease = _Lease()
+            renewing = asyncio.create_task(self._renew_claim(session.id, offset, claim, lease))
             try:
                 try:
-                    async with asyncio.timeout(self.policy.chunk_timeout):
-                        await stream_chunk(body, length, digests, writer,
-                                           self.policy.write_batch, self.policy.pace)
+                    try:
+                        async with asyncio.timeout(self.policy.chunk_timeout) as lease.body:
+                            await stream_chunk(body, length, digests, writer,
+                                               self.policy.write_batch, self.policy.pace,
+                                               lease.arrived)
+                    finally:
+                        lease.body = None
                     digests.check(checksums)
                     if digests.prefix is not None:
                         # Every byte hashed: the next chunk, if it is streaming, continues
@@ -229,8 +233,8 @@ class ChunkReceiver:
                 finally:
                     receipt = await asyncio.shield(closing)
             finally:
-                lease.cancel()
-                await asyncio.gather(lease, return_exceptions=True)
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
             stored = prefix if digests.adopted_from is None else None
             count, total = await self._mark_received(
                 session, offset, length, claim, digests.crc, stored, receipt
@@ -248,6 +252,10 @@ class ChunkReceiver:
             raise await self._ended(session) from exc
         except TimeoutError as exc:
             await self._release_quietly(session, offset, claim)
+            if lease is not None and lease.lost:
+                # Cut short: another request took the chunk over (this body stood still),
+                # or the session ended meanwhile.
+                raise await self._ended(session) from exc
             raise _too_slow(index, self.policy.chunk_timeout) from exc
         except BaseException:
             await self._release_quietly(session, offset, claim)
@@ -369,14 +377,57 @@ class ChunkReceiver:
                 )
             await asyncio.sleep(self.policy.claim_poll)
 
-    async def _renew_claim(self, session_id: str, offset: int, claim: str) -> None:
-        """Keep a claim's lease fresh while its transfer runs (a dead writer stops renewing)."""
+    async def _renew_claim(self, session_id: str, offset: int, claim: str,
+                           lease: _Lease) -> None:
+        """Keep a claim's lease fresh while its transfer moves, and cut the transfer short
+        once the claim is no longer its own.
+
+        A dead writer stops renewing, and so does one whose body stands still (a client
+        whose network went away without closing the connection): after ``claim_lease`` a
+        retry of the chunk may take it over instead of waiting minutes for the slow-body
+        deadline. Bytes arriving again renew it, if nobody has.
+        """
+        part = {"b_session": session_id, "b_offset": offset}
         while True:
             await asyncio.sleep(self.policy.claim_lease / 3)
-            await self.db.transact(
-                functools.partial(_renew, session_id, offset, claim, self.clock.now()),
-                durable=False,
-            )
+            if lease.moved():
+                ours = await self.db.transact(
+                    functools.partial(_renew, session_id, offset, claim, self.clock.now()),
+                    durable=False,
+                )
+            else:
+                holder = await self.db.query(lambda conn: conn.execute(_PART_CLAIM,
+                                                                       part).first())
+                ours = (holder is not None and holder.state == "writing"
+                        and holder.claim == claim)
+            if not ours:
+                lease.cut()
+                return
+
+    async def _open_writer(self, session: Session, index: int, offset: int, length: int,
+                           claim: str, *, hashed: bool,
+                           taken_from: tuple[str, float] | None) -> PartWriter:
+        """The store's writer for the chunk's range.
+
+        After taking over a lapsed claim, the store's lock on the range may still be held by
+        its writer, alive but standing still: a writer whose body stopped sees its claim gone
+        within a third of a lease and lets go, so wait up to a lease. Past that (a write stuck
+        on the disk, a paused process) the claim goes back to that writer, and this request
+        answers 503.
+        """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (self.policy.claim_lease if taken_from is not None else 0)
+        while True:
+            try:
+                return await self.store.open_writer(session.staging_key, offset, length=length,
+                                                    part=index, hashed=hashed)
+            except Unavailable:
+                if taken_from is None:
+                    raise
+                if loop.time() >= until:
+                    await self._give_back(session, offset, claim, taken_from)
+                    raise
+            await asyncio.sleep(2 * self.policy.claim_poll)
 
     async def _mark_received(
         self,
@@ -468,6 +519,32 @@ class ChunkReceiver:
     async def _result(self, session: Session, index: int, *, duplicate: bool) -> PutResult:
         count, total = await self.db.query(lambda conn: _received_counts(conn, session.id))
         return PutResult(session, index, duplicate, count, total)
+
+
+class _Lease:
+    """A claim's lease as its transfer sees it: renewed while the body's bytes arrive (and
+    once the body is in), lost when another request holds the claim."""
+
+    def __init__(self) -> None:
+        self.body: asyncio.Timeout | None = None
+        """The body's deadline while it streams (cutting the transfer short moves it to now)."""
+        self.lost = False
+        self._seen = 0
+        self._looked_at = 0
+
+    def arrived(self, seen: int) -> None:
+        self._seen = seen
+
+    def moved(self) -> bool:
+        """Whether bytes arrived since the last look, or the body is no longer streaming."""
+        moved = self.body is None or self._seen != self._looked_at
+        self._looked_at = self._seen
+        return moved
+
+    def cut(self) -> None:
+        self.lost = True
+        if self.body is not None and not self.body.expired():
+            self.body.reschedule(asyncio.get_running_loop().time())
 
 
 _KEEP_UP_LIMIT = 10.0
