@@ -23,8 +23,11 @@ from random import Random
 import pytest
 
 from memvault.errors import Expired, Internal, Unavailable
+from memvault.hashing import Sha256State
 from memvault.sessions import ChunkChecksums
 from memvault.settings import Settings
+from memvault.storage.base import StagedDamaged, StagedHasher
+from memvault.storage.factory import close_blob_store, open_blob_store
 from tests.inprocess import CHUNK, InProcess, inprocess, pieces
 
 
@@ -82,6 +85,52 @@ async def test_finishing_a_session_whose_staged_bytes_are_gone_ends_it(
                                     hashlib.sha256(data).hexdigest())
         assert (await ip.session_row(session_id) or {})["state"] == (
             "expired" if database_url is None else "pending")
+
+
+@pytest.mark.parametrize("cut_to", [0, CHUNK, CHUNK + 2])
+async def test_a_staging_file_cut_short_after_every_chunk_was_received_ends_the_session(
+    database_url: str | None, cut_to: int,
+) -> None:
+    """Something truncated a staging file after the server had acknowledged every chunk.
+    The finish had answered 500 each time until the TTL (the chunks could not be sent again:
+    they count as received); now the session ends, lost, on either database (a file that is
+    there but short is damage, whatever the folder's mount), and begun again it uploads."""
+    data = os.urandom(CHUNK + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    async with inprocess(database_url=database_url) as ip:
+        session_id = await ip.sent(data, "k")
+        await ip.uploads.sessions.join_hashing(session_id)
+        os.truncate(ip.staging_dir / session_id, cut_to)
+        with pytest.raises(Expired) as lost:
+            await ip.uploads.finish(ip.caller, session_id, len(data), sha)
+        assert lost.value.extra["lost"] is True
+        assert f"{cut_to} bytes where {len(data)} were received" in lost.value.detail
+        assert (await ip.session_row(session_id) or {})["state"] == "expired"
+        assert not (ip.staging_dir / session_id).exists()
+
+        again = await ip.sent(data, "k")
+        assert again != session_id
+        _, memory = await ip.uploads.finish(ip.caller, again, len(data), sha)
+        assert await ip.read_asset(memory.assets["original"].storage_key, len(data)) == data
+
+
+async def test_hashing_a_staging_file_cut_short_says_so(tmp_path: Path) -> None:
+    """Read back for hashing (the frontier behind), a cut staging file is ``StagedDamaged``
+    with where it ends (it was an ``OSError``: a 500 on every finish)."""
+    settings = Settings(data_dir=tmp_path)
+    store = await open_blob_store(settings)
+    try:
+        key = await store.stage("ses_cut")
+        writer = await store.open_writer(key, 0, length=3 * CHUNK, part=0)
+        await writer.write([os.urandom(3 * CHUNK)])
+        await writer.close(durable=False)
+        os.truncate(tmp_path / "staging" / key, CHUNK + 1)
+        assert isinstance(store, StagedHasher)
+        with pytest.raises(StagedDamaged) as damaged:
+            await store.hash_staged(key, CHUNK, 2 * CHUNK, Sha256State())
+        assert (damaged.value.found, damaged.value.expected) == (CHUNK + 1, 3 * CHUNK)
+    finally:
+        await close_blob_store(store)
 
 
 async def test_a_finish_placing_the_bytes_is_not_taken_for_a_loss(

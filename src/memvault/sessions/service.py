@@ -57,7 +57,7 @@ from memvault.sessions.model import (
 )
 from memvault.sessions.streaming import Body
 from memvault.sessions.transfer import ChunkReceiver
-from memvault.storage.base import BlobStore, LossWitness, StagingGone
+from memvault.storage.base import BlobStore, LossWitness, StagedDamaged, StagingGone
 
 log = structlog.get_logger("memvault.sessions")
 
@@ -317,6 +317,8 @@ class SessionService:
             computed = await self._verify(session, sha256)
         except (StagingGone, frontier.Behind):
             return await self._settled(session, sha256)  # aborted or expired under us
+        except StagedDamaged as exc:
+            return await self._damaged(session, sha256, exc)
         if computed is None:
             return await self._settled(session, sha256)
         return _Verified(session, computed)
@@ -329,7 +331,23 @@ class SessionService:
         except (StagingGone, frontier.Behind):
             # Aborted or expired under us; or, if still pending, its bytes are gone.
             return await self._settled(session, sha256, placing=True)
+        except StagedDamaged as exc:
+            return await self._damaged(session, sha256, exc, placing=True)
         return _Placed(session, sha256, key)
+
+    async def _damaged(self, session: Session, sha256: str, exc: StagedDamaged, *,
+                       placing: bool = False) -> Session:
+        """A session whose staged bytes were damaged from outside (its staging file cut
+        short): every finish would fail the same way until the TTL, and the chunks cannot be
+        sent again (the server counts them received). End it, lost, so its client begins
+        again; if something else ended it first, that outcome."""
+        log.error("session.staging_damaged", session_id=session.id, owner=session.owner,
+                  scope=session.idem_scope, found=exc.found, expected=exc.expected)
+        if await self._end(session, EXPIRED, lost=True, placing=placing):
+            raise Expired(f"upload session {session.id}: its uploaded bytes were damaged on "
+                          f"the server ({exc.found} bytes where {exc.expected} were "
+                          "received); begin the upload again", lost=True)
+        return await self._settled(session, sha256, placing=placing)
 
     async def _verify(self, session: Session, sha256: str) -> str | None:
         """The upload's SHA-256, checked against ``sha256``, with its staged bytes sealed;

@@ -27,6 +27,17 @@ class StagingGone(Exception):
     """The staging area is gone (the session was aborted or expired under the writer)."""
 
 
+class StagedDamaged(Exception):
+    """A staging file does not hold the bytes received into it (something outside memvault
+    truncated or extended it): they are lost, and no finish of its session can succeed."""
+
+    def __init__(self, key: str, found: int, expected: int) -> None:
+        super().__init__(f"staged {key}: {found} bytes where {expected} were received")
+        self.key = key
+        self.found = found
+        self.expected = expected
+
+
 class StagedUnavailable(Exception):
     """Staged bytes this process cannot read before the staging area is sealed (S3: a part of
     an unfinished multipart upload that another process received). Raised before anything is

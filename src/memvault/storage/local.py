@@ -40,7 +40,14 @@ import structlog
 from memvault.errors import InsufficientStorage, Unavailable
 from memvault.filedigest import file_sha256
 from memvault.hashing import Sha256State
-from memvault.storage.base import BlobDamaged, BlobMissing, Digest, Piece, StagingGone
+from memvault.storage.base import (
+    BlobDamaged,
+    BlobMissing,
+    Digest,
+    Piece,
+    StagedDamaged,
+    StagingGone,
+)
 from memvault.storage.descriptor import Descriptor, opened
 from memvault.storage.writeback import release_cache, start_writeback
 
@@ -215,7 +222,7 @@ class LocalBlobStore:
             while offset < end:
                 n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
                 if n == 0:
-                    raise OSError(errno.EIO, f"unexpected end of staged file at {offset}")
+                    raise StagedDamaged(path.name, offset, end)
                 state.update(view[:n])
                 offset += n
             release_cache(fd, end - length, length)  # the frontier reads a range once
@@ -263,8 +270,8 @@ class LocalBlobStore:
         try:
             staged_size = os.fstat(fd).st_size
             if staged_size != size:
-                # Sparse tail never written: the core checks coverage, so a bug if seen.
-                raise OSError(errno.EIO, f"staged size {staged_size} != {size}")
+                # The core checks every byte was received: cut short (or grown) from outside.
+                raise StagedDamaged(staged.name, staged_size, size)
             os.fsync(fd)
         finally:
             os.close(fd)
