@@ -395,3 +395,27 @@ async def test_a_store_that_stays_unavailable_uses_up_the_attempts(
         memory = await ip.capsules.get_memory(ip.caller, memory_id)
         assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "failed")
         assert "the bucket refuses" in (memory.derivatives_reason or "")
+
+
+async def test_an_original_damaged_on_disk_is_not_derived(database_url: str | None) -> None:
+    """The original's blob was cut short behind the server's back: the job fails saying so,
+    rather than making derivatives of what is left (a truncated JPEG still decodes, with
+    grey where the rest was), which would then look like the memory's."""
+    async with inprocess(database_url=database_url) as ip:
+        memory_id, queue, runner = await _photo_and_runner(ip, (30, 30, 200))
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        original = memory.assets["original"]
+        os.truncate(ip.root / original.storage_key, original.size // 2)
+        try:
+            for _ in range(3):
+                job = await queue.claim(runner.worker_id)
+                assert job is not None
+                await runner._process(job)
+                ip.clock.advance(3600)
+        finally:
+            await runner.close()
+        memory = await ip.capsules.get_memory(ip.caller, memory_id)
+        assert memory.derivatives == dict.fromkeys(("display", "thumb", "placeholder"), "failed")
+        assert f"{original.size // 2} bytes on disk, {original.size} expected" in (
+            memory.derivatives_reason or "")
+        assert set(memory.assets) == {"original"}

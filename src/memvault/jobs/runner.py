@@ -29,7 +29,7 @@ from memvault.derivatives.model import DerivativeOptions
 from memvault.errors import Unavailable
 from memvault.jobs.queue import UNSUPPORTED, Job, JobQueue, StoredDerivative
 from memvault.placement import Placements
-from memvault.storage.base import BlobStore, LocalPaths
+from memvault.storage.base import BlobDamaged, BlobStore, LocalPaths
 
 log = structlog.get_logger("memvault.jobs")
 
@@ -136,7 +136,7 @@ class DerivativeRunner:
             # Fetching the original costs its whole size here (a video may be GBs): its
             # first bytes decide first whether it can be an image at all.
             head = b"".join([piece async for piece in self.store.read(
-                job.storage_key, 0, min(SNIFF_BYTES, job.size))])
+                job.storage_key, 0, min(SNIFF_BYTES, job.size), size=job.size)])
             refusal = not_an_image(head)
             if refusal is not None:
                 await self.queue.finish(job, self.worker_id, UNSUPPORTED,
@@ -190,12 +190,19 @@ class DerivativeRunner:
     async def _source(self, job: Job) -> AsyncIterator[Path]:
         """A local file with the original: the blob itself, or a spooled copy of it."""
         if isinstance(self.store, LocalPaths):
-            yield self.store.blob_path(job.storage_key)
+            path = self.store.blob_path(job.storage_key)
+            stored = (await asyncio.to_thread(path.stat)).st_size
+            if stored != job.size:
+                # Derivatives of damaged bytes would look like the memory's (the job fails,
+                # and says why; `memvault blobs check` lists the asset).
+                raise BlobDamaged(job.storage_key, stored, job.size, where="on disk")
+            yield path
             return
         fd, name = tempfile.mkstemp(prefix="memvault-original-")
         try:
             with os.fdopen(fd, "wb") as f:
-                async for piece in self.store.read(job.storage_key, 0, job.size):
+                async for piece in self.store.read(job.storage_key, 0, job.size,
+                                                   size=job.size):
                     await asyncio.to_thread(f.write, piece)
             yield Path(name)
         finally:
