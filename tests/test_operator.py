@@ -181,12 +181,6 @@ def test_a_new_data_folder_is_for_the_service_user_alone(tmp_path: Path) -> None
         server.kill()
 
 
-def test_blobs_check_on_s3_says_it_has_nothing_to_compare(tmp_path: Path) -> None:
-    line = one_sentence(memvault("blobs", "check", "--data", str(tmp_path),
-                                 MEMVAULT_BLOB_STORE="s3://bucket/prefix"))
-    assert "there is no such folder" in line
-
-
 def test_an_sqlite_file_of_another_name_in_the_data_folder_is_the_database(
         tmp_path: Path) -> None:
     data = tmp_path / "d"

@@ -212,12 +212,14 @@ def blobs_check(
         "--verify", help="also read every blob through and check its SHA-256 (reads all "
         "the stored bytes: as long as copying them)")] = False,
 ) -> None:
-    """Compare the blob files with the database, both ways (safe while servers run).
+    """Compare the stored blobs with the database (safe while servers run).
 
-    Files no row names are registered as unused, and the reaper deletes them after an hour
-    unless an upload uses them first. Assets whose file is gone, or is another size than
-    recorded (truncated, appended to), are listed; with --verify, so are those whose bytes
-    no longer have their SHA-256. Any of these: exit code 1.
+    Assets whose blob is gone, or is another size than recorded (truncated, appended to),
+    are listed; with --verify, so are those whose bytes no longer have their SHA-256. Any of
+    these: exit code 1. In the data folder, files no row names are also registered as
+    unused, and the reaper deletes them after an hour unless an upload uses them first. On
+    S3 (MEMVAULT_BLOB_STORE) each blob is looked up with a HEAD request (--verify: read
+    through with a GET).
     """
     import json
 
@@ -227,11 +229,8 @@ def blobs_check(
     from memvault.storage.factory import close_blob_store
 
     settings = _settings(data)
-    if settings.s3_location:
-        typer.echo("memvault: blobs check compares the data folder's blobs/ with the database; "
-                   "with MEMVAULT_BLOB_STORE=s3://… there is no such folder (use the bucket's "
-                   "inventory)", err=True)
-        raise typer.Exit(2)
+    on_s3 = bool(settings.s3_location)
+    where = "in the bucket" if on_s3 else "on disk"
 
     async def run() -> BlobCheck:
         db, services = await open_services(settings, SystemClock(), create=False)
@@ -255,7 +254,8 @@ def blobs_check(
                                "damaged": damaged, "verified": report.verified,
                                "corrupt": corrupt}))
     else:
-        typer.echo(f"{report.files} blob files, {report.in_use} blobs in use")
+        typer.echo(f"{report.in_use} blobs in use" if on_s3
+                   else f"{report.files} blob files, {report.in_use} blobs in use")
         if report.verified is not None:
             typer.echo(f"{report.verified} blobs read through and hashed again")
         if report.registered:
@@ -266,15 +266,15 @@ def blobs_check(
                 typer.echo(f"  {sha}")
         for m in missing:
             typer.echo(f"missing: the {m['role']} of memory {m['memory_id']} "
-                       f"(blob {m['sha256']}) has no file: upload it again", err=True)
+                       f"(blob {m['sha256']}) is not {where}: upload it again", err=True)
         for d in report.damaged:
             typer.echo(f"damaged: the {d.role} of memory {d.memory_id} (blob {d.sha256}) has "
-                       f"{d.stored} bytes on disk, {d.size} expected: restore its file "
-                       "from a backup, or upload it again", err=True)
+                       f"{d.stored} bytes {where}, {d.size} expected: restore it from a "
+                       "backup, or upload it again", err=True)
         for c in report.corrupt:
             typer.echo(f"corrupt: the {c.role} of memory {c.memory_id} (blob {c.sha256}) "
-                       f"holds other bytes (SHA-256 {c.found}): restore its file from a "
-                       "backup, or upload it again", err=True)
+                       f"holds other bytes (SHA-256 {c.found}): restore it from a backup, "
+                       "or upload it again", err=True)
         if not report.registered and report.intact:
             typer.echo("everything matches")
     if not report.intact:

@@ -59,7 +59,7 @@ from memvault.metadata.blobs import (
     used_blobs,
 )
 from memvault.metadata.schema import upload_sessions
-from memvault.storage.base import BlobMissing, BlobStore, ContentAddressed
+from memvault.storage.base import BlobAudit, BlobMissing, BlobStore, ContentAddressed
 
 log = structlog.get_logger("memvault.placement")
 
@@ -186,28 +186,10 @@ class Placements:
         servers run: a finish of the same content meanwhile only stamps the row again."""
         report = BlobCheck()
         store = self.store
-        if not isinstance(store, ContentAddressed):
+        if not isinstance(store, BlobAudit):
             return report
-        # A finish from before rows were reserved may have moved a pending session's bytes
-        # into place and died before its commit: its retry needs that file, so the session
-        # is recorded as holding it (kept while pending), as a finish now does.
-        holders = await self.db.query(_pending_digests)
-        async for found in store.blob_files():
-            report.files += len(found)
-            for start in range(0, len(found), batch):
-                part = found[start:start + batch]
-                named = await self.db.query(functools.partial(
-                    named_blobs, shas=[sha for sha, _ in part]))
-                for sha256, size in part:
-                    if sha256 in named:
-                        continue
-                    holder = holders.get(sha256)
-                    try:
-                        await self.reserve([(sha256, size)],
-                                           holders=[(holder, sha256)] if holder else ())
-                    except Unavailable:
-                        continue  # a row appeared and is being collected: its collector's
-                    report.registered.append(sha256)
+        if isinstance(store, ContentAddressed):
+            await self._register_unnamed(store, report, batch)
         verified = 0
         after = ""
         while rows := await self.db.query(functools.partial(used_blobs, after=after,
@@ -248,6 +230,32 @@ class Placements:
         if verify:
             report.verified = verified
         return report
+
+    async def _register_unnamed(self, store: ContentAddressed, report: BlobCheck,
+                                batch: int) -> None:
+        """Reserve every stored content no row names (``check``'s first half), so the reaper
+        collects it once unused for ``grace``; where contents have one place (the local
+        folder)."""
+        # A finish from before rows were reserved may have moved a pending session's bytes
+        # into place and died before its commit: its retry needs that file, so the session
+        # is recorded as holding it (kept while pending), as a finish now does.
+        holders = await self.db.query(_pending_digests)
+        async for found in store.blob_files():
+            report.files += len(found)
+            for start in range(0, len(found), batch):
+                part = found[start:start + batch]
+                named = await self.db.query(functools.partial(
+                    named_blobs, shas=[sha for sha, _ in part]))
+                for sha256, size in part:
+                    if sha256 in named:
+                        continue
+                    holder = holders.get(sha256)
+                    try:
+                        await self.reserve([(sha256, size)],
+                                           holders=[(holder, sha256)] if holder else ())
+                    except Unavailable:
+                        continue  # a row appeared and is being collected: its collector's
+                    report.registered.append(sha256)
 
     async def collect(self, limit: int = 100) -> int:
         """Delete the files of blob rows unused ``grace`` seconds after their last placement

@@ -215,7 +215,27 @@ class LossWitness(Protocol):
 
 
 @runtime_checkable
-class ContentAddressed(Protocol):
+class BlobAudit(Protocol):
+    """Optional capability: committed blobs can be looked at one by one, for ``memvault
+    blobs check`` (the local folder, and S3)."""
+
+    async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
+        """Those of ``storage_keys`` whose bytes are not there."""
+        ...
+
+    async def blob_sizes(self, storage_keys: Sequence[str]) -> dict[str, int]:
+        """The stored size of each of ``storage_keys`` that is at its place (those that are
+        not are left out: ``missing_blobs`` tells which of them are lost)."""
+        ...
+
+    async def hash_blob(self, storage_key: str) -> tuple[int, str]:
+        """``(bytes read, SHA-256 hex)`` of a stored blob, read through once in pieces
+        (memory stays flat whatever its size); ``BlobMissing`` if it is gone."""
+        ...
+
+
+@runtime_checkable
+class ContentAddressed(BlobAudit, Protocol):
     """Optional capability: ``commit`` moves bytes to the one place kept for their content
     (the local folder), shared by every commit of the same bytes. Bytes placed for a commit
     that never happens are then nobody's staging area to discard; the core reserves a blob
@@ -238,20 +258,6 @@ class ContentAddressed(Protocol):
     def blob_files(self) -> AsyncIterator[list[tuple[str, int]]]:
         """Every stored content as ``(sha256, size)``, in batches (for ``memvault blobs
         check``: contents no row names)."""
-        ...
-
-    async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
-        """Those of ``storage_keys`` whose bytes are not there."""
-        ...
-
-    async def blob_sizes(self, storage_keys: Sequence[str]) -> dict[str, int]:
-        """The stored size of each of ``storage_keys`` that is at its place (those that are
-        not are left out: ``missing_blobs`` tells which of them are lost)."""
-        ...
-
-    async def hash_blob(self, storage_key: str) -> tuple[int, str]:
-        """``(bytes read, SHA-256 hex)`` of a stored blob, read through once in pieces
-        (memory stays flat whatever its size); ``BlobMissing`` if it is gone."""
         ...
 
 

@@ -55,6 +55,8 @@ MiB = 1024 * 1024
 MIN_PART = 5 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
+_AUDIT_LOOKUPS = 16
+"""HEAD requests ``memvault blobs check`` has in flight at once."""
 _READ_PIECE = MiB
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _GONE = {"NoSuchUpload", "NoSuchKey", "404"}
@@ -314,6 +316,38 @@ class S3BlobStore:
         except _FAILURES as exc:
             raise _unavailable("look up an object", exc) from exc
         return int(head["ContentLength"])
+
+    async def blob_sizes(self, storage_keys: Sequence[str]) -> dict[str, int]:
+        sizes = await self._sizes(storage_keys)
+        return {key: size for key, size in zip(storage_keys, sizes, strict=True)
+                if size is not None}
+
+    async def missing_blobs(self, storage_keys: Sequence[str]) -> list[str]:
+        sizes = await self._sizes(storage_keys)
+        return [key for key, size in zip(storage_keys, sizes, strict=True) if size is None]
+
+    async def _sizes(self, storage_keys: Sequence[str]) -> list[int | None]:
+        """Each blob's stored size (None: not there), a few lookups at a time."""
+        lookups = asyncio.Semaphore(_AUDIT_LOOKUPS)
+
+        async def size(key: str) -> int | None:
+            async with lookups:
+                return await self._object_size(self._object(key))
+
+        return list(await asyncio.gather(*(size(key) for key in storage_keys)))
+
+    async def hash_blob(self, storage_key: str) -> tuple[int, str]:
+        target = self._object(storage_key)
+        size = await self._object_size(target)
+        if size is None:
+            raise BlobMissing(storage_key)
+        state = Sha256State()
+        read = 0
+        if size:
+            async for piece in self._get(target, 0, size, blob=storage_key):
+                state.update(piece)
+                read += len(piece)
+        return read, state.hexdigest()
 
     async def _abort(self, target: str, upload_id: str) -> None:
         try:
