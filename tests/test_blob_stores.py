@@ -12,6 +12,8 @@ import hashlib
 import mmap
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -401,3 +403,42 @@ async def test_a_cancelled_write_keeps_its_descriptor_until_the_thread_is_done(
     assert landed, "the write never returned"
     assert landed[0] != other, "the descriptor was closed under the thread and reused"
     assert (tmp_path / "opened-meanwhile").stat().st_size == 0
+
+
+def test_the_local_store_tells_a_writer_process_that_ended(tmp_path: Path) -> None:
+    """Each local store holds a lock on ``writers/<its id>`` for as long as its process
+    lives: another store sees it alive while it runs, ended once it is killed (the kernel
+    let go of the lock; the file is then swept) or has closed its store."""
+    script = ("import sys, time; from pathlib import Path; "
+              "from memvault.storage.local import LocalBlobStore; "
+              "s = LocalBlobStore(Path(sys.argv[1])); print(s.writer_id, flush=True); "
+              "time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    store = LocalBlobStore(tmp_path)
+
+    def gone(writer: str) -> bool:
+        return asyncio.run(store.writer_gone(writer))
+
+    try:
+        assert other.stdout is not None
+        writer = other.stdout.readline().strip()
+        assert gone(writer) is False
+        assert gone(store.writer_id) is False  # never its own
+        assert gone("../admin.token") is False
+        other.kill()
+        other.wait(30)
+        assert gone(writer) is True
+        assert not (tmp_path / "writers" / writer).exists()
+        assert gone(writer) is True  # and stays so, swept
+
+        third = LocalBlobStore(tmp_path)
+        assert gone(third.writer_id) is False
+        asyncio.run(third.close())
+        assert gone(third.writer_id) is True
+    finally:
+        other.kill()
+        other.wait(30)
+        if other.stdout is not None:
+            other.stdout.close()
+        asyncio.run(store.close())

@@ -51,6 +51,7 @@ from memvault.storage.base import (
     PartWriter,
     StagedHasher,
     StagingGone,
+    WriterLiveness,
 )
 
 log = structlog.get_logger("memvault.sessions")
@@ -114,6 +115,8 @@ class ChunkReceiver:
         # Adoption hashes back a chunk's own bytes while it streams: only where staged bytes
         # in progress are readable (the local store; S3 parts are in a spool file until sent).
         self._hasher = store if isinstance(store, StagedHasher) else None
+        self._liveness = store if isinstance(store, WriterLiveness) else None
+        self._writer_id = self._liveness.writer_id if self._liveness is not None else "-"
         self._adopts = self._hasher is not None and not isinstance(store, PartHolder)
 
     async def put(
@@ -149,7 +152,9 @@ class ChunkReceiver:
                 f"{content_length}",
                 expected=length,
             )
-        claim = secrets.token_hex(8)
+        # "<writer id>.<random>": the writer id says whose process holds the claim, so a
+        # claim left by a process that has ended can be taken over at once.
+        claim = f"{self._writer_id}.{secrets.token_hex(8)}"
         # Registered before the claim reads the frontier, so a hand-off there is never missed.
         adoption = self._frontier.expect(session.id, offset) if self._adopts else None
         try:
@@ -306,8 +311,10 @@ class ChunkReceiver:
         now = self.clock.now()
         stale = now - self.policy.claim_lease
         part = {"b_session": session.id, "b_offset": offset}
+        holder: str | None = None
 
-        def claim_range(conn: sa.Connection) -> Any:
+        def claim_range(conn: sa.Connection, ended: str | None) -> Any:
+            nonlocal holder
             if not self._touch(conn, session.id, now):
                 raise _Ended(session.id)  # committed, aborted or expired since it was loaded
             existing = conn.execute(_PART_CLAIM, part).first()
@@ -316,15 +323,24 @@ class ChunkReceiver:
                 conn.execute(_NEW_PART, {"session_id": session.id, "offset": offset,
                                          "length": length, "state": "writing",
                                          "claim": claim, "claimed_at": now})
-            elif existing.state == "writing" and existing.claimed_at < stale:
-                # The writer stopped renewing its lease (its process died): take it over.
+            elif existing.state == "writing" and (existing.claimed_at < stale
+                                                  or existing.claim == ended):
+                # The writer stopped renewing its lease, or its process has ended: take it
+                # over.
                 conn.execute(_TAKE_OVER, {**part, "new_claim": claim, "now": now})
                 taken = (str(existing.claim), float(existing.claimed_at))
             else:
+                holder = existing.claim if existing.state == "writing" else None
                 return None
             return conn.execute(_FRONTIER, {"b_session": session.id}).one(), taken
 
-        claimed = await self.db.transact(claim_range, durable=False)
+        claimed = await self.db.transact(functools.partial(claim_range, ended=None),
+                                         durable=False)
+        if claimed is None and holder is not None and await self._writer_ended(holder):
+            # Held by a process that has ended (a server killed mid-chunk and restarted):
+            # no need to wait for its lease to lapse.
+            claimed = await self.db.transact(functools.partial(claim_range, ended=holder),
+                                             durable=False)
         if claimed is None:
             return True, None, None
         frontier, taken = claimed
@@ -376,6 +392,12 @@ class ChunkReceiver:
                     retry_after=1,
                 )
             await asyncio.sleep(self.policy.claim_poll)
+
+    async def _writer_ended(self, claim: str) -> bool:
+        """Whether the process that made ``claim`` has certainly ended."""
+        writer, dot, _ = claim.partition(".")
+        return bool(dot) and self._liveness is not None and await self._liveness.writer_gone(
+            writer)
 
     async def _renew_claim(self, session_id: str, offset: int, claim: str,
                            lease: _Lease) -> None:

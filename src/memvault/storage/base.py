@@ -215,6 +215,21 @@ class LossWitness(Protocol):
 
 
 @runtime_checkable
+class WriterLiveness(Protocol):
+    """Optional capability: the store can tell for certain that the process behind a chunk
+    claim has ended (the local folder: each process holds a lock on a file of its own in
+    ``writers/``, which the kernel lets go when the process dies), so a chunk that was in
+    flight when its server was killed is taken over at once instead of after a lease."""
+
+    writer_id: str
+    """This store's (this process's) id, which its chunk claims carry."""
+
+    async def writer_gone(self, writer_id: str) -> bool:
+        """True only if the process that held ``writer_id`` has certainly ended."""
+        ...
+
+
+@runtime_checkable
 class BlobAudit(Protocol):
     """Optional capability: committed blobs can be looked at one by one, for ``memvault
     blobs check`` (the local folder, and S3)."""

@@ -148,9 +148,33 @@ class LocalBlobStore:
         self._blobs = root / "blobs"
         self._trash = root / "trash"
         self._aside = root / "aside"
-        for folder in (self._staging, self._blobs, self._trash, self._aside):
+        self._writers = root / "writers"
+        for folder in (self._staging, self._blobs, self._trash, self._aside, self._writers):
             folder.mkdir(parents=True, exist_ok=True)
         self._background: set[asyncio.Task[None]] = set()
+        self.writer_id = secrets.token_hex(6)
+        self._alive = _hold_writer_lock(self._writers / self.writer_id)
+        for name in os.listdir(self._writers):
+            if _WRITER_ID.match(name) and name != self.writer_id:
+                _writer_gone_sync(self._writers / name)  # and swept if so
+
+    async def close(self) -> None:
+        """Let go of this store's writer lock (its claims then read as ended: call once
+        nothing writes through it)."""
+        if self._alive is not None:
+            fd, self._alive = self._alive, None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._writers / self.writer_id)
+            os.close(fd)
+
+    async def writer_gone(self, writer_id: str) -> bool:
+        """Whether the process behind ``writer_id`` has ended: its lock file can be locked
+        (the kernel let go of it with the process), or is gone (swept after that, or its
+        store closed). Never for this store's own id, or where the file system has no
+        open-file-description locks."""
+        if not _WRITER_ID.match(writer_id) or writer_id == self.writer_id or _OFD_SETLK is None:
+            return False
+        return await asyncio.to_thread(_writer_gone_sync, self._writers / writer_id)
 
     def _staged(self, key: str) -> Path:
         if not _KEY.match(key):
@@ -536,8 +560,15 @@ def _lock_range(fd: int, offset: int, length: int) -> bool:
     the taker answers 503 until the old writer is gone. Where the file system has no such
     locks, the claim alone decides, as before.
     """
-    if length <= 0 or _OFD_SETLK is None:
-        return True
+    return length <= 0 or _try_lock(fd, offset, length) is not False
+
+
+def _try_lock(fd: int, offset: int, length: int) -> bool | None:
+    """Take a write lock on ``[offset, offset+length)`` through ``fd`` (``length`` 0: to the
+    end of the file, however long it grows); False if another descriptor holds any of it,
+    None where the file system has no open-file-description locks."""
+    if _OFD_SETLK is None:
+        return None
     try:
         fcntl.fcntl(fd, _OFD_SETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset,
                                                 length, 0))
@@ -545,9 +576,43 @@ def _lock_range(fd: int, offset: int, length: int) -> bool:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return False
         if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
-            return True  # no such locks here
+            return None
         raise
     return True
+
+
+_WRITER_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
+def _hold_writer_lock(path: Path) -> int | None:
+    """A descriptor holding a lock on the whole of ``path`` (created), for as long as it is
+    open or the process lives; None where the file system has no such locks."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if _try_lock(fd, 0, 0):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def _writer_gone_sync(path: Path) -> bool:
+    """Whether the writer whose lock file is ``path`` has ended (its lock could be taken,
+    or the file is gone); a file found so is removed."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        if not _try_lock(fd, 0, 0):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _move(path: Path, to: Path) -> bool:
