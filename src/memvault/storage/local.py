@@ -153,7 +153,8 @@ class LocalBlobStore:
             folder.mkdir(parents=True, exist_ok=True)
         self._background: set[asyncio.Task[None]] = set()
         self.writer_id = secrets.token_hex(6)
-        self._alive = _hold_writer_lock(self._writers / self.writer_id)
+        # Held until ``close`` or the end of the process.
+        self._alive = _open_locked(self._writers / self.writer_id, 0, None, create=True)
         for name in os.listdir(self._writers):
             if _WRITER_ID.match(name) and name != self.writer_id:
                 _writer_gone_sync(self._writers / name)  # and swept if so
@@ -533,11 +534,13 @@ _FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 fo
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
 
 
-def _open_locked(path: Path, offset: int, length: int) -> int | None:
-    """A descriptor to write ``path``'s range through, holding its lock; None if another
-    writer holds the range. No O_CREAT: a writer racing an abort must not resurrect the
-    staging file."""
-    fd = os.open(path, os.O_WRONLY)
+def _open_locked(path: Path, offset: int, length: int | None, *,
+                 create: bool = False) -> int | None:
+    """A descriptor to write ``path``'s range through (``length`` None: the whole file,
+    however long it grows), holding its lock; None if another writer holds the range. A
+    staging file is opened without ``create``: a writer racing an abort must not resurrect
+    it."""
+    fd = os.open(path, os.O_WRONLY | (os.O_CREAT if create else 0), 0o600)
     try:
         if _lock_range(fd, offset, length):
             return fd
@@ -548,7 +551,7 @@ def _open_locked(path: Path, offset: int, length: int) -> int | None:
     return None
 
 
-def _lock_range(fd: int, offset: int, length: int) -> bool:
+def _lock_range(fd: int, offset: int, length: int | None) -> bool:
     """Lock ``[offset, offset+length)`` of the staging file for writing through ``fd``, until
     it is closed; False if another writer holds any of it.
 
@@ -560,7 +563,9 @@ def _lock_range(fd: int, offset: int, length: int) -> bool:
     the taker answers 503 until the old writer is gone. Where the file system has no such
     locks, the claim alone decides, as before.
     """
-    return length <= 0 or _try_lock(fd, offset, length) is not False
+    if length is not None and length <= 0:
+        return True
+    return _try_lock(fd, offset, length or 0) is not False
 
 
 def _try_lock(fd: int, offset: int, length: int) -> bool | None:
@@ -584,25 +589,11 @@ def _try_lock(fd: int, offset: int, length: int) -> bool | None:
 _WRITER_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
-def _hold_writer_lock(path: Path) -> int | None:
-    """A descriptor holding a lock on the whole of ``path`` (created), for as long as it is
-    open or the process lives; None where the file system has no such locks."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if _try_lock(fd, 0, 0):
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
 def _writer_gone_sync(path: Path) -> bool:
     """Whether the writer whose lock file is ``path`` has ended (its lock could be taken,
     or the file is gone); a file found so is removed."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_WRONLY)
     except FileNotFoundError:
         return True
     try:
