@@ -10,6 +10,8 @@ ready with the blob folders gone.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import shutil
 import sqlite3
@@ -22,8 +24,9 @@ import httpx
 import pytest
 
 from memvault.settings import TRANSFER_MEMORY, Settings, _default_transfer_slots, _usable_memory
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, free_port
 from tests.helpers import problem
+from tests.inprocess import inprocess
 
 
 def memvault(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
@@ -179,6 +182,28 @@ def test_a_new_data_folder_is_for_the_service_user_alone(tmp_path: Path) -> None
         assert (data / "memvault.db-wal").exists()
     finally:
         server.kill()
+
+
+def test_blobs_check_with_the_bucket_unreachable_is_one_sentence(
+        tmp_path: Path) -> None:
+    """On S3 ``blobs check`` looks each blob up; a store that does not answer is said in one
+    line (exit 2), not a traceback."""
+    data = tmp_path / "d"
+    data.mkdir()
+
+    async def one_blob() -> None:
+        async with inprocess(root=data) as ip:
+            content = os.urandom(1000)
+            session_id = await ip.sent(content, "k")
+            await ip.uploads.finish(ip.caller, session_id, len(content),
+                                    hashlib.sha256(content).hexdigest())
+
+    asyncio.run(one_blob())
+    line = one_sentence(memvault(
+        "blobs", "check", "--data", str(data), MEMVAULT_BLOB_STORE="s3://bucket/prefix",
+        MEMVAULT_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",  # nobody listens
+        AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y"))
+    assert "the blob store failed to look up an object" in line
 
 
 def test_an_sqlite_file_of_another_name_in_the_data_folder_is_the_database(

@@ -168,6 +168,8 @@ def startup_problem(exc: BaseException) -> str | None:
     known = SchemaOutOfDate | SchemaTooNew | NoDatabase | DatabaseUnusable | ValueError
     if isinstance(exc, known):
         return str(exc)
+    if isinstance(exc, Unavailable):  # the blob store unreachable, say
+        return exc.detail
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or exc}{where}"
