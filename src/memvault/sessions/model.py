@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from memvault.errors import NotFound
+
 PENDING = "pending"
 COMMITTED = "committed"
 EXPIRED = "expired"
@@ -105,3 +107,11 @@ class SessionPolicy:
     staging_loss_is_final: bool = False
     """A staging file missing for a pending session means its bytes are lost (the local
     folder holds the database too, so a folder not mounted would show no sessions at all)."""
+
+
+def session_not_found(session_id: str) -> NotFound:
+    """The answer for a session id with no row the caller owns. An aborted session's rows
+    go at once (an expired one's after ``expired_grace``), so a request racing an abort,
+    e.g. a finish, gets this: the detail says so rather than suggesting a wrong id."""
+    return NotFound(f"upload session {session_id} not found: no such session of yours, or it "
+                    "was aborted (an aborted session is removed at once) or ended long ago")

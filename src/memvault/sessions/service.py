@@ -34,7 +34,6 @@ from memvault.errors import (
     InvalidArgument,
     LengthMismatch,
     MemvaultError,
-    NotFound,
     Unavailable,
 )
 from memvault.hashing import new_sha256
@@ -54,6 +53,7 @@ from memvault.sessions.model import (
     Session,
     SessionPolicy,
     SessionSpec,
+    session_not_found,
 )
 from memvault.sessions.streaming import Body
 from memvault.sessions.transfer import ChunkReceiver
@@ -656,7 +656,7 @@ class SessionService:
     async def _load(self, session_id: str, owner: str) -> Session:
         row = await self.db.query(lambda conn: _session_row(conn, session_id))
         if row is None or row["owner"] != owner:
-            raise NotFound(f"upload session {session_id} not found")
+            raise session_not_found(session_id)
         return _session(row)
 
     async def _load_with_parts(self, session_id: str,
@@ -668,7 +668,7 @@ class SessionService:
 
         row, parts = await self.db.query(read)
         if row is None or row["owner"] != owner:
-            raise NotFound(f"upload session {session_id} not found")
+            raise session_not_found(session_id)
         return _session(row), parts
 
 

@@ -27,7 +27,6 @@ from memvault.errors import (
     Expired,
     InvalidArgument,
     MemvaultError,
-    NotFound,
     PayloadTooLarge,
     RequestTimeout,
     Unavailable,
@@ -43,6 +42,7 @@ from memvault.sessions.model import (
     PutResult,
     Session,
     SessionPolicy,
+    session_not_found,
 )
 from memvault.sessions.streaming import Body, ChunkBody, ChunkDigests, chunk_body, stream_chunk
 from memvault.storage.base import (
@@ -533,7 +533,7 @@ class ChunkReceiver:
         if state == EXPIRED:
             return Expired(f"upload session {session.id} expired")
         if state is None:
-            return NotFound(f"upload session {session.id} not found")
+            return session_not_found(session.id)
         if state != PENDING:
             return Conflict(f"upload session {session.id} is {state}", state=state)
         return Unavailable("this chunk's transfer was taken over; send it again", retry_after=1)
