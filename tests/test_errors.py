@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -421,6 +422,49 @@ def test_400_bad_json_body(api: Api) -> None:
     # The session is still there, pending and usable.
     data = os.urandom(10)
     complete(api, s, data)
+
+
+def test_400_bytes_past_a_chunk_body_are_a_request_of_their_own(
+        api: Api, server: LiveServer) -> None:
+    """A client that sends more than its Content-Length: by HTTP/1.1 the rest is the next
+    request on the connection. The chunk counts (it was exactly what was declared); the
+    rest, no request at all, gets a problem document (not uvicorn's text/plain) and the
+    connection closes, since nothing after it can be told apart."""
+    cap = api.capsule()
+    data = os.urandom(CHUNK + 10)
+    s = api.session(cap, len(data))
+    head = (f"PUT /v1/uploads/{s['id']}/chunks/0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {server.token}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {CHUNK}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head.encode() + piece(s, data, 0) + b"\x00 these ten extra bytes\r\n\r\n")
+        answer = b""
+        while more := sock.recv(65536):  # until the server closes the connection
+            answer += more
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 "), answer[:300]
+    length = int(next(line.split(b":")[1] for line in first.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    assert json.loads(rest[:length])["received_count"] == 1
+    second, _, body = rest[length:].partition(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 400 "), second
+    assert b"content-type: application/problem+json" in second.lower()
+    assert b"connection: close" in second.lower()
+    detail = json.loads(body)
+    assert detail["code"] == "invalid_argument"
+    assert detail["status"] == 400
+    assert "Content-Length" in detail["detail"]
+    # Nothing accepted was lost: chunk 0 stays received and the upload completes.
+    assert status_of(api, s["id"])["received"] == [0]
+    complete(api, s, data)
+    # Alone on a connection, such bytes get the same answer.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"\x00 no request\r\n\r\n")
+        alone = b""
+        while more := sock.recv(65536):
+            alone += more
+    assert alone.startswith(b"HTTP/1.1 400 "), alone
+    assert json.loads(alone.partition(b"\r\n\r\n")[2])["code"] == "invalid_argument"
 
 
 def test_400_json_sent_as_another_media_type_says_so(api: Api) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
@@ -35,7 +36,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from memvault.errors import HeadersTooLarge
+from memvault.errors import HeadersTooLarge, InvalidArgument, MemvaultError
 from memvault.http.direct import CHUNK_PATH, EXTENSION, BufferPool, DirectBody
 from memvault.settings import Settings
 
@@ -69,6 +70,8 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             """The current request's chunk body while bytes of it are due from the socket."""
             self._into: DirectBody | None = None  # where the read under way goes
             self._head_bytes: int | None = None  # read since the head began; None: no head due
+            self._refused: MemvaultError | None = None
+            """A request the parser could not read, answered once those before it are."""
 
         # -- reads into our buffers (through ``MemvaultConnection``) -------------------------
 
@@ -124,13 +127,43 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self._head_bytes = None
             if self.transport.is_closing():
                 return
-            error = HeadersTooLarge(
+            self._answer_and_close(HeadersTooLarge(
                 f"the request's head is longer than this server takes ({MAX_HEAD_BYTES} bytes "
-                "after its first read)", limit=MAX_HEAD_BYTES)
+                "after its first read)", limit=MAX_HEAD_BYTES))
+
+        def send_400_response(self, msg: str) -> None:
+            """What the parser could not read (uvicorn answers text/plain at once, cutting
+            off the answer of a request before it): a problem document like every other
+            answer, after those of the requests before it, then the connection closes (what
+            follows cannot be told apart from the broken request)."""
+            self._disarm()
+            self._head_bytes = None
+            error = InvalidArgument(
+                f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); if it came after "
+                "another request on this connection, that one's body may have been longer "
+                "than its Content-Length")
+            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+                self._refused = error
+                self.flow.pause_reading()
+                return
+            self._answer_and_close(error)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused is None:  # past a request it could not read, the parser is lost
+                super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            if self._refused is not None and not self.pipeline:
+                self.server_state.total_requests += 1
+                self._answer_and_close(self._refused)
+                return
+            super().on_response_complete()
+
+        def _answer_and_close(self, error: MemvaultError) -> None:
             body = json.dumps(error.to_problem()).encode()
             self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                b"content-type: application/problem+json\r\n"
+                f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n".encode()
+                + b"content-type: application/problem+json\r\n"
                 b"connection: close\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             self.transport.close()
