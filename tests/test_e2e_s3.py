@@ -247,3 +247,13 @@ def test_blobs_check_finds_objects_gone_cut_short_or_changed_in_the_bucket(
     assert code == 1
     assert [c["sha256"] for c in report["corrupt"]] == [sha("changed")]
     assert report["verified"] == report["in_use"] - 2  # all but the gone and the cut one
+
+    # A bucket that is not there is said so (exit 2), not every blob reported missing.
+    done = subprocess.run(
+        [sys.executable, "-m", "memvault", "blobs", "check", "--data", str(server.data_dir)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, **_env(s3_server, bucket),
+             "MEMVAULT_BLOB_STORE": f"s3://{bucket}-not-there/{PREFIX}"})
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"s3://{bucket}-not-there" in done.stderr
+    assert "missing" not in done.stdout

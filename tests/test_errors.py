@@ -897,6 +897,7 @@ def test_409_abort_of_a_committed_session(api: Api) -> None:
     done = complete(api, s, data)
     body = problem(api.http.delete(f"/v1/uploads/{s['id']}"), 409, "conflict")
     assert "committed" in body["detail"]
+    assert body["state"] == "committed"  # as a chunk for it says
     assert api.read(done["memory_id"]).content == data
     assert api.finish(s, data).status_code == 200
 

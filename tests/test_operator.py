@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -36,10 +37,13 @@ def memvault(*args: str, timeout: float = 120, **env: str) -> subprocess.Complet
 
 
 def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
-    """The command failed as a usage/operator error with a single line and no traceback."""
+    """The command failed as a usage/operator error with a single line and no traceback
+    (beside log lines, JSON when not on a terminal; nothing on stdout)."""
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.strip().splitlines()
+    assert done.stdout == "", done.stdout
+    lines = [line for line in done.stderr.strip().splitlines()
+             if not (line.startswith("{") and "event" in json.loads(line))]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("memvault: ")
     return lines[0]
@@ -80,6 +84,14 @@ def test_an_unreachable_database_is_one_sentence_with_no_password(tmp_path: Path
         MEMVAULT_AUTO_MIGRATE="true"))
     assert "cannot use the database at postgresql+asyncpg://memvault:***@127.0.0.1:1" in line
     assert "S3cretPW" not in line
+    # What is logged on the way is in the format asked for, on stderr (it was the console
+    # format on stdout, whatever MEMVAULT_LOG_FORMAT said).
+    done = memvault("serve", "--data", str(tmp_path / "d"),
+                    MEMVAULT_DATABASE_URL="postgresql+asyncpg://memvault:pw@127.0.0.1:1/m",
+                    MEMVAULT_LOG_FORMAT="json")
+    logged = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
+    assert "database.unreachable" in {entry["event"] for entry in logged}, done.stderr
+    assert done.stdout == ""
 
 
 def test_a_data_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="memvault: resumable uploads of memories into capsules.")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 db_app = typer.Typer(no_args_is_help=True, help="The metadata database.")
-blobs_app = typer.Typer(no_args_is_help=True, help="Stored blobs (the local data folder).")
+blobs_app = typer.Typer(no_args_is_help=True, help="Stored blobs (data folder or S3 bucket).")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
 app.add_typer(blobs_app, name="blobs")
@@ -52,6 +52,11 @@ def _settings(data: Path | None, **flags: Any) -> Settings:
         typer.echo(f"memvault: the data folder {settings.data_dir} is a file; give a folder "
                    "(--data or MEMVAULT_DATA_DIR)", err=True)
         raise typer.Exit(2)
+    from memvault import logs
+
+    # Before anything is logged: the checks ahead of the start log in the format asked for,
+    # on stderr (structlog's default is its console format on stdout).
+    logs.configure(settings)
     return settings
 
 
@@ -235,6 +240,8 @@ def blobs_check(
     async def run() -> BlobCheck:
         db, services = await open_services(settings, SystemClock(), create=False)
         try:
+            # A bucket that is not there is one sentence, not every blob "missing".
+            await services.store.check()
             return await services.uploads.sessions.placements.check(verify=verify)
         finally:
             await services.uploads.sessions.close()

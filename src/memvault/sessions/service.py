@@ -529,7 +529,7 @@ class SessionService:
     async def abort(self, session_id: str, owner: str) -> None:
         session = await self._load(session_id, owner)
         if session.state == COMMITTED:
-            raise Conflict(f"upload session {session_id} is already committed")
+            raise Conflict(f"upload session {session_id} is already committed", state=COMMITTED)
         session = await self._check_live(session)
         if await self._end(session, ABORTED):
             log.info("session.abort", session_id=session.id, owner=owner,
