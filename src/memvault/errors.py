@@ -118,6 +118,11 @@ class RequestTimeout(MemvaultError):
     status = 408
     title = "Transfer took too long"
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body may still come: nothing after this answer on the connection
+        # could be told apart from it (RFC 9110 §15.5.9).
+        return {**super().headers(), "Connection": "close"}
+
 
 class Conflict(MemvaultError):
     code = "conflict"

@@ -67,7 +67,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         # FastAPI wraps errors raised while it reads a body (e.g. the JSON size limit).
         return await _memvault_error(request, exc.__cause__)
     # Routing errors (unknown path, wrong method) in the same problem shape as everything else.
-    what = f"{request.method} {request.url.path}"
+    path = request.url.path
+    # A path of any length is echoed back only in part (a 60 KB path made a 60 KB answer).
+    what = f"{request.method} {path if len(path) <= 200 else path[:200] + '…'}"
     error: MemvaultError
     if exc.status_code == 404:
         error = NotFound(f"no such resource: {what}")
@@ -82,15 +84,19 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path (Starlette names only the first route's)."""
-    return [
+    """Every method some route serves at this path (Starlette names only the first route's);
+    HEAD wherever GET is (``HeadAsGet`` answers it for every GET route)."""
+    served = {
         method
         for method in _METHODS
         if any(
             route.matches({**request.scope, "method": method})[0] == Match.FULL
             for route in request.app.router.routes
         )
-    ]
+    }
+    if "GET" in served:
+        served.add("HEAD")
+    return [method for method in _METHODS if method in served]
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

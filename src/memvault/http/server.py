@@ -71,6 +71,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self._into: DirectBody | None = None  # where the read under way goes
             self._head_bytes: int | None = None  # read since the head began; None: no head due
             self._refused: MemvaultError | None = None
+            self._in_message = False  # the parser is inside a request (head or body)
             """A request the parser could not read, answered once those before it are."""
 
         # -- reads into our buffers (through ``MemvaultConnection``) -------------------------
@@ -92,6 +93,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                         self._refuse_head()
                         return
                 self.data_received(bytes(scratch[:nbytes]))
+                self._rearm_if_idle()
                 return
             # Bytes arrived: the connection is not idle (a body still coming after an early
             # answer must not be cut by the keep-alive timer that answer armed).
@@ -100,6 +102,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 # The parser saw only the head (and maybe a first piece of the body); the
                 # next request starts afresh.
                 self._direct = None
+                self._in_message = False
                 self.parser = _parser(self)
             if self.cycle.response_complete:
                 self._idle()  # from the last byte of a refused body: one that stops coming
@@ -121,6 +124,21 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             super().on_message_begin()
             self._arm()
             self._head_bytes = 0  # counted from the next read on
+            self._in_message = True
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            self._disarm()  # a request's body is in: from here on its answer is ours to give
+            super().on_message_complete()
+
+        def _rearm_if_idle(self) -> None:
+            """Bytes that begin no request (the CRLFs the parser skips between requests)
+            cancelled the keep-alive timer (uvicorn does on every read) and armed nothing: a
+            client could hold the connection for ever with one CRLF after each answer."""
+            if (not self._in_message and self.timeout_keep_alive_task is None
+                    and self._refused is None
+                    and (self.cycle is None or self.cycle.response_complete)):
+                self._idle()
 
         def _refuse_head(self) -> None:
             self._disarm()
@@ -168,6 +186,18 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             self.transport.close()
 
+        def end_of_input(self) -> bool | None:
+            """The client shut its side (``shutdown(SHUT_WR)``: it has sent all it will). A
+            request wholly received still gets its answer, then the connection closes (True:
+            keep the transport open for writing); otherwise the connection ends as lost."""
+            cycle = self.cycle
+            if (self._in_message or self._direct is not None or cycle is None
+                    or cycle.response_complete or self.transport.is_closing()):
+                return None
+            cycle.keep_alive = False
+            self.pipeline.clear()  # nothing after the answer is served
+            return True
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             if self._direct is not None:
@@ -192,10 +222,18 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
         # -- chunk bodies ------------------------------------------------------------------
 
         def on_headers_complete(self) -> None:
-            self._disarm()
             self._head_bytes = None
+            if self.parser.get_http_version() == "1.0":
+                # RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored (and it
+                # must never be sent a 1xx).
+                self.expect_100_continue = False
             queued = self.cycle is not None and not self.cycle.response_complete
             super().on_headers_complete()
+            if CHUNK_PATH.match(self.scope.get("path", "")):
+                # A chunk body has its own pace (``MEMVAULT_MIN_TRANSFER_RATE``); any other
+                # request's body (small JSON) must be in within the header timeout too, or
+                # a client could hold the connection, unauthenticated, by never sending it.
+                self._disarm()
             length = None if queued else self._direct_length()
             if length:
                 self._start_direct(length)
@@ -214,7 +252,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             if (scope.get("method") != "PUT" or "path" not in scope
                     or not CHUNK_PATH.match(scope["path"]) or self.parser.should_upgrade()):
                 return None
-            lengths = [v for k, v in self.headers if k == b"content-length"]
+            lengths = [v.strip(b" \t") for k, v in self.headers if k == b"content-length"]
             if (len(lengths) != 1 or not lengths[0].isdigit()
                     or any(k == b"transfer-encoding" for k, _ in self.headers)):
                 return None  # the route refuses it with the right error
@@ -277,8 +315,7 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self.http.connection_lost(exc)
 
         def eof_received(self) -> bool | None:
-            self.http.eof_received()
-            return None
+            return self.http.end_of_input()
 
         def pause_writing(self) -> None:
             self.http.pause_writing()
@@ -313,6 +350,7 @@ def run(app: Any, settings: Settings) -> None:
         # A class uvicorn builds each connection's protocol from, as it does its own.
         http=cast("type[asyncio.Protocol]", memvault_protocol(settings)),
         loop="uvloop",
+        ws="none",  # memvault has no WebSocket routes: an upgrade is never taken
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,

@@ -135,7 +135,8 @@ def _content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return None
-    if not raw.isdigit():
+    raw = raw.strip(" \t")  # RFC 9110 §5.5: whitespace around a value is not part of it
+    if not (raw.isascii() and raw.isdigit()):
         raise InvalidArgument("Content-Length must be a non-negative integer")
     return int(raw)
 
