@@ -106,7 +106,8 @@ class Settings(BaseSettings):
         default=None, ge=0, description="bytes stored in one owner's capsules (none: no limit)"
     )
     header_timeout: float = Field(
-        default=30.0, gt=0, description="seconds a request's headers may take to arrive (slowloris)"
+        default=30.0, gt=0,
+        description="seconds a request's head (and any body but a chunk's) may take to arrive"
     )
     max_json_bytes: int = Field(
         default=64 * 1024, ge=1024,
