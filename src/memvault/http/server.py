@@ -229,10 +229,12 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
                 self.expect_100_continue = False
             queued = self.cycle is not None and not self.cycle.response_complete
             super().on_headers_complete()
-            if CHUNK_PATH.match(self.scope.get("path", "")):
+            if queued or CHUNK_PATH.match(self.scope.get("path", "")):
                 # A chunk body has its own pace (``MEMVAULT_MIN_TRANSFER_RATE``); any other
                 # request's body (small JSON) must be in within the header timeout too, or
                 # a client could hold the connection, unauthenticated, by never sending it.
+                # (Not a pipelined one: its body is read only once the request before it is
+                # answered, however long that takes.)
                 self._disarm()
             length = None if queued else self._direct_length()
             if length:
