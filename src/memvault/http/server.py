@@ -70,8 +70,8 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             """The current request's chunk body while bytes of it are due from the socket."""
             self._into: DirectBody | None = None  # where the read under way goes
             self._head_bytes: int | None = None  # read since the head began; None: no head due
-            self._refused: MemvaultError | None = None
             self._in_message = False  # the parser is inside a request (head or body)
+            self._refused: MemvaultError | None = None
             """A request the parser could not read, answered once those before it are."""
 
         # -- reads into our buffers (through ``MemvaultConnection``) -------------------------
