@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -104,3 +105,16 @@ def unprivileged(argv: list[str]) -> list[str]:
     if setpriv is None:
         pytest.skip("running as root without setpriv (util-linux) to drop DAC override")
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
+    """The command failed as a usage/operator error with a single line and no traceback
+    (beside log lines, JSON when not on a terminal; nothing on stdout)."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout == "", done.stdout
+    lines = [line for line in done.stderr.strip().splitlines()
+             if not (line.startswith("{") and "event" in json.loads(line))]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("memvault: ")
+    return lines[0]
