@@ -167,16 +167,32 @@ def test_an_http_1_0_client_is_never_sent_100_continue(api: Api, server: LiveSer
     assert b"100 Continue" not in answer
 
 
-def test_an_upgrade_request_with_a_body_is_answered(server: LiveServer) -> None:
-    """memvault has no WebSocket routes; a WebSocket upgrade that carried a body was handed
-    to uvicorn's WebSocket protocol and hung with no answer."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
-                     b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     b"Sec-WebSocket-Version: 13\r\nContent-Length: 10\r\n\r\n0123456789")
-        sock.settimeout(15)
-        first = sock.recv(65536)
-    assert first.startswith(b"HTTP/1.1 "), first
+def test_an_upgrade_is_ignored_and_the_body_is_the_requests(
+        api: Api, server: LiveServer, conn: Conn) -> None:
+    """``curl --http2`` on http:// asks for h2c with every request (``Connection: Upgrade,
+    HTTP2-Settings``, ``Upgrade: h2c``). The parser took everything after the head for the
+    new protocol, so a chunk's body was lost ("body ended after 0 of its 1000 bytes"), and a
+    WebSocket upgrade carrying a body hung. memvault switches to no other protocol: the
+    Upgrade is ignored (RFC 9110 §7.8) and the request is served as HTTP/1.1."""
+    data = os.urandom(1000)
+    session = api.session(api.capsule(), len(data))
+    conn.send(f"PUT /v1/uploads/{session['id']}/chunks/0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+              f"Authorization: Bearer {server.token}\r\n"
+              "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+              "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    stored = conn.response()
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["received_count"] == 1
+    # The connection goes on: a WebSocket upgrade with a body, and a request behind it.
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+              b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              b"Sec-WebSocket-Version: 13\r\nContent-Length: 10\r\n\r\n0123456789"
+              b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert conn.response().status_code == 200
+    assert conn.response().status_code == 200
+    done = api.finish(session, data)
+    assert done.status_code == 200, done.text
 
 
 def test_405_names_head_beside_get_and_404_does_not_echo_a_huge_path(conn: Conn) -> None:

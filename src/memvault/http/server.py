@@ -71,6 +71,8 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self._into: DirectBody | None = None  # where the read under way goes
             self._head_bytes: int | None = None  # read since the head began; None: no head due
             self._in_message = False  # the parser is inside a request (head or body)
+            self._unupgraded: bytes | None = None
+            """The head of a request that asked for an Upgrade, without that header."""
             self._refused: MemvaultError | None = None
             """A request the parser could not read, answered once those before it are."""
 
@@ -127,6 +129,8 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self._in_message = True
 
         def on_message_complete(self) -> None:
+            if self._unupgraded is not None:
+                return  # parsed again without its Upgrade (``data_received``)
             self._in_message = False
             self._disarm()  # a request's body is in: from here on its answer is ours to give
             super().on_message_complete()
@@ -154,12 +158,14 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             off the answer of a request before it): a problem document like every other
             answer, after those of the requests before it, then the connection closes (what
             follows cannot be told apart from the broken request)."""
-            self._disarm()
-            self._head_bytes = None
-            error = InvalidArgument(
+            self._refuse(InvalidArgument(
                 f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); if it came after "
                 "another request on this connection, that one's body may have been longer "
-                "than its Content-Length")
+                "than its Content-Length"))
+
+        def _refuse(self, error: MemvaultError) -> None:
+            self._disarm()
+            self._head_bytes = None
             if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
                 self._refused = error
                 self.flow.pause_reading()
@@ -167,8 +173,35 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             self._answer_and_close(error)
 
         def data_received(self, data: bytes) -> None:
-            if self._refused is None:  # past a request it could not read, the parser is lost
-                super().data_received(data)
+            """uvicorn's, but an ``Upgrade`` is ignored (RFC 9110 §7.8 lets a server):
+            memvault switches to no other protocol, and the parser would take everything
+            after the head, body included, for the new one (``curl --http2`` on http://
+            asks for h2c with every request: its chunk bodies were lost)."""
+            if self._refused is not None:  # past a request it could not read, the parser
+                return  # is lost
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)  # as uvicorn logs it
+                self.send_400_response(msg)
+            except httptools.HttpParserUpgrade as upgrade:
+                head, self._unupgraded = self._unupgraded, None
+                if head is None:  # CONNECT: nothing to take away that would make it HTTP
+                    self._refuse(InvalidArgument(
+                        "this server switches to no other protocol (CONNECT, Upgrade)"))
+                    return
+                # The same head without its Upgrade header, and what followed it, again.
+                self.parser = _parser(self)
+                self.data_received(head + data[upgrade.args[0]:])
+
+        def _head_without_upgrade(self) -> bytes:
+            version = self.parser.get_http_version().encode()
+            lines = [self.parser.get_method() + b" " + self.url + b" HTTP/" + version]
+            lines += [name + b": " + value for name, value in self.headers
+                      if name != b"upgrade"]
+            return b"\r\n".join(lines) + b"\r\n\r\n"
 
         def on_response_complete(self) -> None:
             if self._refused is not None and not self.pipeline:
@@ -222,6 +255,12 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
         # -- chunk bodies ------------------------------------------------------------------
 
         def on_headers_complete(self) -> None:
+            if self.parser.should_upgrade() and any(
+                    name == b"upgrade" for name, _ in self.headers):
+                # Not served as it stands: the parser stops here, and ``data_received``
+                # parses the head again without the header.
+                self._unupgraded = self._head_without_upgrade()
+                return
             self._head_bytes = None
             if self.parser.get_http_version() == "1.0":
                 # RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored (and it
