@@ -9,6 +9,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,3 +119,15 @@ def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("memvault: ")
     return lines[0]
+
+
+def settled(api: Api, memory_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The memory once no derived role is pending any more (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        memory: dict[str, Any] = api.http.get(f"/v1/memories/{memory_id}").json()
+        if "pending" not in memory["derivatives"].values():
+            return memory
+        if time.monotonic() > deadline:
+            raise AssertionError(f"derivatives still pending: {memory}")
+        time.sleep(0.1)

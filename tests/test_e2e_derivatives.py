@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from memvault.clock import SystemClock
 from memvault.jobs.queue import JobQueue
 from memvault.metadata import Database
 from tests.conftest import SMALL_CHUNKS, LiveServer
-from tests.helpers import Api
+from tests.helpers import Api, settled
 
 ROLES = ("display", "thumb", "placeholder")
 
@@ -48,18 +47,6 @@ def upload(api: Api, capsule: str, data: bytes, content_type: str) -> dict[str, 
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
-
-
-def settled(api: Api, memory_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    """The memory once no derived role is pending any more (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        memory: dict[str, Any] = api.http.get(f"/v1/memories/{memory_id}").json()
-        if "pending" not in memory["derivatives"].values():
-            return memory
-        if time.monotonic() > deadline:
-            raise AssertionError(f"derivatives still pending: {memory}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
