@@ -205,3 +205,20 @@ def test_405_names_head_beside_get_and_404_does_not_echo_a_huge_path(conn: Conn)
     missing = conn.response()
     assert missing.status_code == 404
     assert len(missing.content) < 1000
+
+
+def test_an_answer_before_100_continue_closes_the_connection(
+        api: Api, server: LiveServer) -> None:
+    """A chunk sent chunked (no Content-Length) with ``Expect: 100-continue`` is refused
+    before its body is asked for; the client may still send that body, so the connection
+    closes after the answer. It stayed open, and the next request was read as body."""
+    session = api.session(api.capsule(), 1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"PUT /v1/uploads/{session['id']}/chunks/0 HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1\r\nAuthorization: Bearer {server.token}\r\n"
+                     "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["code"] == "invalid_argument"

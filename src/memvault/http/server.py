@@ -278,6 +278,23 @@ def memvault_protocol(settings: Settings) -> type[asyncio.BaseProtocol]:
             length = None if queued else self._direct_length()
             if length:
                 self._start_direct(length)
+            elif self.expect_100_continue:
+                self._close_if_answered_before_continue()
+
+        def _close_if_answered_before_continue(self) -> None:
+            """A client waiting for "100 Continue" and answered first (an error before the
+            body was asked for) may send its body after all, or never: what follows could
+            not be told from it, so the connection closes after the answer (as a direct
+            body's does; uvicorn kept it, and read the next request as body)."""
+            cycle = self.cycle
+            send = cycle.send
+
+            async def answer(message: Any) -> None:
+                if not cycle.response_started and cycle.waiting_for_100_continue:
+                    cycle.keep_alive = False
+                await send(message)
+
+            cycle.send = answer  # type: ignore[method-assign]
 
         def on_body(self, body: bytes) -> None:
             if self._direct is not None:
