@@ -361,6 +361,37 @@ async def test_a_joint_finish_racing_an_abort_commits_all_or_nothing(
             await _all_or_nothing(ip, memory_id, sessions, finish, victim)
 
 
+async def test_an_abort_that_loses_to_a_finish_says_the_session_is_committed(
+    database_url: str | None,
+) -> None:
+    """The abort reads the session pending, then a finish (on another server, say) commits
+    it before the abort's own transaction: the abort answers ``conflict`` with state
+    ``committed``. It answered 204, telling a user who cancelled "aborted" while the file
+    was stored (a chaos review forced the order with a row lock on PostgreSQL)."""
+    async with inprocess(database_url=database_url) as ip:
+        data = os.urandom(1000)
+        session_id = await ip.sent(data, "abort-loses")
+        service = ip.uploads.sessions
+        check_live = service._check_live
+
+        async def finished_meanwhile(session: Any) -> Any:
+            service._check_live = check_live  # type: ignore[method-assign]  # (finish's own)
+            live = await check_live(session)
+            await ip.uploads.finish(ip.caller, session_id, len(data),
+                                    hashlib.sha256(data).hexdigest())
+            return live
+
+        service._check_live = finished_meanwhile  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Conflict) as lost:
+                await ip.uploads.abort(ip.caller, session_id)
+        finally:
+            service._check_live = check_live  # type: ignore[method-assign]
+        assert lost.value.extra["state"] == "committed"
+        status, _, _ = await ip.uploads.status(ip.caller, session_id)
+        assert status.state == "committed"
+
+
 async def test_an_abort_between_placing_and_committing_rolls_the_joint_finish_back(
     database_url: str | None,
 ) -> None:

@@ -369,8 +369,9 @@ class SessionService:
             # The session stays pending (sealed or not): a finish with the right digest,
             # or an abort, settles it.
             raise ChecksumMismatch(
-                "the uploaded bytes do not have the SHA-256 given to finish; "
-                "re-send the chunks that differ, or abort",
+                "the uploaded bytes do not have the SHA-256 given to finish: if that "
+                "digest is right, some received chunk holds other bytes (which one cannot "
+                "be told, and a received chunk is never overwritten): abort and begin again",
                 expected=sha256, computed=computed,
             )
         if not sealed:
@@ -534,6 +535,16 @@ class SessionService:
         if await self._end(session, ABORTED):
             log.info("session.abort", session_id=session.id, owner=owner,
                      scope=session.idem_scope)
+            return
+        # Not pending any more by our transaction: what ended it decides the answer (a 204
+        # had told a caller "aborted" while a finish on another server had stored the file).
+        row = await self.db.query(lambda conn: _session_row(conn, session_id))
+        state = row["state"] if row is not None else None
+        if state == COMMITTED:
+            raise Conflict(f"upload session {session_id} was committed by a finish that "
+                           "came first", state=COMMITTED)
+        if state == EXPIRED:
+            raise Expired(f"upload session {session_id} expired")
 
     async def expire(self, session_id: str) -> bool:
         """Expire one session if, and only if, it is pending past its ``expires_at``."""
