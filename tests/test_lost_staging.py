@@ -128,7 +128,7 @@ async def test_hashing_a_staging_file_cut_short_says_so(tmp_path: Path) -> None:
         assert isinstance(store, StagedHasher)
         with pytest.raises(StagedDamaged) as damaged:
             await store.hash_staged(key, CHUNK, 2 * CHUNK, Sha256State())
-        assert (damaged.value.found, damaged.value.expected) == (CHUNK + 1, 3 * CHUNK)
+        assert damaged.value.why == f"{CHUNK + 1} bytes where {3 * CHUNK} were received"
     finally:
         await close_blob_store(store)
 

@@ -342,11 +342,10 @@ class SessionService:
         sent again (the server counts them received). End it, lost, so its client begins
         again; if something else ended it first, that outcome."""
         log.error("session.staging_damaged", session_id=session.id, owner=session.owner,
-                  scope=session.idem_scope, found=exc.found, expected=exc.expected)
+                  scope=session.idem_scope, why=exc.why)
         if await self._end(session, EXPIRED, lost=True, placing=placing):
             raise Expired(f"upload session {session.id}: its uploaded bytes were damaged on "
-                          f"the server ({exc.found} bytes where {exc.expected} were "
-                          "received); begin the upload again", lost=True)
+                          f"the server ({exc.why}); begin the upload again", lost=True)
         return await self._settled(session, sha256, placing=placing)
 
     async def _verify(self, session: Session, sha256: str) -> str | None:

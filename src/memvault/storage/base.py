@@ -28,14 +28,19 @@ class StagingGone(Exception):
 
 
 class StagedDamaged(Exception):
-    """A staging file does not hold the bytes received into it (something outside memvault
-    truncated or extended it): they are lost, and no finish of its session can succeed."""
+    """A staging area does not hold the bytes received into it (something outside memvault
+    truncated or extended a staging file; S3 refused the recorded parts of an upload, one of
+    them replaced by a late writer): they are lost, and no finish of its session can
+    succeed. ``why`` says what was found, for the log and the client."""
 
-    def __init__(self, key: str, found: int, expected: int) -> None:
-        super().__init__(f"staged {key}: {found} bytes where {expected} were received")
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"staged {key}: {why}")
         self.key = key
-        self.found = found
-        self.expected = expected
+        self.why = why
+
+    @classmethod
+    def sized(cls, key: str, found: int, expected: int) -> StagedDamaged:
+        return cls(key, f"{found} bytes where {expected} were received")
 
 
 class StagedUnavailable(Exception):

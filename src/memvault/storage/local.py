@@ -247,7 +247,7 @@ class LocalBlobStore:
             while offset < end:
                 n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
                 if n == 0:
-                    raise StagedDamaged(path.name, offset, end)
+                    raise StagedDamaged.sized(path.name, offset, end)
                 state.update(view[:n])
                 offset += n
             release_cache(fd, end - length, length)  # the frontier reads a range once
@@ -296,7 +296,7 @@ class LocalBlobStore:
             staged_size = os.fstat(fd).st_size
             if staged_size != size:
                 # The core checks every byte was received: cut short (or grown) from outside.
-                raise StagedDamaged(staged.name, staged_size, size)
+                raise StagedDamaged.sized(staged.name, staged_size, size)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -41,9 +41,15 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from memvault.errors import Internal, Unavailable
+from memvault.errors import Unavailable
 from memvault.hashing import Sha256State
-from memvault.storage.base import BlobDamaged, BlobMissing, StagedUnavailable, StagingGone
+from memvault.storage.base import (
+    BlobDamaged,
+    BlobMissing,
+    StagedDamaged,
+    StagedUnavailable,
+    StagingGone,
+)
 from memvault.storage.spool import Spool, SpooledPart
 
 if TYPE_CHECKING:
@@ -285,8 +291,12 @@ class S3BlobStore:
                 self._mark_sealed(name)
                 return
             if isinstance(exc, ClientError) and _code(exc) in _REFUSED_PARTS:
-                # The recorded parts do not match the stored ones: retrying cannot help.
-                raise Internal(f"the store refused the parts of {key}: {exc}") from exc
+                # The recorded parts do not match the stored ones (a writer that lost its
+                # chunk's claim still uploaded its part over the taker's): retrying cannot
+                # help, and the chunks count as received, so they cannot be sent again.
+                log.error("s3.parts_refused", key=key, error=str(exc))
+                raise StagedDamaged(key, "the store refused its recorded parts "
+                                         f"({_code(exc)})") from exc
             if await self._upload_gone(name, upload_id):
                 raise StagingGone(key) from exc
             raise _unavailable("complete an upload", exc) from exc
