@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +224,37 @@ def test_an_answer_before_100_continue_closes_the_connection(
     assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"connection: close" in head.lower()
     assert json.loads(body)["code"] == "invalid_argument"
+
+
+def test_a_request_cut_by_a_shutdown_is_told_to_come_back(tmp_path: Path) -> None:
+    """SIGTERM with a chunk still arriving: uvicorn waits 10 s, then cancels the request.
+    It logged the cancellation's traceback ("Exception in ASGI application") and answered a
+    text/plain 500; the client gets a 503 problem with ``Retry-After`` instead."""
+    server = LiveServer(tmp_path / "data",
+                        env={**SMALL_CHUNKS, "MEMVAULT_MIN_TRANSFER_RATE": "0"})
+    server.start()
+    try:
+        api = server.api()
+        data = os.urandom(300_000)
+        session = api.session(api.capsule(), len(data))
+        api.http.close()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(f"PUT /v1/uploads/{session['id']}/chunks/0 HTTP/1.1\r\n"
+                         f"Host: 127.0.0.1\r\nAuthorization: Bearer {server.token}\r\n"
+                         f"Content-Length: {session['chunk_size']}\r\n\r\n".encode()
+                         + data[:1000])  # and then nothing more
+            time.sleep(0.5)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            answer = read_all(sock)
+        server.proc.wait(timeout=60)
+    finally:
+        server.kill()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer[:300]
+    assert b"retry-after: 1" in head.lower()
+    assert json.loads(body)["code"] == "unavailable"
+    assert server.log_path is not None
+    log = server.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "request.cut_by_shutdown" in log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -211,6 +212,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         try:
             async with frontier_handoff(settings, services), background(settings, services):
                 yield
+            # Requests a graceful shutdown cancelled (it ran out of time) wind down and
+            # answer (``LastResort``) before the services they use close under them.
+            if app.state.requests:
+                await asyncio.wait(set(app.state.requests), timeout=5)
         finally:
             await services.uploads.sessions.close()
             await close_blob_store(services.store)
@@ -229,6 +234,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     )
     metrics = Metrics()
     app.state.metrics = metrics
+    app.state.requests = set()  # the request tasks running (``problems.LastResort``)
     app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(HeadAsGet)
     problems.install(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -14,7 +15,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from memvault.errors import Internal, InvalidArgument, MemvaultError, MethodNotAllowed, NotFound
+from memvault.errors import (
+    Internal,
+    InvalidArgument,
+    MemvaultError,
+    MethodNotAllowed,
+    NotFound,
+    Unavailable,
+)
 
 log = structlog.get_logger("memvault.http")
 
@@ -131,6 +139,16 @@ class LastResort:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        task = asyncio.current_task()
+        running: set[asyncio.Task[Any]] = scope["app"].state.requests
+        if task is not None:
+            running.add(task)
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            running.discard(task)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watch(message: Message) -> None:
@@ -145,6 +163,24 @@ class LastResort:
                 raise
             response = await _unexpected(Request(scope), exc)
             await response(scope, receive, send)
+        except asyncio.CancelledError as cancelled:
+            # uvicorn cancels the requests still running when a graceful shutdown runs out
+            # of time (a rolling restart with a slow chunk in flight), then logs each one's
+            # traceback and answers a text/plain 500. The client is told to come back
+            # instead; the request's own cleanup has run on the way out. Only that one
+            # cancellation: any other (a client's task, in-process) goes on up.
+            if started or _SHUTDOWN not in str(cancelled):
+                raise
+            log.warning("request.cut_by_shutdown", method=scope["method"], path=scope["path"])
+            error = Unavailable("the server is shutting down: send this request again",
+                                retry_after=1)
+            response = problem_response(error)
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+
+
+_SHUTDOWN = "graceful shutdown exceeded"
+"""In the message of uvicorn's cancellation of requests still running at shutdown."""
 
 
 _PROBLEM_SCHEMA: dict[str, Any] = {
