@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -131,3 +132,11 @@ def settled(api: Api, memory_id: str, timeout: float = 60.0) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise AssertionError(f"derivatives still pending: {memory}")
         time.sleep(0.1)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends on a raw connection, until it closes it."""
+    answer = b""
+    while more := sock.recv(65536):
+        answer += more
+    return answer

@@ -22,7 +22,7 @@ import pytest
 
 from memvault.http.server import MAX_HEAD_BYTES
 from tests.conftest import SMALL_CHUNKS, LiveServer
-from tests.helpers import Api, metric, mint_token, problem
+from tests.helpers import Api, metric, mint_token, problem, read_all
 
 CHUNK = 256 * 1024
 Connect = Callable[..., Api]
@@ -421,9 +421,7 @@ def test_a_head_longer_than_the_server_takes_gets_431_and_the_connection_closes(
                 time.sleep(0.002)  # separate reads, as a slow sender's would be
         except OSError:
             pass  # closed on us mid-send: the answer is already there to read
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        answer = read_all(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"connection: close" in head.lower()

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.conftest import SMALL_CHUNKS, LiveServer
-from tests.helpers import Api, problem, settled
+from tests.helpers import Api, problem, read_all, settled
 
 CHUNK = 256 * 1024
 MiB = 1024 * 1024
@@ -441,9 +441,7 @@ def test_400_bytes_past_a_chunk_body_are_a_request_of_their_own(
             f"Content-Type: application/octet-stream\r\nContent-Length: {CHUNK}\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(head.encode() + piece(s, data, 0) + b"\x00 these ten extra bytes\r\n\r\n")
-        answer = b""
-        while more := sock.recv(65536):  # until the server closes the connection
-            answer += more
+        answer = read_all(sock)  # until the server closes the connection
     first, _, rest = answer.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200 "), answer[:300]
     length = int(next(line.split(b":")[1] for line in first.split(b"\r\n")
@@ -463,9 +461,7 @@ def test_400_bytes_past_a_chunk_body_are_a_request_of_their_own(
     # Alone on a connection, such bytes get the same answer.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"\x00 no request\r\n\r\n")
-        alone = b""
-        while more := sock.recv(65536):
-            alone += more
+        alone = read_all(sock)
     assert alone.startswith(b"HTTP/1.1 400 "), alone
     assert json.loads(alone.partition(b"\r\n\r\n")[2])["code"] == "invalid_argument"
 

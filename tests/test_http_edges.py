@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMALL_CHUNKS, LiveServer, _server
-from tests.helpers import Api
+from tests.helpers import Api, read_all
 from tests.test_direct_body import Conn
 
 HEADER_TIMEOUT = 2.0
@@ -49,13 +49,6 @@ def closed_within(sock: socket.socket, seconds: float) -> float:
     except TimeoutError:
         pytest.fail(f"the connection was still open after {seconds} s")
     return time.monotonic() - started
-
-
-def read_all(sock: socket.socket) -> bytes:
-    answer = b""
-    while more := sock.recv(65536):
-        answer += more
-    return answer
 
 
 def test_a_crlf_after_an_answer_leaves_the_connection_idle_not_held(conn: Conn) -> None:
